@@ -1,0 +1,46 @@
+"""The body every task actor shares: report start, run the job, report completion."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from dramatiq.middleware import CurrentMessage
+
+from pipeline.brokers import current_broker
+from pipeline.config import get_settings
+from pipeline.errors import BadInput
+from pipeline.identity import worker_id
+from pipeline.jobs import run_job
+from pipeline.logs import get_logger
+from pipeline.reporting import reporter_for
+from pipeline.transfer.transport import Transport, open_transport
+
+logger = get_logger(__name__)
+
+#: Errors that fail a task at once: retrying cannot help.
+PERMANENT = (BadInput,)
+
+_local = threading.local()
+
+
+def _transport() -> Transport:
+    transport = getattr(_local, "transport", None)
+    if transport is None:
+        transport = _local.transport = open_transport(get_settings())
+    return transport
+
+
+def perform(job: dict[str, Any]) -> None:
+    task_id = job["task_id"]
+    message = CurrentMessage.get_current_message()
+    attempt = (message.options.get("retries", 0) if message else 0) + 1
+    queue = message.queue_name if message else "?"
+    reporter = reporter_for(current_broker())
+    log = {"task_id": task_id, "worker": worker_id(), "queue": queue, "attempt": attempt}
+    logger.info("task started", extra=log)
+    reporter.started(task_id, attempt)
+    outputs, result = run_job(job, settings=get_settings(), transport=_transport(), events=reporter)
+    result.update(worker=worker_id(), queue=queue, attempt=attempt)
+    reporter.completed(task_id, outputs, result)
+    logger.info("task completed", extra=log)

@@ -1,0 +1,147 @@
+"""The HTTP API: submit files, follow tasks, fetch results. OpenAPI at ``/docs``."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from dramatiq import Broker
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import PlainTextResponse, Response
+
+from pipeline import __version__
+from pipeline.brokers import PRIORITIES
+from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
+from pipeline.routing import GPU_PREFERENCES
+from pipeline.services import Services
+from pipeline.store import State
+from pipeline.submission import PublishError, SubmitOptions, submit
+from pipeline.transfer.checksums import FileRef
+
+MEDIA_TYPES = {
+    "json": "application/json",
+    "srt": "application/x-subrip",
+    "vtt": "text/vtt",
+    "txt": "text/plain; charset=utf-8",
+    "md": "text/markdown; charset=utf-8",
+}
+CHUNK = 1024 * 1024
+
+
+def create_app(
+    services: Services,
+    broker: Broker,
+    gpu_workers: Callable[[], int | None],
+    broker_ok: Callable[[], bool] = lambda: True,
+) -> FastAPI:
+    """The API over ``services``; tasks are published through ``broker``.
+
+    ``gpu_workers`` tells how many GPU workers are connected (None: unknown);
+    ``broker_ok`` whether the broker answers, for ``/healthz``.
+    """
+    app = FastAPI(
+        title="morag-pipeline",
+        version=__version__,
+        description="Submit audio, video and documents; follow their tasks; fetch results.",
+    )
+    settings = services.settings
+    uploads = settings.data_dir / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+
+    def get_task(task_id: str) -> dict[str, Any]:
+        try:
+            return services.store.get(task_id).to_dict()
+        except TaskNotFound:
+            raise HTTPException(404, f"no task {task_id}") from None
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, Any]:
+        ok = broker_ok()
+        return {"status": "ok" if ok else "degraded", "broker": ok, "version": __version__}
+
+    @app.post("/api/v1/tasks", status_code=201, tags=["tasks"])
+    def create_task(
+        file: Annotated[UploadFile, File(description="audio, video or document")],
+        priority: Annotated[str, Form(description=" | ".join(PRIORITIES))] = "normal",
+        gpu: Annotated[str, Form(description=" | ".join(GPU_PREFERENCES))] = "prefer",
+        language: Annotated[str | None, Form()] = None,
+        model: Annotated[str | None, Form()] = None,
+    ) -> dict[str, Any]:
+        """Upload a file and queue it; the task record says where it went and why."""
+        filename = file.filename or "upload"
+        limit = settings.max_upload_mb * 1024 * 1024
+        with tempfile.NamedTemporaryFile(dir=uploads, delete=False) as tmp:
+            path = Path(tmp.name)
+            digest, size = hashlib.sha256(), 0
+            try:
+                while chunk := file.file.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPException(413, f"{filename}: larger than {settings.max_upload_mb} MiB")
+                    digest.update(chunk)
+                    tmp.write(chunk)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        try:
+            options = SubmitOptions(priority=priority, gpu=gpu, language=language, model=model)
+            task = submit(services, broker, path, filename, digest.hexdigest(), size, options, gpu_workers)
+        except UnsupportedType as exc:
+            raise HTTPException(415, str(exc)) from None
+        except BadInput as exc:
+            raise HTTPException(400, str(exc)) from None
+        except PublishError as exc:
+            raise HTTPException(503, str(exc)) from None
+        finally:
+            path.unlink(missing_ok=True)
+        return task.to_dict()
+
+    @app.get("/api/v1/tasks", tags=["tasks"])
+    def list_tasks(
+        state: State | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        tasks = services.store.list(state=state, limit=limit, offset=offset)
+        return {"tasks": [t.to_dict() for t in tasks], "counts": services.store.counts()}
+
+    @app.get("/api/v1/tasks/{task_id}", tags=["tasks"])
+    def show_task(task_id: str) -> dict[str, Any]:
+        return get_task(task_id)
+
+    @app.get(
+        "/api/v1/tasks/{task_id}/result",
+        tags=["tasks"],
+        response_class=PlainTextResponse,
+        responses={409: {"description": "the task is not done"}},
+    )
+    def task_result(
+        task_id: str,
+        format: Annotated[str | None, Query(description="json | srt | vtt | txt | md")] = None,
+    ) -> Response:
+        """One output of a finished task; by default the transcript text or the Markdown."""
+        task = get_task(task_id)
+        if task["state"] != State.done:
+            detail = task["error"] or f"task is {task['state']}"
+            raise HTTPException(409, f"no result: {detail}")
+        outputs = {o["format"]: o for o in task["outputs"]}
+        wanted = format or ("txt" if "txt" in outputs else "md")
+        if wanted not in outputs:
+            raise HTTPException(404, f"no {wanted} output; this task has {', '.join(sorted(outputs))}")
+        ref = FileRef.from_dict(outputs[wanted])
+        content = services.files.resolve(ref.path).read_bytes()
+        headers = {"X-Content-SHA256": ref.sha256}
+        return Response(content, media_type=MEDIA_TYPES.get(wanted), headers=headers)
+
+    @app.middleware("http")
+    async def timing(request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["Server-Timing"] = f"app;dur={1000 * (time.perf_counter() - started):.1f}"
+        return response
+
+    return app

@@ -1,0 +1,37 @@
+"""The middleware stack every morag-pipeline broker runs, in order."""
+
+from __future__ import annotations
+
+from dramatiq import Middleware
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+
+from pipeline.config import Settings
+from pipeline.middleware.lifecycle import TaskEvents
+from pipeline.middleware.sizing import WorkerSizing
+
+
+def pipeline_middleware(settings: Settings) -> list[Middleware]:
+    return [
+        AgeLimit(),
+        TimeLimit(time_limit=settings.max_time_limit_s * 1000),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        WorkerSizing(gpu_prefetch=1),
+        # Before Retries: its after_process_message runs after Retries decided.
+        TaskEvents(),
+        Retries(
+            max_retries=settings.max_retries,
+            min_backoff=settings.min_backoff_ms,
+            max_backoff=settings.max_backoff_ms,
+        ),
+        CurrentMessage(),
+    ]

@@ -1,0 +1,1 @@
+"""``morag-pipeline``: the command line."""

@@ -1,0 +1,230 @@
+"""``morag-pipeline``: submit files, follow tasks, run the server or one file in-process.
+
+Every error is one line on stderr and a non-zero exit code: 1 when a task
+failed, 2 when the command could not do its work (bad input, no server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.brokers import PRIORITIES
+from pipeline.config import ConfigError, Settings, get_settings
+from pipeline.errors import PipelineError
+from pipeline.routing import GPU_PREFERENCES
+
+FORMATS = ("json", "srt", "vtt", "txt", "md")
+
+
+def _task_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.add_argument("--priority", choices=list(PRIORITIES), default="normal")
+    parser.add_argument(
+        "--gpu", choices=GPU_PREFERENCES, default="prefer",
+        help="prefer: GPU when one is there (default); require: wait for one; never: CPU",
+    )  # fmt: skip
+    parser.add_argument("--language", help="spoken language (default: detected)")
+    parser.add_argument("--model", help="Whisper model name or folder (default: MORAG_WHISPER_MODEL)")
+    _result_options(parser)
+
+
+def _result_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", type=Path, metavar="DIR", help="write every output format here")
+    parser.add_argument("--format", "-f", choices=FORMATS, help="which output to print")
+    parser.add_argument("--json", action="store_true", help="print the task and its result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="morag-pipeline",
+        description="Run MoRAG's heavy ingestion work on GPU and CPU workers.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    server = commands.add_parser("server", help="run the API and the control consumer")
+    server.add_argument("--host")
+    server.add_argument("--port", type=int)
+
+    submit = commands.add_parser("submit", help="upload files, show progress, print results")
+    _task_options(submit)
+    submit.add_argument("--no-wait", action="store_true", help="print the task ids and return")
+
+    run = commands.add_parser("run", help="process files in this process: no broker, no server")
+    _task_options(run)
+
+    status = commands.add_parser("status", help="a task's state, route and events")
+    status.add_argument("task_id", metavar="ID")
+    status.add_argument("--json", action="store_true")
+
+    result = commands.add_parser("result", help="a finished task's output")
+    result.add_argument("task_id", metavar="ID")
+    _result_options(result)
+
+    tasks = commands.add_parser("tasks", help="list recent tasks")
+    tasks.add_argument("--state", choices=["queued", "running", "done", "failed", "canceled"])
+    tasks.add_argument("--limit", type=int, default=20)
+    tasks.add_argument("--json", action="store_true")
+
+    config = commands.add_parser("config", help="show or check the configuration")
+    config.add_argument("action", choices=["show", "check"])
+    return parser
+
+
+def _check_files(paths: list[Path]) -> None:
+    for path in paths:
+        if not path.exists():
+            raise PipelineError(f"{path}: no such file")
+        if not path.is_file():
+            raise PipelineError(f"{path}: not a regular file")
+        if path.stat().st_size == 0:
+            raise PipelineError(f"{path}: the file is empty")
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.cli import display
+    from pipeline.cli.client import ApiClient
+
+    _check_files(args.files)
+    client = ApiClient(settings.server_url)
+    submitted = []
+    for path in args.files:
+        task = client.submit(
+            path, priority=args.priority, gpu=args.gpu, language=args.language, model=args.model
+        )
+        submitted.append(task)
+        if not args.json:
+            display.err.print(
+                f"{path.name}: task {task['id']} -> queue {task['route']['queue']} "
+                f"({task['route']['reasons'][0]})",
+                markup=False,
+            )
+    if args.no_wait:
+        if args.json:
+            json.dump(submitted, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            for task in submitted:
+                print(task["id"])
+        return 0
+    names = {t["id"]: t["filename"] for t in submitted}
+    done = display.follow(list(names), names, client.task)
+    return display.report(
+        done, lambda t, f: client.result(t["id"], f), as_json=args.json, output=args.output, fmt=args.format
+    )
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.cli import display
+    from pipeline.embedded import embedded_pipeline, run_file
+    from pipeline.submission import SubmitOptions
+
+    _check_files(args.files)
+    options = SubmitOptions(priority=args.priority, gpu=args.gpu, language=args.language, model=args.model)
+    finished: list[dict[str, Any]] = []
+    with embedded_pipeline(settings) as (services, broker):
+        for path in args.files:
+            task = run_file(services, broker, path, options)
+            names = {task.id: task.filename}
+            finished += display.follow([task.id], names, lambda tid: services.store.get(tid).to_dict())
+
+        def output(task: dict[str, Any], fmt: str) -> bytes:
+            for item in task["outputs"]:
+                if item["format"] == fmt:
+                    return services.files.resolve(item["path"]).read_bytes()
+            raise PipelineError(f"no {fmt} output for {task['filename']}")
+
+        return display.report(finished, output, as_json=args.json, output=args.output, fmt=args.format)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.cli import display
+    from pipeline.cli.client import ApiClient
+
+    task = ApiClient(settings.server_url).task(args.task_id)
+    if args.json:
+        print(json.dumps(task, indent=2))
+    else:
+        display.show_status(task)
+    return 0
+
+
+def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.cli import display
+    from pipeline.cli.client import ApiClient
+
+    client = ApiClient(settings.server_url)
+    task = client.task(args.task_id)
+    return display.report(
+        [task], lambda t, f: client.result(t["id"], f), as_json=args.json, output=args.output, fmt=args.format
+    )
+
+
+def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.cli import display
+    from pipeline.cli.client import ApiClient
+
+    listing = ApiClient(settings.server_url).tasks(args.state, args.limit)
+    if args.json:
+        print(json.dumps(listing, indent=2))
+    else:
+        display.show_tasks(listing["tasks"], listing["counts"])
+    return 0
+
+
+def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.api.server import serve
+
+    serve(settings, args.host, args.port)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "show":
+        print(json.dumps(settings.redacted(), indent=2))
+    else:
+        broker = settings.redacted()["broker_url"]
+        print(f"configuration is valid (data in {settings.data_dir}, broker {broker})")
+    return 0
+
+
+COMMANDS = {
+    "submit": cmd_submit,
+    "run": cmd_run,
+    "status": cmd_status,
+    "result": cmd_result,
+    "tasks": cmd_tasks,
+    "server": cmd_server,
+    "config": cmd_config,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        from pipeline.logs import setup_logging
+
+        # Only the server logs at the configured level; user commands say what
+        # matters on their own and keep warnings for the rest.
+        level = settings.log_level if args.command == "server" else "WARNING"
+        setup_logging(level, settings.log_json)
+        return COMMANDS[args.command](args, settings)
+    except ConfigError as exc:
+        print(f"morag-pipeline: {exc}", file=sys.stderr)
+        return 2
+    except (PipelineError, OSError) as exc:
+        print(f"morag-pipeline: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("morag-pipeline: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

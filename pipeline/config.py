@@ -1,0 +1,207 @@
+"""The one configuration model of morag-pipeline.
+
+Every setting comes from, in order of precedence: keyword arguments, the
+environment (prefix ``MORAG_``), a TOML file named by ``MORAG_CONFIG``, and the
+defaults below. No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "MORAG_CONFIG"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class FileAccess(StrEnum):
+    """How a worker reaches the server's task store."""
+
+    shared = "shared"  # the worker sees the server's data directory (same host)
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "morag-pipeline"
+
+
+class Settings(BaseSettings):
+    """All settings of server, workers and CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="MORAG_", extra="forbid")
+
+    # Where the server keeps its task store (SQLite) and files.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # Broker.
+    broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    broker_max_priority: int = Field(10, ge=1, le=255)
+    broker_connect_timeout: float = Field(5.0, gt=0)
+
+    # API server and the CLI's view of it.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8470, ge=1, le=65535)
+    server_url: str = "http://127.0.0.1:8470"
+    max_upload_mb: int = Field(4096, ge=1)
+
+    # Workers.
+    worker_name: str | None = None
+    file_access: FileAccess = FileAccess.shared
+    max_retries: int = Field(3, ge=0, le=20)
+    min_backoff_ms: int = Field(2_000, ge=0)
+    max_backoff_ms: int = Field(60_000, ge=0)
+    # RabbitMQ cancels a consumer that holds a message longer than its
+    # consumer_timeout (30 min by default); every time limit stays below this.
+    max_time_limit_s: int = Field(25 * 60, ge=10)
+    progress_interval_s: float = Field(1.0, ge=0)
+
+    # Transcription.
+    whisper_model: str = "tiny.en"
+    whisper_device: Device = Device.auto
+    whisper_compute_type: str = "auto"
+    whisper_beam_size: int = Field(5, ge=1, le=20)
+    whisper_language: str | None = None
+
+    # Cost model: seconds of processing per second of media.
+    gpu_realtime_factor: float = Field(0.02, gt=0)
+    cpu_realtime_factor: float = Field(0.25, gt=0)
+    # Seconds per document page on a CPU worker.
+    cpu_seconds_per_page: float = Field(1.5, gt=0)
+
+    # Documents: folder with docling's layout models for PDF; without it PDFs
+    # are converted as text only, and the result says so.
+    docling_artifacts_path: Path | None = None
+
+    # Logging.
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @field_validator("broker_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("server_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("docling_artifacts_path")
+    @classmethod
+    def _artifacts_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a directory")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"{CONFIG_ENV}={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # Derived paths.
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "tasks.db"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain values, with secrets and passwords hidden."""
+        data = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            if field.annotation is SecretStr or "SecretStr" in str(field.annotation):
+                data[name] = "**********" if data[name] else None
+        url = self.broker_url.get_secret_value()
+        data["broker_url"] = redact_url(url)
+        return data
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message says which and why."""
+
+
+def redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:****@{host}"
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per bad setting, naming the environment variable to fix."""
+    lines = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"MORAG_{name.upper()}: {item['msg']}{shown}")
+    return lines
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError("bad configuration:\n  " + "\n  ".join(describe_errors(exc))) from None
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    global _current
+    if _current is None:
+        _current = load_settings()
+    return _current
+
+
+def use_settings(settings: Settings) -> Settings:
+    """Make ``settings`` the process-wide settings (the embedded mode and tests do this)."""
+    global _current
+    _current = settings
+    return settings

@@ -1,0 +1,72 @@
+"""``morag-pipeline run``: one file through the same actors, in this process.
+
+No RabbitMQ and no server: Dramatiq's stub broker, a worker thread on every
+queue, and a throwaway data directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dramatiq import Worker
+
+from pipeline.brokers import install
+from pipeline.brokers.stub import build_stub_broker
+from pipeline.config import Settings, use_settings
+from pipeline.services import Services, build_services
+from pipeline.store import FINAL_STATES, Task
+from pipeline.submission import SubmitOptions, submit
+
+
+@contextmanager
+def embedded_pipeline(settings: Settings) -> Iterator[tuple[Services, object]]:
+    """A stub broker with a worker on every queue, over a temporary data directory."""
+    data_dir = Path(tempfile.mkdtemp(prefix="morag-run-"))
+    try:
+        settings = use_settings(settings.model_copy(update={"data_dir": data_dir}))
+        broker = install(build_stub_broker(settings))
+        import pipeline.actors.control  # noqa: F401
+        import pipeline.actors.cpu  # noqa: F401
+
+        services = build_services(settings)
+        worker = Worker(broker, worker_threads=1, worker_timeout=100)
+        worker.start()
+        try:
+            yield services, broker
+        finally:
+            worker.stop()
+            broker.close()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def run_file(
+    services: Services,
+    broker: object,
+    path: Path,
+    options: SubmitOptions,
+    on_update: Callable[[Task], None] = lambda task: None,
+) -> Task:
+    """Submit ``path`` to the embedded pipeline and wait until its task ends."""
+    upload = services.settings.data_dir / "uploads" / "run-upload"
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with path.open("rb") as src, upload.open("wb") as dst:
+        while chunk := src.read(1024 * 1024):
+            digest.update(chunk)
+            dst.write(chunk)
+    task = submit(
+        services, broker, upload, path.name, digest.hexdigest(), path.stat().st_size,
+        options, gpu_workers=lambda: 1,
+    )  # fmt: skip
+    while task.state not in FINAL_STATES:
+        time.sleep(0.2)
+        task = services.store.get(task.id)
+        on_update(task)
+    return task

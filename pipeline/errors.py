@@ -1,0 +1,37 @@
+"""Errors shared by processors, actors, server and CLI.
+
+The class of an error decides what happens to the task: a ``BadInput`` fails
+at once with its message shown to the user; a ``GpuError`` is specific to the
+GPU and may be retried on a CPU worker; anything else is retried with backoff.
+"""
+
+
+class PipelineError(Exception):
+    """Base of morag-pipeline's own errors."""
+
+
+class BadInput(PipelineError):
+    """The input can never be processed: corrupt, empty or unsupported.
+
+    Never retried.
+    """
+
+
+class UnsupportedType(BadInput):
+    """The content is of a kind no processor handles."""
+
+
+class ChecksumMismatch(PipelineError):
+    """A file's SHA-256 does not match the value it was sent with."""
+
+
+class GpuError(PipelineError):
+    """The GPU could not run the task (out of memory, no device, model failed to load)."""
+
+
+class ModelNotFound(BadInput):
+    """The configured model cannot be found or loaded."""
+
+
+class TaskNotFound(PipelineError):
+    """No task has this id."""

@@ -1,0 +1,129 @@
+"""What a worker does with a task message, free of Dramatiq.
+
+A job is the dict a task message carries (see ``submission.build_job``):
+task id, input reference (path, sha256, size), what the input is, options and
+route. ``run_job`` fetches the input into a private temporary folder, verifies
+it, runs the processor, uploads the outputs and returns their references.
+The folder is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.config import Settings
+from pipeline.processors import Progress, documents, media, whisper
+from pipeline.processors.transcripts import FORMATS
+from pipeline.transfer.checksums import FileRef
+from pipeline.transfer.local import LocalStore
+from pipeline.transfer.transport import Transport
+
+TMP_PREFIX = "morag-task-"
+
+
+class Events(Protocol):
+    def progress(self, task_id: str, stage: str, percent: float) -> None: ...
+
+
+Outputs = dict[str, str | bytes]
+
+
+def run_job(
+    job: dict[str, Any],
+    *,
+    settings: Settings,
+    transport: Transport,
+    events: Events,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Process one job; returns (output references, result summary)."""
+    task_id = job["task_id"]
+    ref = FileRef.from_dict(job["input"])
+
+    def progress(stage: str, percent: float) -> None:
+        events.progress(task_id, stage, percent)
+
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as tmp:
+        folder = Path(tmp)
+        progress("downloading", 0.0)
+        local = transport.download(ref, folder / ("input" + Path(ref.name).suffix))
+        if job["kind"] == "transcribe":
+            outputs, summary = _transcribe(job, local, folder, settings, progress, should_stop)
+        elif job["kind"] == "convert":
+            outputs, summary = _convert(job, local, settings, progress)
+        else:
+            raise ValueError(f"unknown job kind {job['kind']!r}")
+        progress("uploading", 0.0)
+        refs = []
+        stem = Path(job["filename"]).stem or "output"
+        for fmt, content in outputs.items():
+            path = folder / f"out.{fmt}"
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content, encoding="utf-8")
+            uploaded = transport.upload(path, LocalStore.output_path(task_id, f"{stem}.{fmt}"))
+            refs.append({**uploaded.to_dict(), "format": fmt})
+    return refs, summary
+
+
+def _transcribe(
+    job: dict[str, Any],
+    local: Path,
+    folder: Path,
+    settings: Settings,
+    progress: Progress,
+    should_stop: Callable[[], bool],
+) -> tuple[Outputs, dict[str, Any]]:
+    options = job.get("options", {})
+    progress("extracting audio", 0.0)
+    audio = media.extract_audio(local, folder / "audio.wav")
+    transcript = whisper.transcribe(
+        audio,
+        model=options.get("model") or settings.whisper_model,
+        device=settings.whisper_device.value,
+        compute_type=settings.whisper_compute_type,
+        language=options.get("language") or settings.whisper_language,
+        beam_size=settings.whisper_beam_size,
+        progress=progress,
+        should_stop=should_stop,
+        source=job["filename"],
+    )
+    outputs: Outputs = {fmt: render(transcript) for fmt, render in FORMATS.items()}
+    summary = {
+        "language": transcript.language,
+        "duration": transcript.duration,
+        "model": transcript.model,
+        "device": transcript.device,
+        "compute_type": transcript.compute_type,
+        "timings": transcript.timings,
+        "segments": len(transcript.segments),
+    }
+    return outputs, summary
+
+
+def _convert(
+    job: dict[str, Any], local: Path, settings: Settings, progress: Progress
+) -> tuple[Outputs, dict[str, Any]]:
+    doc = documents.convert(
+        local,
+        job["media"]["format"],
+        artifacts_path=settings.docling_artifacts_path,
+        progress=progress,
+        source=job["filename"],
+    )
+    outputs: Outputs = {"md": doc.markdown}
+    if doc.docling is not None:
+        outputs["json"] = json.dumps(doc.docling, ensure_ascii=False)
+    summary = {
+        "format": doc.doc_format,
+        "pages": doc.pages,
+        "method": doc.method,
+        "notes": doc.notes,
+        "timings": doc.timings,
+    }
+    return outputs, summary

@@ -1,0 +1,1 @@
+"""Dramatiq middleware of morag-pipeline, one concern per module."""

@@ -1,0 +1,232 @@
+"""What a file is, what processing it costs, and which queue it goes to.
+
+The content decides, never the name alone: magic bytes, the parts of a ZIP
+container, ffprobe. The name is a claim that is checked: a video renamed
+``.txt`` is still transcribed; a text file named ``.mp4`` is refused, since
+the user meant a video and this is not one.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filetype
+
+from pipeline.brokers import PRIORITIES
+from pipeline.config import Settings
+from pipeline.errors import BadInput, UnsupportedType
+from pipeline.processors import media
+from pipeline.processors.documents import count_pdf_pages
+
+MEDIA_EXTENSIONS = {
+    ".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
+    ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aiff",
+}  # fmt: skip
+DOCUMENT_EXTENSIONS = {".pdf", ".docx", ".pptx", ".xlsx", ".html", ".htm"}
+MARKDOWN_EXTENSIONS = {".md", ".markdown", ".txt", ""}
+GPU_PREFERENCES = ("require", "prefer", "never")
+
+_OFFICE_PARTS = {"word/document.xml": "docx", "ppt/presentation.xml": "pptx", "xl/workbook.xml": "xlsx"}
+
+
+@dataclass
+class Classification:
+    """What the content of a file is and how big a job it makes."""
+
+    kind: str  # "transcribe" or "convert"
+    format: str  # audio, video, pdf, docx, pptx, xlsx, html, md
+    mime: str
+    size: int
+    duration: float | None = None
+    pages: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def classify(path: Path, filename: str) -> Classification:
+    """Sniff a file's content; BadInput or UnsupportedType with the reason when refused."""
+    size = path.stat().st_size
+    if size == 0:
+        raise BadInput(f"{filename}: the file is empty")
+    suffix = Path(filename).suffix.lower()
+    with path.open("rb") as f:
+        head = f.read(8192)
+
+    if head.startswith(b"%PDF-"):
+        pages = count_pdf_pages(path)
+        if pages is None:
+            raise BadInput(f"{filename}: the PDF is damaged and cannot be opened")
+        return _claimed(Classification("convert", "pdf", "application/pdf", size, pages=pages), suffix)
+    if head.startswith(b"PK\x03\x04"):
+        return _claimed(_office(path, filename, size), suffix)
+
+    text = _as_text(head)
+    if text is not None:
+        return _text(text, filename, suffix, size)
+
+    info = media.probe(path)
+    if info is not None:
+        if not info.has_audio:
+            raise BadInput(f"{filename}: the video has no audio track to transcribe")
+        found = Classification("transcribe", info.kind, _mime(head, info.kind), size, duration=info.duration)
+        return _claimed(found, suffix)
+
+    guessed = filetype.guess(head)
+    if suffix in MEDIA_EXTENSIONS or (guessed and guessed.mime.split("/")[0] in ("audio", "video")):
+        raise BadInput(f"{filename}: corrupt or truncated media: ffprobe cannot read it")
+    detected = guessed.mime if guessed else "unknown binary data"
+    raise UnsupportedType(
+        f"{filename}: unsupported content ({detected}); expected audio, video, PDF, DOCX, "
+        "PPTX, XLSX, HTML or Markdown"
+    )
+
+
+def _as_text(head: bytes) -> str | None:
+    if b"\x00" in head:
+        return None
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at the end of the sample is still text.
+        if exc.start >= len(head) - 3:
+            return head[: exc.start].decode("utf-8", errors="strict")
+        return None
+
+
+def _text(text: str, filename: str, suffix: str, size: int) -> Classification:
+    start = text.lstrip("\ufeff \t\r\n").lower()
+    if start.startswith(("<!doctype html", "<html")) or "<html" in start[:1024]:
+        found = Classification("convert", "html", "text/html", size)
+        return _claimed(found, suffix)
+    if suffix in MARKDOWN_EXTENSIONS:
+        return Classification("convert", "md", "text/markdown", size)
+    raise UnsupportedType(
+        f"{filename}: the content is plain text, but the name says {suffix} "
+        f"({_claim(suffix)}); refusing rather than guessing"
+    )
+
+
+def _office(path: Path, filename: str, size: int) -> Classification:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except zipfile.BadZipFile:
+        raise BadInput(f"{filename}: damaged ZIP container") from None
+    for part, fmt in _OFFICE_PARTS.items():
+        if part in names:
+            mime = f"application/vnd.openxmlformats-officedocument.{fmt}"
+            return Classification("convert", fmt, mime, size)
+    raise UnsupportedType(f"{filename}: a ZIP archive, not a DOCX, PPTX or XLSX document")
+
+
+def _claim(suffix: str) -> str:
+    if suffix in MEDIA_EXTENSIONS:
+        return "audio or video"
+    if suffix in DOCUMENT_EXTENSIONS:
+        return "a document"
+    return "another type"
+
+
+def _claimed(found: Classification, suffix: str) -> Classification:
+    """Note where the name disagrees with the content; the content wins."""
+    expected = {
+        "audio": MEDIA_EXTENSIONS,
+        "video": MEDIA_EXTENSIONS,
+        "html": {".html", ".htm"},
+        "pdf": {".pdf"},
+    }.get(found.format, {f".{found.format}"})
+    if suffix not in expected:
+        found.notes.append(
+            f"the name says {suffix or 'nothing'} but the content is {found.format}; the content wins"
+        )
+    return found
+
+
+def _mime(head: bytes, kind: str) -> str:
+    guessed = filetype.guess(head)
+    return guessed.mime if guessed else f"{kind}/unknown"
+
+
+@dataclass
+class Route:
+    """Where a task goes, at what priority, and why."""
+
+    queue: str
+    priority: str
+    broker_priority: int
+    gpu: str
+    reasons: list[str]
+    estimates: dict[str, float]
+    time_limit_s: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate(found: Classification, settings: Settings) -> dict[str, float]:
+    """Expected processing seconds on a GPU worker and on a CPU worker."""
+    if found.kind == "transcribe":
+        seconds = found.duration or 0.0
+        return {
+            "gpu_s": round(2.0 + seconds * settings.gpu_realtime_factor, 1),
+            "cpu_s": round(1.0 + seconds * settings.cpu_realtime_factor, 1),
+        }
+    pages = found.pages or max(1, found.size // 200_000)
+    return {"cpu_s": round(2.0 + pages * settings.cpu_seconds_per_page, 1)}
+
+
+def choose_route(
+    found: Classification,
+    settings: Settings,
+    *,
+    priority: str = "normal",
+    gpu: str = "prefer",
+    gpu_workers: int | None = None,
+) -> Route:
+    """Pick the queue for a classified file.
+
+    ``gpu_workers`` is the number of GPU workers believed live (None: unknown).
+    """
+    if priority not in PRIORITIES:
+        raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    if gpu not in GPU_PREFERENCES:
+        raise BadInput(f"gpu must be one of {', '.join(GPU_PREFERENCES)}, not {gpu!r}")
+    costs = estimate(found, settings)
+    reasons: list[str] = []
+    if found.kind == "convert":
+        queue = "cpu"
+        reasons.append(f"{found.format} documents are converted on CPU workers")
+    elif gpu == "never":
+        queue = "cpu"
+        reasons.append("GPU not wanted for this task (--gpu never)")
+    elif gpu == "require":
+        queue = "gpu"
+        reasons.append("GPU required (--gpu require): waits for a GPU worker")
+    elif gpu_workers == 0:
+        queue = "cpu"
+        reasons.append(f"no GPU worker is connected: falling back to CPU (about {costs['cpu_s']:.0f}s)")
+    else:
+        queue = "gpu"
+        live = "GPU worker count unknown" if gpu_workers is None else f"{gpu_workers} GPU worker(s) connected"
+        reasons.append(
+            f"{found.format} of {found.duration or 0:.0f}s: about {costs['gpu_s']:.0f}s on GPU "
+            f"against {costs['cpu_s']:.0f}s on CPU; {live}"
+        )
+    reasons.extend(found.notes)
+    # Sized from the CPU estimate, since a GPU task may end up on a CPU worker.
+    worst = max(costs.values())
+    time_limit = int(min(settings.max_time_limit_s, max(120.0, 60.0 + 4 * worst)))
+    return Route(
+        queue=queue,
+        priority=priority,
+        broker_priority=PRIORITIES[priority],
+        gpu=gpu,
+        reasons=reasons,
+        estimates=costs,
+        time_limit_s=time_limit,
+    )

@@ -1,0 +1,268 @@
+"""The task store: every task's record and its timestamped events, in SQLite (WAL).
+
+Task state lives here from the moment of submit, so the API and the CLI
+show what happened even to tasks no worker has seen yet.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import TaskNotFound
+
+
+class State(StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    canceled = "canceled"
+
+
+FINAL_STATES = frozenset({State.done, State.failed, State.canceled})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    input TEXT NOT NULL,
+    options TEXT NOT NULL,
+    route TEXT NOT NULL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    outputs TEXT NOT NULL DEFAULT '[]',
+    result TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    ts REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_task ON events(task_id, id);
+"""
+
+_JSON_COLUMNS = ("input", "options", "route", "progress", "outputs", "result")
+
+
+@dataclass
+class Task:
+    """One submitted file and everything known about its processing."""
+
+    id: str
+    kind: str
+    state: State
+    filename: str
+    input: dict[str, Any]
+    options: dict[str, Any]
+    route: dict[str, Any]
+    progress: dict[str, Any] = field(default_factory=dict)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    worker: str | None = None
+    attempts: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TaskStore:
+    """Tasks and their events in one SQLite database.
+
+    Parameters:
+      path: the database file; its folder is created if missing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connect().executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # Writing.
+    def create(self, task: Task) -> Task:
+        now = time.time()
+        task.created_at = task.updated_at = now
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tasks (id, kind, state, filename, input, options, route,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    task.id,
+                    task.kind,
+                    task.state,
+                    task.filename,
+                    json.dumps(task.input),
+                    json.dumps(task.options),
+                    json.dumps(task.route),
+                    now,
+                    now,
+                ),
+            )
+            _add_event(db, task.id, now, "submitted", {"route": task.route})
+        return task
+
+    def mark_running(self, task_id: str, worker: str, attempt: int) -> bool:
+        """Record that a worker started the task; False if the task already ended."""
+        now = time.time()
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE tasks SET state=?, worker=?, attempts=?, updated_at=?,"
+                " started_at=COALESCE(started_at, ?), progress='{}', error=NULL"
+                " WHERE id=? AND state IN (?, ?)",
+                (State.running, worker, attempt, now, now, task_id, State.queued, State.running),
+            ).rowcount
+            if changed:
+                _add_event(db, task_id, now, "started", {"worker": worker, "attempt": attempt})
+        return bool(changed)
+
+    def set_progress(self, task_id: str, progress: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE tasks SET progress=?, updated_at=? WHERE id=? AND state=?",
+                (json.dumps(progress), time.time(), task_id, State.running),
+            )
+
+    def mark_done(
+        self, task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any], worker: str
+    ) -> bool:
+        """Record the outputs; False (and nothing written) if the task already ended."""
+        now = time.time()
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE tasks SET state=?, outputs=?, result=?, worker=?, updated_at=?,"
+                " finished_at=?, progress=? WHERE id=? AND state IN (?, ?)",
+                (
+                    State.done,
+                    json.dumps(outputs),
+                    json.dumps(result),
+                    worker,
+                    now,
+                    now,
+                    json.dumps({"stage": "done", "percent": 100.0}),
+                    task_id,
+                    State.queued,
+                    State.running,
+                ),
+            ).rowcount
+            if changed:
+                _add_event(db, task_id, now, "done", {"worker": worker})
+        return bool(changed)
+
+    def mark_failed(self, task_id: str, reason: str, worker: str | None) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE tasks SET state=?, error=?, worker=COALESCE(?, worker), updated_at=?,"
+                " finished_at=? WHERE id=? AND state IN (?, ?)",
+                (State.failed, reason, worker, now, now, task_id, State.queued, State.running),
+            ).rowcount
+            if changed:
+                _add_event(db, task_id, now, "failed", {"reason": reason, "worker": worker})
+        return bool(changed)
+
+    def add_event(self, task_id: str, event: str, detail: dict[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            _add_event(db, task_id, time.time(), event, detail or {})
+
+    # Reading.
+    def get(self, task_id: str, *, events: bool = True) -> Task:
+        db = self._connect()
+        row = db.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
+        if row is None:
+            raise TaskNotFound(f"no task {task_id}")
+        task = _to_task(row)
+        if events:
+            task.events = [
+                {"ts": e["ts"], "event": e["event"], "detail": json.loads(e["detail"])}
+                for e in db.execute(
+                    "SELECT ts, event, detail FROM events WHERE task_id=? ORDER BY id", (task_id,)
+                )
+            ]
+        return task
+
+    def list(self, *, state: State | None = None, limit: int = 50, offset: int = 0) -> list[Task]:
+        db = self._connect()
+        if state is None:
+            rows = db.execute(
+                "SELECT * FROM tasks ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset)
+            )
+        else:
+            rows = db.execute(
+                "SELECT * FROM tasks WHERE state=? ORDER BY created_at DESC LIMIT ? OFFSET ?",
+                (state, limit, offset),
+            )
+        return [_to_task(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        db = self._connect()
+        found = dict(db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+        return {state.value: found.get(state.value, 0) for state in State}
+
+
+def _add_event(db: sqlite3.Connection, task_id: str, ts: float, event: str, detail: dict) -> None:
+    db.execute(
+        "INSERT INTO events (task_id, ts, event, detail) VALUES (?, ?, ?, ?)",
+        (task_id, ts, event, json.dumps(detail)),
+    )
+
+
+def _to_task(row: sqlite3.Row) -> Task:
+    data = dict(row)
+    for column in _JSON_COLUMNS:
+        data[column] = json.loads(data[column])
+    data["state"] = State(data["state"])
+    return Task(**data)

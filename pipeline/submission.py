@@ -1,0 +1,108 @@
+"""From an uploaded file to a published task message.
+
+Used by the API and by the embedded ``run`` mode alike: classify the content,
+choose the route, move the file into the task store, record the task, and
+publish its message to the chosen queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dramatiq import Broker
+
+from pipeline.logs import get_logger
+from pipeline.routing import choose_route, classify
+from pipeline.services import Services
+from pipeline.store import State, Task, new_task_id
+
+logger = get_logger(__name__)
+
+#: The actor that handles each kind of task.
+ACTORS = {"transcribe": "transcribe", "convert": "convert_document"}
+
+
+@dataclass
+class SubmitOptions:
+    priority: str = "normal"
+    gpu: str = "prefer"
+    language: str | None = None
+    model: str | None = None
+
+
+class PublishError(Exception):
+    """The task was recorded but its message could not be published."""
+
+
+def build_job(task: Task) -> dict[str, Any]:
+    """The message body a worker needs, and nothing more."""
+    return {
+        "task_id": task.id,
+        "kind": task.kind,
+        "filename": task.filename,
+        "input": {k: task.input[k] for k in ("path", "sha256", "size")},
+        "media": task.input["media"],
+        "options": task.options,
+        "route": {"queue": task.route["queue"], "gpu": task.route["gpu"]},
+    }
+
+
+def publish(broker: Broker, task: Task) -> str:
+    """Publish a task's message to its route's queue; returns the message id.
+
+    Dramatiq picks the queue from the actor, so the message is copied onto the
+    routed queue before it is published.
+    """
+    actor = broker.get_actor(ACTORS[task.kind])
+    message = actor.message_with_options(
+        kwargs={"job": build_job(task)},
+        broker_priority=task.route["broker_priority"],
+        time_limit=task.route["time_limit_s"] * 1000,
+    ).copy(queue_name=task.route["queue"])
+    broker.enqueue(message)
+    return message.message_id
+
+
+def submit(
+    services: Services,
+    broker: Broker,
+    upload: Path,
+    filename: str,
+    sha256: str,
+    size: int,
+    options: SubmitOptions,
+    gpu_workers: Callable[[], int | None],
+) -> Task:
+    """Turn an uploaded file into a queued task. Raises BadInput for content refused."""
+    found = classify(upload, filename)
+    workers = gpu_workers() if found.kind == "transcribe" and options.gpu == "prefer" else None
+    route = choose_route(
+        found, services.settings, priority=options.priority, gpu=options.gpu, gpu_workers=workers
+    )
+    task_id = new_task_id()
+    ref = services.files.add_input(task_id, filename, upload, sha256, size)
+    task = Task(
+        id=task_id,
+        kind=found.kind,
+        state=State.queued,
+        filename=Path(filename.replace("\\", "/")).name or "upload",
+        input={**ref.to_dict(), "media": found.to_dict()},
+        options={k: v for k, v in asdict(options).items() if v is not None},
+        route=route.to_dict(),
+    )
+    services.store.create(task)
+    try:
+        message_id = publish(broker, task)
+    except Exception as exc:
+        reason = f"could not publish the task to the broker: {exc}"
+        services.store.mark_failed(task_id, reason, None)
+        raise PublishError(reason) from exc
+    services.store.add_event(task_id, "published", {"queue": route.queue, "message_id": message_id})
+    logger.info(
+        "task submitted",
+        extra={"task_id": task_id, "queue": route.queue, "priority": route.priority},
+    )
+    return services.store.get(task_id)

@@ -1,0 +1,66 @@
+"""How a worker fetches inputs and returns outputs.
+
+``Transport`` is the one interface the actors use; ``SharedTransport`` serves
+workers that see the server's data directory (same host). Every download is
+hashed while copied and checked against the reference before it is used;
+every upload is written under a temporary name, hashed, and renamed into place
+so a reader never sees a partial output.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.config import FileAccess, Settings
+from pipeline.transfer.checksums import FileRef, copy_file_hashed, verify
+from pipeline.transfer.local import LocalStore
+
+
+class Transport(Protocol):
+    def download(self, ref: FileRef, dest: Path) -> Path:
+        """Copy a store file to ``dest``, verified; raise ChecksumMismatch if it differs."""
+
+    def upload(self, src: Path, store_path: str) -> FileRef:
+        """Put a local file at ``store_path`` atomically and return its verified reference."""
+
+    def close(self) -> None: ...
+
+
+class SharedTransport:
+    """Files reached through a data directory shared with the server.
+
+    Parameters:
+      store: the server's task store, as seen from this worker.
+    """
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    def download(self, ref: FileRef, dest: Path) -> Path:
+        sha256, size = copy_file_hashed(self.store.resolve(ref.path), dest)
+        verify(ref, sha256, size)
+        return dest
+
+    def upload(self, src: Path, store_path: str) -> FileRef:
+        final = self.store.resolve(store_path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            sha256, size = copy_file_hashed(src, partial)
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+        return FileRef(store_path, sha256, size)
+
+    def close(self) -> None:
+        pass
+
+
+def open_transport(settings: Settings) -> Transport:
+    """The transport the configuration asks for."""
+    if settings.file_access is FileAccess.shared:
+        return SharedTransport(LocalStore(settings.files_dir))
+    raise ValueError(f"unknown file access {settings.file_access}")
