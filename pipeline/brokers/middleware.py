@@ -15,11 +15,13 @@ from dramatiq.middleware import (
 
 from pipeline.config import Settings
 from pipeline.middleware.lifecycle import TaskEvents
+from pipeline.middleware.logging import StructuredLogs
 from pipeline.middleware.sizing import WorkerSizing
 
 
 def pipeline_middleware(settings: Settings) -> list[Middleware]:
     return [
+        StructuredLogs(settings.log_level, settings.log_json),
         AgeLimit(),
         TimeLimit(time_limit=settings.max_time_limit_s * 1000),
         ShutdownNotifications(),

@@ -69,7 +69,7 @@ def extract_audio(src: Path, dest: Path, sample_rate: int = 16_000) -> Path:
         )
     except ffmpeg.Error as exc:
         detail = exc.stderr.decode(errors="replace").strip().splitlines()
-        reason = detail[-1] if detail else "ffmpeg failed"
+        reason = detail[-1].replace(f"{src}: ", "") if detail else "ffmpeg failed"
         if "matches no streams" in reason:
             reason = "the file has no audio track"
         raise BadInput(f"cannot decode audio: {reason}") from None

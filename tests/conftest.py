@@ -1,0 +1,270 @@
+"""Fixtures shared by the test suite: samples, a fresh RabbitMQ vhost, and a
+running stack (server and workers started as users start them)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+BIN = Path(sys.executable).parent
+BROKER = os.environ.get("MORAG_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672")
+MANAGEMENT = os.environ.get("MORAG_TEST_RABBITMQ_API", "http://guest:guest@127.0.0.1:15672")
+
+# Words espeak-ng speaks in samples/talk.mp4 and samples/speech.mp3 that the
+# tiny.en model reliably hears.
+SPOKEN_WORDS = ("quick", "lazy", "remote workers", "graphics card")
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _management() -> tuple[str, tuple[str, str]]:
+    parts = urllib.parse.urlsplit(MANAGEMENT)
+    base = f"{parts.scheme}://{parts.hostname}:{parts.port}"
+    return base, (parts.username or "guest", parts.password or "guest")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_available() -> None:
+    parts = urllib.parse.urlsplit(BROKER)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 5672), timeout=2).close()
+    except OSError:
+        pytest.fail(f"RabbitMQ is not reachable at {parts.hostname}:{parts.port}: run ops/setup.sh")
+
+
+@pytest.fixture
+def vhost(rabbitmq_available: None) -> Iterator[str]:
+    """A fresh RabbitMQ vhost; yields its AMQP URL and deletes it afterwards."""
+    name = f"morag-test-{uuid.uuid4().hex[:10]}"
+    base, auth = _management()
+    quoted = urllib.parse.quote(name, safe="")
+    user = urllib.parse.urlsplit(BROKER).username or "guest"
+    with httpx.Client(base_url=base, auth=auth, timeout=10) as api:
+        api.put(f"/api/vhosts/{quoted}").raise_for_status()
+        api.put(
+            f"/api/permissions/{quoted}/{user}",
+            json={"configure": ".*", "write": ".*", "read": ".*"},
+        ).raise_for_status()
+        yield f"{BROKER.rstrip('/')}/{quoted}"
+        api.delete(f"/api/vhosts/{quoted}")
+
+
+def queue_depth(amqp_url: str, queue: str) -> int:
+    """Messages ready in a queue, asked of RabbitMQ itself (the management API lags)."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+def queue_info(amqp_url: str, queue: str) -> dict:
+    """What RabbitMQ's management API says of a queue in the URL's vhost."""
+    base, auth = _management()
+    vhost_name = urllib.parse.urlsplit(amqp_url).path.lstrip("/") or "%2F"
+    response = httpx.get(f"{base}/api/queues/{vhost_name}/{queue}", auth=auth, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+@dataclass
+class Stack:
+    """Server and workers of one test, as subprocesses sharing one environment."""
+
+    env: dict[str, str]
+    data_dir: Path
+    logs: Path
+    url: str = ""
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            args,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir.parent,
+            start_new_session=True,
+        )
+        self.processes[name] = proc
+        return proc
+
+    def start_server(self) -> None:
+        self.spawn("server", [str(BIN / "morag-pipeline"), "server"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.processes["server"].poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log('server')}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server did not start:\n{self.log('server')}")
+
+    def start_worker(self, capability: str, name: str | None = None, threads: int = 1, **env: str) -> str:
+        """``dramatiq pipeline.actors.<capability> --queues <capability>``, as an operator types it."""
+        name = name or f"{capability}-worker"
+        args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", "--queues", capability]
+        args += ["--processes", "1", "--threads", str(threads)]
+        self.spawn(name, args, MORAG_WORKER_NAME=name, **env)
+        return name
+
+    def wait_consumers(self, queue: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if queue_info(self.env["MORAG_BROKER_URL"], queue).get("consumers", 0) >= count:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"no consumer on {queue}:\n{self.all_logs()}")
+
+    def cli(self, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "morag-pipeline"), *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        proc = self.processes.pop(name)
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):  # what it left behind in its session
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def all_logs(self) -> str:
+        return "\n".join(
+            f"--- {p.stem}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs.glob("*.log")
+        )
+
+
+def stack_env(tmp: Path, broker_url: str, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_")}
+    env.update(
+        MORAG_BROKER_URL=broker_url,
+        MORAG_DATA_DIR=str(tmp / "data"),
+        MORAG_API_PORT=str(port),
+        MORAG_SERVER_URL=f"http://127.0.0.1:{port}",
+        MORAG_LOG_JSON="true",
+        MORAG_MIN_BACKOFF_MS="200",
+        MORAG_MAX_BACKOFF_MS="1000",
+        MORAG_PROGRESS_INTERVAL_S="0.2",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def stack(tmp_path: Path, vhost: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A server on a fresh vhost and data dir; the test starts the workers it needs."""
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (tmp_path / "data").mkdir()
+    s = Stack(stack_env(tmp_path, vhost, port), tmp_path / "data", logs, url=f"http://127.0.0.1:{port}")
+    try:
+        yield s
+    finally:
+        s.stop_all()
+        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+            sys.stderr.write(s.all_logs())
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def docx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DOCX with a heading, a paragraph and a table, made with python-docx."""
+    import docx
+
+    document = docx.Document()
+    document.add_heading("Budget review", level=1)
+    document.add_paragraph("GPU spending fell this quarter.")
+    table = document.add_table(rows=3, cols=2)
+    for row, (item, cost) in enumerate([("Item", "Cost"), ("GPU hours", "420"), ("Storage", "35")]):
+        table.cell(row, 0).text = item
+        table.cell(row, 1).text = cost
+    path = tmp_path_factory.mktemp("docs") / "budget.docx"
+    document.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def long_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About a minute of speech: the sample, looped."""
+    path = tmp_path_factory.mktemp("media") / "long.mp3"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-stream_loop", "5", "-i", str(SAMPLES / "speech.mp3"),
+         "-c", "copy", "-y", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def corrupt_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MP4 whose header is intact (ffprobe reads it) but whose media data is cut short."""
+    folder = tmp_path_factory.mktemp("media")
+    whole = folder / "whole.mp4"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(SAMPLES / "talk.mp4"), "-c", "copy",
+         "-movflags", "+faststart", "-y", str(whole)],
+        check=True,
+    )  # fmt: skip
+    cut = folder / "broken.mp4"
+    cut.write_bytes(whole.read_bytes()[:30_000])
+    return cut
+
+
+def has(binary: str) -> bool:
+    return shutil.which(binary) is not None
