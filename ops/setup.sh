@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Sets up morag-pipeline on a Debian machine: system packages, RabbitMQ (installed
+# and started when none is reachable, with its management plugin), and a virtual
+# environment in .venv with the package, its extras and the torch pins.
+# Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# System packages: Python, media tools, speech synthesis for samples, OpenSSH for
+# the SFTP interop tests, RabbitMQ.
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have python3 || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+have ffmpeg || need+=(ffmpeg)
+have espeak-ng || need+=(espeak-ng)
+have sftp || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+have curl || need+=(curl)
+
+broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! broker_up && ! have rabbitmq-server && [ ! -x /usr/sbin/rabbitmq-server ]; then
+  need+=(rabbitmq-server)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+fi
+
+# RabbitMQ: use the one listening on 5672, else start the local one.
+if ! broker_up; then
+  log "starting RabbitMQ"
+  as_root rabbitmq-server -detached
+  for _ in $(seq 60); do broker_up && break; sleep 1; done
+  broker_up || { echo "RabbitMQ did not start; see /var/log/rabbitmq" >&2; exit 1; }
+fi
+mgmt_up() { curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; }
+if ! mgmt_up && have rabbitmq-plugins; then
+  log "enabling the RabbitMQ management plugin (port 15672)"
+  as_root rabbitmq-plugins enable rabbitmq_management >/dev/null
+  for _ in $(seq 30); do mgmt_up && break; sleep 1; done
+fi
+
+# Python environment. The stamp holds a hash of setup.cfg: edit it and the
+# next run reinstalls.
+stamp=.venv/.morag-installed
+want=$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  python3 -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing morag-pipeline with its extras (torch and docling are large: several minutes)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[gpu,docs,dev]'
+  echo "$want" > "$stamp"
+fi
+log "ready: $(.venv/bin/morag-pipeline --version)"
