@@ -268,3 +268,54 @@ def corrupt_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def has(binary: str) -> bool:
     return shutil.which(binary) is not None
+
+
+def make_pdf(lines: list[str]) -> bytes:
+    """A one-page PDF with a line of Helvetica text per item."""
+    content = "BT /F1 18 Tf 50 750 Td " + " ".join(f"({line}) Tj 0 -30 Td" for line in lines) + " ET"
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        " /Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(content)} >>\nstream\n{content}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = "%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n"
+    out += "".join(f"{offset:010d} 00000 n \n" for offset in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n"
+    return out.encode()
+
+
+@pytest.fixture(scope="session")
+def office_files(tmp_path_factory: pytest.TempPathFactory, docx_file: Path) -> dict[str, Path]:
+    """One small document of each kind docling converts offline, plus a PDF."""
+    import openpyxl
+    import pptx
+
+    folder = tmp_path_factory.mktemp("office")
+    deck = pptx.Presentation()
+    slide = deck.slides.add_slide(deck.slide_layouts[1])
+    slide.shapes.title.text = "Roadmap"
+    slide.placeholders[1].text = "Second GPU worker in March"
+    deck.save(folder / "roadmap.pptx")
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["Worker", "Tasks"])
+    sheet.append(["gpu-1", 420])
+    book.save(folder / "load.xlsx")
+    (folder / "notes.md").write_text("# Meeting notes\n\n- ship the **SFTP** transfer\n")
+    (folder / "report.pdf").write_bytes(make_pdf(["Annual report", "Revenue grew"]))
+    return {
+        "docx": docx_file,
+        "pptx": folder / "roadmap.pptx",
+        "xlsx": folder / "load.xlsx",
+        "md": folder / "notes.md",
+        "pdf": folder / "report.pdf",
+        "html": SAMPLES / "report.html",
+    }

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import BadInput, PipelineError
+from pipeline.errors import BadInput, ModelNotFound, PipelineError
 from pipeline.processors import Progress, no_progress
 
 # Our document kinds (see routing) and docling's InputFormat names for them.
@@ -86,7 +86,12 @@ def _docling(path: Path, doc_format: str, artifacts_path: Path | None) -> Docume
     try:
         result = converter.convert(path, raises_on_error=False)
     except Exception as exc:
-        raise BadInput(f"docling could not read the {doc_format.upper()} file: {exc}") from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if artifacts_path is not None and "artifacts_path" in str(exc):
+            raise ModelNotFound(
+                f"docling's PDF models are not in MORAG_DOCLING_ARTIFACTS_PATH={artifacts_path}: {first_line}"
+            ) from None
+        raise BadInput(f"docling could not read the {doc_format.upper()} file: {first_line}") from None
     if result.status not in (ConversionStatus.SUCCESS, ConversionStatus.PARTIAL_SUCCESS):
         errors = "; ".join(e.error_message for e in result.errors) or str(result.status)
         raise BadInput(f"docling could not convert the {doc_format.upper()} file: {errors}")

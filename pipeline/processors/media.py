@@ -24,9 +24,12 @@ class MediaInfo:
         return "video" if self.has_video else "audio"
 
 
-# Containers ffprobe recognises that are not audio or video however they decode
-# (images, subtitles, text read by the "tty" demuxer).
-_NOT_MEDIA = {"image2", "png_pipe", "jpeg_pipe", "tty", "srt", "webvtt", "ass", "gif", "svg_pipe"}
+# Containers ffprobe recognises that are not audio or video however they decode:
+# images, subtitles, and text or binary files shown as "text art" (tty, bin...).
+_NOT_MEDIA = {
+    "image2", "png_pipe", "jpeg_pipe", "gif", "svg_pipe", "srt", "webvtt", "ass",
+    "tty", "bin", "xbin", "adf", "idf",
+}  # fmt: skip
 
 
 def probe(path: Path) -> MediaInfo | None:
