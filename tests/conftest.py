@@ -14,6 +14,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +58,9 @@ def rabbitmq_available() -> None:
         pytest.fail(f"RabbitMQ is not reachable at {parts.hostname}:{parts.port}: run ops/setup.sh")
 
 
-@pytest.fixture
-def vhost(rabbitmq_available: None) -> Iterator[str]:
-    """A fresh RabbitMQ vhost; yields its AMQP URL and deletes it afterwards."""
+@contextmanager
+def fresh_vhost() -> Iterator[str]:
+    """A new RabbitMQ vhost for the broker user; yields its AMQP URL, deletes it afterwards."""
     name = f"morag-test-{uuid.uuid4().hex[:10]}"
     base, auth = _management()
     quoted = urllib.parse.quote(name, safe="")
@@ -70,8 +71,17 @@ def vhost(rabbitmq_available: None) -> Iterator[str]:
             f"/api/permissions/{quoted}/{user}",
             json={"configure": ".*", "write": ".*", "read": ".*"},
         ).raise_for_status()
-        yield f"{BROKER.rstrip('/')}/{quoted}"
-        api.delete(f"/api/vhosts/{quoted}")
+        try:
+            yield f"{BROKER.rstrip('/')}/{quoted}"
+        finally:
+            api.delete(f"/api/vhosts/{quoted}")
+
+
+@pytest.fixture
+def vhost(rabbitmq_available: None) -> Iterator[str]:
+    """A fresh RabbitMQ vhost per test, so tests never see each other's messages."""
+    with fresh_vhost() as url:
+        yield url
 
 
 def queue_depth(amqp_url: str, queue: str) -> int:

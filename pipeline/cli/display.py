@@ -26,9 +26,13 @@ out = Console(highlight=False, soft_wrap=True)
 
 
 def follow(
-    task_ids: list[str], names: dict[str, str], get_task: GetTask, poll: float = 0.5
+    task_ids: list[str], names: dict[str, str], get_task: GetTask, max_poll: float = 1.0
 ) -> list[TaskDict]:
-    """Show a bar per task with its stage and percent until every task has ended."""
+    """Show a bar per task with its stage and percent until every task has ended.
+
+    Polls quickly at first and more slowly while nothing changes, up to ``max_poll``.
+    """
+    poll = 0.05
     results: dict[str, TaskDict] = {}
     columns = (
         TextColumn("{task.description}"),
@@ -58,6 +62,7 @@ def follow(
                     pending.discard(tid)
             if pending:
                 time.sleep(poll)
+                poll = min(max_poll, poll * 1.5)
     return [results[tid] for tid in task_ids]
 
 
