@@ -21,7 +21,7 @@ TaskDict = dict[str, Any]
 GetTask = Callable[[str], TaskDict]
 GetOutput = Callable[[TaskDict, str], bytes]
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
