@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
 
@@ -19,17 +20,32 @@ class ApiClient:
 
     Parameters:
       base_url: the server's URL, e.g. http://127.0.0.1:8470.
+      api_key: sent as a bearer token when given.
+      ca_file: the CA that signed an HTTPS server's certificate (else the system's).
       timeout: seconds to wait for a response (uploads get longer).
     """
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, ca_file: Path | None = None, timeout: float = 30.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        verify: str | bool = str(ca_file) if ca_file else True
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, verify=verify)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiClient:
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        return cls(settings.server_url, key, settings.tls_ca_file)
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, url, **kwargs)
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            if "ssl" in str(exc).lower() or "certificate" in str(exc).lower():
+                raise ClientError(
+                    f"TLS failed with {self.base_url}: {exc} (MORAG_TLS_CA_FILE names the CA to trust)"
+                ) from None
             raise ClientError(
                 f"cannot reach the server at {self.base_url} (is `morag-pipeline server` running?"
                 " MORAG_SERVER_URL sets where to look)"
@@ -72,3 +88,18 @@ class ApiClient:
     def result(self, task_id: str, fmt: str | None = None) -> bytes:
         params = {"format": fmt} if fmt else {}
         return self._request("GET", f"/api/v1/tasks/{task_id}/result", params=params).content
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/api/v1/tasks/{task_id}/cancel").json()
+
+    def dead(self, queue: str | None = None) -> dict[str, Any]:
+        params = {"queue": queue} if queue else {}
+        return self._request("GET", "/api/v1/dead", params=params).json()
+
+    def dead_letter(self, letter_id: str, queue: str | None = None) -> dict[str, Any]:
+        params = {"queue": queue} if queue else {}
+        return self._request("GET", f"/api/v1/dead/{letter_id}", params=params).json()
+
+    def dead_action(self, action: str, queue: str | None, ids: list[str] | None) -> dict[str, Any]:
+        """``retry`` or ``purge`` the dead letters of ``queue`` (all if None), only ``ids`` if given."""
+        return self._request("POST", f"/api/v1/dead/{action}", json={"queue": queue, "ids": ids}).json()

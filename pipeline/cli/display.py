@@ -21,8 +21,16 @@ TaskDict = dict[str, Any]
 GetTask = Callable[[str], TaskDict]
 GetOutput = Callable[[TaskDict, str], bytes]
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+def console(stderr: bool = False) -> Console:
+    """A console; tables get room when the output is a file or a pipe."""
+    made = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not made.is_terminal:
+        made.width = 200
+    return made
+
+
+err = console(stderr=True)
+out = console()
 
 
 def follow(

@@ -1,0 +1,103 @@
+"""API authentication: API keys with roles, worker tokens refused, failures rate-limited."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import HTTPException, Request
+
+from pipeline.logs import get_logger
+from pipeline.security.apikeys import ApiKeyStore, allows
+from pipeline.security.audit import audit
+from pipeline.security.ratelimit import FailureLimiter
+from pipeline.security.tokens import AuthError, TokenStore
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request."""
+
+    name: str
+    role: str
+    key_id: str | None = None
+
+
+class Authenticator:
+    """Checks the API key of each request against the role an endpoint needs.
+
+    The key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+    In development mode a request without a key acts as admin.
+
+    Parameters:
+      keys: the API key store.
+      tokens: worker tokens, to tell a worker token apart from a bad key.
+      limiter: counts failures per client address.
+      dev_mode: let requests without a key through as admin.
+    """
+
+    def __init__(
+        self, keys: ApiKeyStore, tokens: TokenStore, limiter: FailureLimiter, dev_mode: bool = False
+    ) -> None:
+        self.keys = keys
+        self.tokens = tokens
+        self.limiter = limiter
+        self.dev_mode = dev_mode
+
+    def require(self, role: str) -> Callable[[Request], Principal]:
+        """A FastAPI dependency admitting principals with at least ``role``."""
+
+        def dependency(request: Request) -> Principal:
+            principal = self.authenticate(request)
+            if not allows(principal.role, role):
+                audit("auth.forbidden", key=principal.key_id, role=principal.role, needed=role,
+                      path=request.url.path)  # fmt: skip
+                raise HTTPException(403, f"this needs the {role} role; your key has {principal.role}")
+            return principal
+
+        return dependency
+
+    def authenticate(self, request: Request) -> Principal:
+        client = request.client.host if request.client else "?"
+        wait = self.limiter.retry_after(client)
+        if wait:
+            raise HTTPException(
+                429, "too many failed authentications; try again later",
+                headers={"Retry-After": str(int(wait) + 1)},
+            )  # fmt: skip
+        key = _presented_key(request)
+        if key is None:
+            if self.dev_mode:
+                return Principal("development", "admin")
+            self._fail(client, request, "no API key")
+        try:
+            record = self.keys.check(key)
+        except AuthError as exc:
+            if key.count(".") == 2 and self._is_worker_token(key):
+                audit("auth.worker_token_on_api", client=client, path=request.url.path)
+                self.limiter.failed(client)
+                raise HTTPException(403, "worker tokens cannot use the API; use an API key") from None
+            self._fail(client, request, str(exc))
+        return Principal(record.name, record.role, record.id)
+
+    def _is_worker_token(self, token: str) -> bool:
+        try:
+            self.tokens.verify(token)
+            return True
+        except AuthError:
+            return False
+
+    def _fail(self, client: str, request: Request, reason: str) -> None:
+        self.limiter.failed(client)
+        audit("auth.failed", client=client, path=request.url.path, reason=reason)
+        logger.warning("authentication failed", extra={"client": client, "reason": reason})
+        raise HTTPException(401, f"authentication required: {reason}", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    return request.headers.get("x-api-key") or None

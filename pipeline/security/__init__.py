@@ -1,0 +1,1 @@
+"""Who may do what: worker tokens, API keys, signed messages, transfer grants, audit."""

@@ -1,0 +1,166 @@
+"""Worker tokens: JWTs the server issues, records and can revoke.
+
+A token names its worker (``sub``), capability (``cap``: gpu or cpu), issue
+and expiry times and id (``jti``). With it comes the worker's signing key,
+derived from the server secret and the token id, that the worker signs its
+messages with. Revocation is a row in the server's database, read on every
+check, so it takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from pipeline.errors import PipelineError
+from pipeline.security.keys import derive
+
+ISSUER = "morag-pipeline"
+CAPABILITIES = ("gpu", "cpu")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS worker_tokens (
+    id TEXT PRIMARY KEY,
+    worker TEXT NOT NULL,
+    capability TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked_at REAL,
+    broker_user TEXT,
+    last_used_at REAL
+);
+"""
+
+
+class AuthError(PipelineError):
+    """A credential was refused; the message says why."""
+
+
+@dataclass
+class TokenRecord:
+    id: str
+    worker: str
+    capability: str
+    issued_at: float
+    expires_at: float
+    revoked_at: float | None = None
+    broker_user: str | None = None
+    last_used_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at:
+            return "revoked"
+        return "expired" if self.expires_at < time.time() else "active"
+
+
+class TokenStore:
+    """Issued worker tokens, in the server's SQLite database.
+
+    Parameters:
+      db_path: the server's database file.
+      secret: the server secret (``keys.server_secret``).
+    """
+
+    def __init__(self, db_path: Path, secret: bytes) -> None:
+        self.db_path = db_path
+        self.secret = secret
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.db_path, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def issue(self, worker: str, capability: str, ttl_s: float) -> tuple[str, TokenRecord]:
+        if capability not in CAPABILITIES:
+            raise AuthError(f"capability must be gpu or cpu, not {capability!r}")
+        if not worker or len(worker) > 100:
+            raise AuthError("a worker name of 1 to 100 characters is needed")
+        now = time.time()
+        record = TokenRecord(uuid.uuid4().hex, worker, capability, now, now + ttl_s)
+        claims = {
+            "iss": ISSUER,
+            "sub": worker,
+            "cap": capability,
+            "iat": int(now),
+            "exp": int(record.expires_at),
+            "jti": record.id,
+            "typ": "worker",
+        }
+        token = jwt.encode(claims, self.secret, algorithm="HS256")
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO worker_tokens (id, worker, capability, issued_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (record.id, worker, capability, record.issued_at, record.expires_at),
+            )
+        return token, record
+
+    def signing_key(self, token_id: str) -> str:
+        """The key a worker signs its messages with (given to it with its token)."""
+        return derive(self.secret, "sign", token_id)
+
+    def verify(self, token: str, capability: str | None = None) -> dict[str, Any]:
+        """The claims of a valid, unrevoked worker token; AuthError with the reason otherwise."""
+        try:
+            claims = jwt.decode(
+                token,
+                self.secret,
+                algorithms=["HS256"],
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "jti", "sub", "cap"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("worker token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid worker token: {exc}") from None
+        if claims.get("typ") != "worker":
+            raise AuthError("not a worker token")
+        record = self.get(claims["jti"])
+        if record is None:
+            raise AuthError("unknown worker token")
+        if record.revoked_at:
+            raise AuthError(f"worker token {record.id} was revoked")
+        if capability is not None and claims["cap"] != capability:
+            raise AuthError(f"worker token is for {claims['cap']} workers, not {capability}")
+        return claims
+
+    def touch(self, token_id: str) -> None:
+        with self._db() as db:
+            db.execute("UPDATE worker_tokens SET last_used_at=? WHERE id=?", (time.time(), token_id))
+
+    def get(self, token_id: str) -> TokenRecord | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM worker_tokens WHERE id=?", (token_id,)).fetchone()
+        return TokenRecord(**dict(row)) if row else None
+
+    def list(self) -> list[TokenRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM worker_tokens ORDER BY issued_at DESC").fetchall()
+        return [TokenRecord(**dict(row)) for row in rows]
+
+    def revoke(self, token_id: str) -> TokenRecord:
+        with self._db() as db:
+            changed = db.execute(
+                "UPDATE worker_tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                (time.time(), token_id),
+            ).rowcount
+        record = self.get(token_id)
+        if record is None:
+            raise AuthError(f"no token {token_id}")
+        if not changed:
+            raise AuthError(f"token {token_id} was already revoked")
+        return record
+
+    def set_broker_user(self, token_id: str, user: str) -> None:
+        with self._db() as db:
+            db.execute("UPDATE worker_tokens SET broker_user=? WHERE id=?", (user, token_id))
