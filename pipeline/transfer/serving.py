@@ -1,0 +1,44 @@
+"""The file side of ``morag-pipeline server``: the embedded SFTP server and store retention."""
+
+from __future__ import annotations
+
+from pipeline.config import Settings
+from pipeline.logs import get_logger
+from pipeline.store import TaskStore
+from pipeline.transfer.local import LocalStore
+from pipeline.transfer.retention import RetentionSweeper
+from pipeline.transfer.sftp_server import SftpServer, start_sftp_server
+
+logger = get_logger(__name__)
+
+
+class FileServices:
+    """What the server runs for files, stopped together.
+
+    Parameters:
+      sftp: the embedded SFTP server, or None when another server serves the store.
+      retention: the retention sweeper, or None when files are kept forever.
+    """
+
+    def __init__(self, sftp: SftpServer | None, retention: RetentionSweeper | None) -> None:
+        self.sftp = sftp
+        self.retention = retention
+
+    def stop(self) -> None:
+        if self.retention is not None:
+            self.retention.stop()
+        if self.sftp is not None:
+            self.sftp.stop()
+
+
+def start_file_services(settings: Settings, tasks: TaskStore, files: LocalStore) -> FileServices:
+    """Start the embedded SFTP server (unless ``sftp_embedded`` is off) and the retention sweeper."""
+    sftp = start_sftp_server(settings, files.root) if settings.sftp_embedded else None
+    if sftp is None:
+        logger.info("embedded sftp server off: workers use the configured SFTP server or a shared store")
+    retention = None
+    if settings.store_retention_hours > 0:
+        retention_s = settings.store_retention_hours * 3600
+        retention = RetentionSweeper(tasks, files, retention_s, interval_s=min(3600.0, retention_s / 4))
+        retention.start()
+    return FileServices(sftp, retention)

@@ -1,0 +1,648 @@
+"""``SftpTransport``: a worker's inputs and outputs, moved over SFTP and verified by SHA-256.
+
+Downloads are hashed while they stream into a ``.partial`` file beside the
+destination, resumed from the last byte written (and hashed) after a cut
+connection, and renamed to the destination only once size and SHA-256 match
+the reference; a mismatch starts the file over. Uploads go to a temporary name
+beside the target, are verified by the server (size, and SHA-256 through the
+``check-file`` extension of the embedded server; a server without it, such as
+OpenSSH's, has the copy read back and hashed), and are then renamed into place
+with ``posix-rename``, so a reader never sees a partial output.
+
+paramiko moves one request at a time unless told otherwise; here reads and
+writes of ``BLOCK`` bytes are kept ``DEPTH`` deep in flight on a wide SSH
+window, through paramiko's request layer (``SFTPClient._async_request`` and
+``_read_response``), which its own prefetching uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import random
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paramiko
+from paramiko.sftp import (
+    CMD_CLOSE,
+    CMD_EXTENDED,
+    CMD_HANDLE,
+    CMD_OPEN,
+    CMD_READ,
+    CMD_STATUS,
+    CMD_WRITE,
+    SFTP_EOF,
+    SFTP_NO_SUCH_FILE,
+    SFTP_OK,
+    SFTP_OP_UNSUPPORTED,
+    SFTP_PERMISSION_DENIED,
+)
+from paramiko.sftp_client import int64
+
+from pipeline.config import Settings
+from pipeline.errors import BadInput, ChecksumMismatch, TransferError
+from pipeline.logs import get_logger
+from pipeline.transfer.checksums import FileRef
+
+logger = get_logger(__name__)
+
+#: Bytes per read or write request: 255 KiB, the most OpenSSH's sftp-server
+#: reads or writes at once (it shortens larger reads).
+BLOCK = 255 * 1024
+#: Requests kept in flight: with BLOCK, 16 MiB on the wire.
+DEPTH = 64
+#: SSH channel window (above the data in flight, so the sender never waits for
+#: window updates) and the largest packet this side accepts.
+WINDOW_SIZE = 64 * 1024 * 1024
+MAX_PACKET_SIZE = 256 * 1024
+#: Ciphers preferred, fastest first in paramiko; the server picks from its own list.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+#: Local file reads while hashing.
+HASH_BLOCK = 1024 * 1024
+#: SFTP open flags.
+READ, WRITE, CREATE, TRUNCATE = 0x01, 0x02, 0x08, 0x10
+
+T = TypeVar("T")
+
+
+class HostKeyRefused(TransferError):
+    """The SFTP server's host key is unknown or differs from the pinned one; nothing was sent."""
+
+
+class _Missing(Exception):
+    """The remote file does not exist."""
+
+
+class _Denied(Exception):
+    """The server refused the request."""
+
+
+class _Unsupported(Exception):
+    """The server does not implement a request."""
+
+
+class _SizeChanged(Exception):
+    """The remote file's size differs from the reference."""
+
+
+#: Errors after which the connection is dropped and the transfer resumed on a new one.
+TRANSIENT: tuple[type[BaseException], ...] = (OSError, EOFError, paramiko.SSHException, _Unsupported)
+
+
+class HostKeyCheck:
+    """The host key a worker accepts from the SFTP server, never learned on the fly.
+
+    Parameters:
+      pin: the server's key as its ``SHA256:...`` fingerprint or its public key
+        line (``ssh-ed25519 AAAA...``), or None.
+      known_hosts: an OpenSSH ``known_hosts`` file to look the server up in, or None.
+    """
+
+    def __init__(self, pin: str | None = None, known_hosts: Path | None = None) -> None:
+        self.pin = pin.strip() if pin else None
+        self.known_hosts = known_hosts
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HostKeyCheck:
+        return cls(settings.sftp_host_key, settings.sftp_known_hosts)
+
+    def verify(self, host: str, port: int, key: paramiko.PKey) -> None:
+        """Return if ``key`` is the expected one for ``host:port``; raise HostKeyRefused otherwise."""
+        where = f"{host}:{port}"
+        if self.pin:
+            if self.pin.startswith("SHA256:"):
+                if key.fingerprint == self.pin:
+                    return
+            else:
+                fields = self.pin.split()
+                if len(fields) >= 2 and fields[0] == key.get_name() and fields[1] == key.get_base64():
+                    return
+            raise HostKeyRefused(
+                f"SFTP server {where} presented host key {key.fingerprint}, not the pinned "
+                f"MORAG_SFTP_HOST_KEY: refusing to connect (if the server's key changed on purpose, "
+                f"pin the new one)"
+            )
+        if self.known_hosts:
+            try:
+                known = paramiko.HostKeys(str(self.known_hosts))
+            except OSError as exc:
+                raise HostKeyRefused(f"cannot read known hosts {self.known_hosts}: {exc.strerror}") from None
+            name = host if port == 22 else f"[{host}]:{port}"
+            entry = known.lookup(name)
+            if entry is None:
+                raise HostKeyRefused(
+                    f"SFTP server {where} is not in {self.known_hosts} (its key is {key.fingerprint}): "
+                    f"refusing to connect to an unknown host"
+                )
+            if entry.get(key.get_name()) == key:
+                return
+            raise HostKeyRefused(
+                f"SFTP server {where} presented host key {key.fingerprint}, which does not match "
+                f"{self.known_hosts}: refusing to connect (the key changed)"
+            )
+        raise HostKeyRefused(
+            f"no host key pinned for SFTP server {where} (it presented {key.fingerprint}): set "
+            f"MORAG_SFTP_HOST_KEY to the fingerprint the server prints at start, or MORAG_SFTP_KNOWN_HOSTS"
+        )
+
+
+class SftpSession:
+    """One authenticated SFTP session, with many requests in flight at once.
+
+    Parameters:
+      transport: the SSH connection.
+      sftp: the SFTP client on it.
+    """
+
+    def __init__(self, transport: paramiko.Transport, sftp: paramiko.SFTPClient) -> None:
+        self.transport = transport
+        self.sftp = sftp
+        self._replies: dict[int, tuple[int, paramiko.Message]] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.transport.is_active()
+
+    def close(self) -> None:
+        try:
+            self.sftp.close()
+        finally:
+            self.transport.close()
+
+    # paramiko hands replies to requests sent with an object to that object's
+    # ``_async_response``; this session collects them until asked for.
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        self._replies[num] = (t, msg)
+
+    def send(self, t: int, *args: Any) -> int:
+        """Send a request without waiting; its number identifies the reply."""
+        return self.sftp._async_request(self, t, *args)
+
+    def reply(self, num: int) -> tuple[int, paramiko.Message]:
+        """Wait for the reply to request ``num``; raise for an error status."""
+        while num not in self._replies:
+            self.sftp._read_response()
+        t, msg = self._replies.pop(num)
+        if t == CMD_STATUS:
+            _raise_status(msg)
+        return t, msg
+
+    def open(self, path: str, flags: int) -> bytes:
+        """Open a remote file with SFTP open flags (``READ``, ``WRITE``, ...); returns its handle."""
+        t, msg = self.reply(self.send(CMD_OPEN, path, flags, paramiko.SFTPAttributes()))
+        if t != CMD_HANDLE:
+            raise paramiko.SSHException(f"SFTP server answered open with message type {t}")
+        return msg.get_binary()
+
+    def close_handle(self, handle: bytes) -> None:
+        self.reply(self.send(CMD_CLOSE, handle))
+
+    @contextmanager
+    def opened(self, path: str, flags: int) -> Iterator[bytes]:
+        """A remote file's handle, closed on leaving (quietly if the block failed)."""
+        handle = self.open(path, flags)
+        try:
+            yield handle
+        except BaseException:
+            if self.active:
+                with suppress(Exception):
+                    self.close_handle(handle)
+            raise
+        self.close_handle(handle)
+
+    def size(self, path: str) -> int | None:
+        """The remote file's size, None if it does not exist."""
+        try:
+            return int(self.sftp.stat(path).st_size or 0)
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            raise _Denied(path) from None
+
+    def read(self, handle: bytes, offset: int, end: int) -> Iterator[bytes]:
+        """The bytes from ``offset`` to ``end``, in order, ``DEPTH`` requests of ``BLOCK`` in flight."""
+        pending: deque[tuple[int, int, int]] = deque()
+        ask = offset
+        while offset < end:
+            while ask < end and len(pending) < DEPTH:
+                size = min(BLOCK, end - ask)
+                pending.append((self.send(CMD_READ, handle, int64(ask), size), ask, size))
+                ask += size
+            num, at, size = pending.popleft()
+            try:
+                _, msg = self.reply(num)
+            except EOFError:
+                raise _SizeChanged(f"file ends at {at} bytes") from None
+            data = msg.get_string()
+            if len(data) < size:
+                # A short read: ask for the rest before anything later.
+                rest = (self.send(CMD_READ, handle, int64(at + len(data)), size - len(data)), at + len(data))
+                pending.appendleft((rest[0], rest[1], size - len(data)))
+            offset += len(data)
+            yield data
+
+    def write(self, handle: bytes, offset: int, chunks: Iterator[bytes]) -> int:
+        """Write ``chunks`` from ``offset``, ``DEPTH`` requests in flight; returns the end offset."""
+        pending: deque[int] = deque()
+        for chunk in chunks:
+            pending.append(self.send(CMD_WRITE, handle, int64(offset), chunk))
+            offset += len(chunk)
+            while len(pending) >= DEPTH:
+                self.reply(pending.popleft())
+        while pending:
+            self.reply(pending.popleft())
+        return offset
+
+    def sha256(self, handle: bytes, offset: int = 0, length: int = 0) -> str:
+        """SHA-256 of a range of the remote file, computed by the server (``check-file``)."""
+        _, msg = self.reply(
+            self.send(CMD_EXTENDED, "check-file", handle, "sha256", int64(offset), int64(length), 0)
+        )
+        msg.get_text()
+        if msg.get_text() != "sha256":
+            raise _Unsupported("check-file answered with another hash")
+        return msg.get_remainder().hex()
+
+    def mkdirs(self, folder: str) -> None:
+        """Create ``folder`` and its parents where missing."""
+        if folder in ("", "/", ".") or self.size(folder) is not None:
+            return
+        self.mkdirs(posixpath.dirname(folder))
+        try:
+            self.sftp.mkdir(folder)
+        except OSError:
+            if self.size(folder) is None:
+                raise
+
+
+def _raise_status(msg: paramiko.Message) -> None:
+    code = msg.get_int()
+    text = msg.get_text()
+    if code == SFTP_OK:
+        return
+    if code == SFTP_EOF:
+        raise EOFError(text)
+    if code == SFTP_NO_SUCH_FILE:
+        raise _Missing(text)
+    if code == SFTP_PERMISSION_DENIED:
+        raise _Denied(text)
+    if code == SFTP_OP_UNSUPPORTED:
+        raise _Unsupported(text)
+    raise OSError(f"SFTP server: {text or 'failure'}")
+
+
+def connect(settings: Settings, check: HostKeyCheck | None = None) -> SftpSession:
+    """An authenticated SFTP session to the server the settings name, its host key verified."""
+    host, port = settings.sftp_host, settings.sftp_port
+    sock = socket.create_connection((host, port), timeout=settings.sftp_timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = paramiko.Transport(
+        sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
+    )
+    try:
+        options = transport.get_security_options()
+        options.ciphers = tuple(c for c in CIPHERS if c in options.ciphers) + tuple(
+            c for c in options.ciphers if c not in CIPHERS
+        )
+        transport.banner_timeout = transport.handshake_timeout = settings.sftp_timeout_s
+        transport.auth_timeout = settings.sftp_timeout_s
+        transport.start_client(timeout=settings.sftp_timeout_s)
+        (check or HostKeyCheck.from_settings(settings)).verify(host, port, transport.get_remote_server_key())
+        _authenticate(transport, settings)
+        sftp = paramiko.SFTPClient.from_transport(
+            transport, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE
+        )
+        if sftp is None:
+            raise paramiko.SSHException("the server refused an SFTP session")
+        sftp.get_channel().settimeout(settings.sftp_timeout_s)
+        transport.set_keepalive(30)
+    except BaseException:
+        transport.close()
+        raise
+    return SftpSession(transport, sftp)
+
+
+def _authenticate(transport: paramiko.Transport, settings: Settings) -> None:
+    user = settings.sftp_username
+    try:
+        if settings.sftp_key_file is not None:
+            transport.auth_publickey(user, paramiko.PKey.from_path(settings.sftp_key_file))
+        elif settings.sftp_password is not None:
+            transport.auth_password(user, settings.sftp_password.get_secret_value())
+        else:
+            raise TransferError("no SFTP credentials: set MORAG_SFTP_PASSWORD or MORAG_SFTP_KEY_FILE")
+    except paramiko.AuthenticationException as exc:
+        where = f"{settings.sftp_host}:{settings.sftp_port}"
+        raise TransferError(f"SFTP server {where} refused worker {user!r}: {exc}") from None
+    except OSError as exc:
+        if settings.sftp_key_file is not None and not settings.sftp_key_file.is_file():
+            raise TransferError(f"cannot read MORAG_SFTP_KEY_FILE {settings.sftp_key_file}") from None
+        raise exc
+
+
+def _task_of(store_path: str) -> str | None:
+    parts = store_path.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "tasks" else None
+
+
+def _checked_store_path(store_path: str) -> str:
+    parts = store_path.split("/")
+    if not store_path or store_path.startswith("/") or "\x00" in store_path or ".." in parts:
+        raise BadInput(f"invalid store path {store_path!r}")
+    return store_path
+
+
+class _Download:
+    """A download in progress: the ``.partial`` file and the SHA-256 of what it holds."""
+
+    def __init__(self, partial: Path) -> None:
+        self.partial = partial
+        self.file = partial.open("wb")
+        self.digest = hashlib.sha256()
+        self.offset = 0
+
+    def add(self, data: bytes) -> None:
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise TransferError(f"cannot write {self.partial}: {exc.strerror}") from None
+        self.digest.update(data)
+        self.offset += len(data)
+
+    def restart(self) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.digest = hashlib.sha256()
+        self.offset = 0
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _local_chunks(path: Path, offset: int, digest: Any) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        f.seek(offset)
+        while chunk := f.read(BLOCK):
+            digest.update(chunk)
+            yield chunk
+
+
+def _hash_prefix(path: Path, length: int) -> Any:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while length > 0 and (chunk := f.read(min(HASH_BLOCK, length))):
+            digest.update(chunk)
+            length -= len(chunk)
+    return digest
+
+
+class SftpTransport:
+    """The ``Transport`` of workers that share no disk with the server: files over SFTP.
+
+    One SSH connection, opened on first use and kept between transfers; a
+    transfer cut short reconnects and resumes. Not thread-safe: a worker
+    opens one per thread.
+
+    Parameters:
+      settings: server address, root, credentials, host key pin, attempts and backoff.
+      check: the host key check (default: from the settings).
+      sleep: how to wait between attempts.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        check: HostKeyCheck | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.check = check or HostKeyCheck.from_settings(settings)
+        self.root = settings.sftp_root
+        self.sleep = sleep
+        self._session: SftpSession | None = None
+        self.worker = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SftpTransport:
+        return cls(settings)
+
+    # Connection.
+    def session(self) -> SftpSession:
+        if self._session is None or not self._session.active:
+            self.drop()
+            self._session = connect(self.settings, self.check)
+        return self._session
+
+    def drop(self) -> None:
+        """Close the connection (the next transfer opens a new one)."""
+        if self._session is not None:
+            with suppress(Exception):
+                self._session.close()
+            self._session = None
+
+    def close(self) -> None:
+        self.drop()
+
+    def remote(self, store_path: str) -> str:
+        return posixpath.join(self.root, _checked_store_path(store_path))
+
+    def _backoff(self, failures: int) -> None:
+        delay = min(self.settings.sftp_backoff_s * 2 ** (failures - 1), self.settings.sftp_max_backoff_s)
+        self.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _log(self, store_path: str, **fields: Any) -> dict[str, Any]:
+        return {"task_id": _task_of(store_path), "worker": self.worker, "path": store_path, **fields}
+
+    # Downloads.
+    def download(self, ref: FileRef, dest: Path) -> Path:
+        """Fetch ``ref`` to ``dest``; ``dest`` appears only once its size and SHA-256 match."""
+        path = self.remote(ref.path)
+        partial = dest.with_name(dest.name + ".partial")
+        state = _Download(partial)
+        attempts = self.settings.sftp_attempts
+        failures = mismatches = 0
+        try:
+            while True:
+                started_at = state.offset
+                try:
+                    self._fetch(path, ref, state)
+                except _Missing:
+                    raise BadInput(f"{ref.path}: not in the store") from None
+                except _Denied:
+                    raise TransferError(f"{ref.path}: the SFTP server refused to read it") from None
+                except _SizeChanged as exc:
+                    self.drop()  # replies to the reads still in flight are of no use
+                    mismatch = f"size differs ({exc})"
+                except TRANSIENT as exc:
+                    self.drop()
+                    failures = 0 if state.offset > started_at else failures + 1
+                    if failures >= attempts:
+                        raise TransferError(
+                            f"{ref.path}: download failed after {attempts} attempts: {_describe(exc)}"
+                        ) from None
+                    logger.warning(
+                        "sftp download interrupted, resuming",
+                        extra=self._log(ref.path, offset=state.offset, error=_describe(exc)),
+                    )
+                    self._backoff(max(failures, 1))
+                    continue
+                else:
+                    sha256 = state.digest.hexdigest()
+                    if state.offset == ref.size and sha256 == ref.sha256:
+                        state.close()
+                        os.replace(partial, dest)
+                        return dest
+                    mismatch = f"got {state.offset} bytes sha256 {sha256[:12]}…"
+                mismatches += 1
+                logger.warning(
+                    "sftp download does not match its checksum, fetching again",
+                    extra=self._log(ref.path, attempt=mismatches, detail=mismatch),
+                )
+                if mismatches >= attempts:
+                    raise ChecksumMismatch(
+                        f"{ref.path}: expected {ref.size} bytes sha256 {ref.sha256[:12]}…, {mismatch} "
+                        f"(after {attempts} attempts)"
+                    )
+                state.restart()
+                self._backoff(mismatches)
+        finally:
+            state.close()
+            partial.unlink(missing_ok=True)
+
+    def _fetch(self, path: str, ref: FileRef, state: _Download) -> None:
+        session = self.session()
+        with session.opened(path, READ) as handle:
+            size = session.size(path)
+            if size != ref.size:
+                raise _SizeChanged(f"the server's copy has {size} bytes")
+            for data in session.read(handle, state.offset, ref.size):
+                state.add(data)
+
+    def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
+        """The first ``limit`` bytes of a store file, or None if it does not exist (not checksummed)."""
+        path = self.remote(store_path)
+        failures = 0
+        while True:
+            try:
+                session = self.session()
+                size = session.size(path)
+                if size is None:
+                    return None
+                with session.opened(path, READ) as handle:
+                    return b"".join(session.read(handle, 0, min(size, limit)))
+            except _Missing:
+                return None
+            except _Denied:
+                raise TransferError(f"{store_path}: the SFTP server refused to read it") from None
+            except (_SizeChanged, *TRANSIENT) as exc:
+                self.drop()
+                failures += 1
+                if failures >= self.settings.sftp_attempts:
+                    raise TransferError(
+                        f"{store_path}: read failed after {failures} attempts: {_describe(exc)}"
+                    ) from None
+                self._backoff(failures)
+
+    # Uploads.
+    def upload(self, src: Path, store_path: str) -> FileRef:
+        """Put ``src`` at ``store_path`` under a temporary name, have it verified, rename it into place."""
+        final = self.remote(store_path)
+        temp = posixpath.join(
+            posixpath.dirname(final), f".{posixpath.basename(final)}.{uuid.uuid4().hex[:12]}.partial"
+        )
+        size = src.stat().st_size
+        attempts = self.settings.sftp_attempts
+        failures = mismatches = 0
+        resume = False
+        sent = 0
+        try:
+            while True:
+                try:
+                    sha256, sent = self._put(src, temp, resume)
+                    self._verify(temp, size, sha256, store_path)
+                    self.session().sftp.posix_rename(temp, final)
+                    return FileRef(store_path, sha256, size)
+                except _Denied:
+                    raise TransferError(f"{store_path}: the SFTP server refused to write it") from None
+                except ChecksumMismatch as exc:
+                    mismatches += 1
+                    if mismatches >= attempts:
+                        raise ChecksumMismatch(f"{exc} (after {attempts} attempts)") from None
+                    logger.warning("sftp upload did not verify, sending again", extra=self._log(store_path))
+                    resume = False
+                    self._backoff(mismatches)
+                except TRANSIENT as exc:
+                    self.drop()
+                    failures += 1
+                    if failures >= attempts:
+                        raise TransferError(
+                            f"{store_path}: upload failed after {attempts} attempts: {_describe(exc)}"
+                        ) from None
+                    logger.warning(
+                        "sftp upload interrupted, resuming", extra=self._log(store_path, error=_describe(exc))
+                    )
+                    resume = True
+                    self._backoff(failures)
+        except BaseException:
+            self._remove_quietly(temp)
+            raise
+
+    def _put(self, src: Path, temp: str, resume: bool) -> tuple[str, int]:
+        """Send ``src`` to ``temp``, from where a previous attempt stopped if ``resume``; (sha256, size)."""
+        session = self.session()
+        session.mkdirs(posixpath.dirname(temp))
+        size = src.stat().st_size
+        offset = min(session.size(temp) or 0, size) if resume else 0
+        flags = READ | WRITE if offset else WRITE | CREATE | TRUNCATE
+        with session.opened(temp, flags) as handle:
+            digest = _hash_prefix(src, offset) if offset else hashlib.sha256()
+            if offset and not self._same_prefix(session, handle, digest.hexdigest(), offset):
+                offset, digest = 0, hashlib.sha256()
+            if offset:
+                logger.info("sftp upload resumed", extra=self._log(temp, offset=offset))
+            end = session.write(handle, offset, _local_chunks(src, offset, digest))
+        return digest.hexdigest(), end
+
+    def _same_prefix(self, session: SftpSession, handle: bytes, sha256: str, length: int) -> bool:
+        """Whether the server's first ``length`` bytes hash to ``sha256``; True if it cannot say."""
+        try:
+            return session.sha256(handle, 0, length) == sha256
+        except _Unsupported:
+            return True  # the final verification catches a bad prefix
+
+    def _verify(self, temp: str, size: int, sha256: str, store_path: str) -> None:
+        """Compare the server's copy with what was sent: size from the server, SHA-256 hashed by it."""
+        session = self.session()
+        held = session.size(temp)
+        with session.opened(temp, READ) as handle:
+            try:
+                remote = session.sha256(handle)
+            except _Unsupported:
+                digest = hashlib.sha256()
+                for data in session.read(handle, 0, held or 0):
+                    digest.update(data)
+                remote = digest.hexdigest()
+        if held != size or remote != sha256:
+            raise ChecksumMismatch(
+                f"{store_path}: sent {size} bytes sha256 {sha256[:12]}…, "
+                f"the server holds {held} bytes sha256 {remote[:12]}…"
+            )
+
+    def _remove_quietly(self, temp: str) -> None:
+        if self._session is None or not self._session.active:
+            return
+        with suppress(Exception):
+            self._session.sftp.remove(temp)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,713 @@
+"""The embedded SFTP server: the task store, served to workers over SSH.
+
+``morag-pipeline server`` starts one (``start_sftp_server``) unless an OpenSSH
+server serves the store instead. Clients see the store root as ``/``; no path
+they send, whatever ``..``, absolute path or symlink it holds, reaches outside
+it. Every request is also checked against the ``Grant`` of the authenticated
+``Principal``: today a worker may touch the whole store, and a per-task grant
+(a worker reads only its task's inputs and writes only its outputs) slots in
+through ``Authenticator`` without touching the file handling here.
+
+Besides plain SFTP v3 the server answers two extensions: ``check-file`` with
+the ``sha256`` algorithm (the client asks the server to hash what it holds, so
+an upload is verified by the server, not by the client's word) and
+``posix-rename@openssh.com`` (an atomic rename that replaces the target).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import os
+import posixpath
+import socket
+import stat
+import threading
+from base64 import b64decode
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paramiko.sftp import (
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_INIT,
+    CMD_VERSION,
+    SFTP_BAD_MESSAGE,
+    SFTP_FAILURE,
+    SFTP_OK,
+    SFTP_OP_UNSUPPORTED,
+    SFTP_PERMISSION_DENIED,
+    SFTPError,
+)
+
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+from pipeline.logs import get_logger
+
+logger = get_logger(__name__)
+
+#: The SFTP protocol version served (the one OpenSSH and paramiko speak).
+SFTP_VERSION = 3
+#: Largest read answered at once; clients ask for 32 KiB to 255 KiB.
+MAX_READ = 1024 * 1024
+#: Block used when hashing a file for ``check-file``.
+HASH_BLOCK = 1024 * 1024
+#: SSH channel window and largest packet the server accepts. A window well
+#: above the data in flight (64 requests of 255 KiB) keeps uploads streaming.
+WINDOW_SIZE = 64 * 1024 * 1024
+MAX_PACKET_SIZE = 256 * 1024
+#: Connections served at once; more are refused until some close.
+MAX_CONNECTIONS = 64
+#: Seconds a client has to finish the SSH handshake and to authenticate.
+HANDSHAKE_TIMEOUT = 30.0
+
+HOST_KEY_NAME = "sftp_host_ed25519_key"
+
+
+class SftpServerError(PipelineError):
+    """The SFTP server cannot start: bad host key, port in use, no credentials."""
+
+
+# Who may do what.
+
+
+class Grant(Protocol):
+    """What an authenticated client may touch, by store path (``tasks/<id>/...``, no leading slash)."""
+
+    def allows(self, path: str, *, write: bool) -> bool: ...
+
+
+class WholeStore:
+    """A grant to read and write every path in the store."""
+
+    def allows(self, path: str, *, write: bool) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated client: its name (for logs) and what it may touch."""
+
+    name: str
+    grant: Grant = field(default_factory=WholeStore)
+
+
+class Authenticator(Protocol):
+    """Decides who may log in, and with which grant."""
+
+    def methods(self, username: str) -> list[str]:
+        """SSH authentication methods offered to ``username`` (``password``, ``publickey``)."""
+
+    def check_password(self, username: str, password: str) -> Principal | None: ...
+
+    def check_public_key(self, username: str, key: paramiko.PKey) -> Principal | None: ...
+
+
+class WorkerCredentials:
+    """Accepts one configured worker account with the whole store as its grant.
+
+    Parameters:
+      username: the account workers log in as.
+      password: its password, or None to refuse password logins.
+      authorized_keys: public keys that may log in as ``username``.
+    """
+
+    def __init__(
+        self, username: str, password: str | None = None, authorized_keys: list[paramiko.PKey] | None = None
+    ) -> None:
+        self.username = username
+        self.password = password
+        self.authorized_keys = list(authorized_keys or [])
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerCredentials:
+        password = settings.sftp_password.get_secret_value() if settings.sftp_password else None
+        keys = read_authorized_keys(settings.sftp_authorized_keys) if settings.sftp_authorized_keys else []
+        return cls(settings.sftp_username, password or None, keys)
+
+    def methods(self, username: str) -> list[str]:
+        found = []
+        if self.password is not None:
+            found.append("password")
+        if self.authorized_keys:
+            found.append("publickey")
+        return found
+
+    def _known(self, username: str) -> bool:
+        return hmac.compare_digest(username.encode(), self.username.encode())
+
+    def check_password(self, username: str, password: str) -> Principal | None:
+        if self.password is None:
+            return None
+        good = hmac.compare_digest(password.encode(), self.password.encode())
+        return Principal(username) if good and self._known(username) else None
+
+    def check_public_key(self, username: str, key: paramiko.PKey) -> Principal | None:
+        if self._known(username) and any(key == known for known in self.authorized_keys):
+            return Principal(username)
+        return None
+
+
+def read_authorized_keys(path: Path) -> list[paramiko.PKey]:
+    """Public keys from an OpenSSH ``authorized_keys`` file (options before the key are not supported)."""
+    keys = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise SftpServerError(f"cannot read authorized keys {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            keys.append(paramiko.PKey.from_type_string(parts[0], b64decode(parts[1])))
+        except Exception:
+            raise SftpServerError(f"{path}:{number}: not a public key line") from None
+    return keys
+
+
+# The host key.
+
+
+def host_key_path(settings: Settings) -> Path:
+    return settings.data_dir / HOST_KEY_NAME
+
+
+def load_host_key(path: Path) -> paramiko.PKey:
+    """The server's Ed25519 host key, generated (mode 0600) on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it first
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(private)
+            logger.info("sftp host key generated", extra={"path": str(path)})
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SftpServerError(f"host key {path} is readable by others (mode {mode:o}): chmod 600 it")
+    try:
+        return paramiko.Ed25519Key.from_private_key_file(str(path))
+    except (paramiko.SSHException, ValueError) as exc:
+        raise SftpServerError(f"cannot read host key {path}: {exc}") from None
+
+
+def public_key_line(key: paramiko.PKey) -> str:
+    """The key as a line of ``known_hosts`` or ``authorized_keys`` (``ssh-ed25519 AAAA...``)."""
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+# Paths.
+
+
+class Refused(Exception):
+    """A path leaves the store or the client's grant."""
+
+
+class StoreFolder:
+    """The store root as clients see it: ``/`` is the root, nothing above it exists.
+
+    Parameters:
+      root: the folder served.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.realpath(root))
+
+    def resolve(self, sftp_path: str, *, follow: bool = True) -> tuple[str, str]:
+        """The store path and local path of ``sftp_path``; ``Refused`` if it leaves the store.
+
+        ``..`` stops at the root and absolute paths start from it. With
+        ``follow`` every symlink is resolved and the result must stay inside
+        the store; without it the last component is taken as is (to remove or
+        rename a link itself) and only its folder is resolved.
+        """
+        if "\x00" in sftp_path:
+            raise Refused(sftp_path)
+        virtual = posixpath.normpath("/" + sftp_path.lstrip("/"))
+        relative = virtual.lstrip("/")
+        local = os.path.join(self.root, relative) if relative else str(self.root)
+        if follow or not relative:
+            real = os.path.realpath(local)
+        else:
+            folder, name = os.path.split(local)
+            real = os.path.join(os.path.realpath(folder), name)
+        if real != str(self.root) and not real.startswith(str(self.root) + os.sep):
+            raise Refused(sftp_path)
+        relative = os.path.relpath(real, self.root).replace(os.sep, "/")
+        return ("" if relative == "." else relative), real
+
+
+def _errno_status(exc: OSError) -> int:
+    return paramiko.SFTPServer.convert_errno(exc.errno or 0)
+
+
+class StoreFile(paramiko.SFTPHandle):
+    """An open file of the store, read and written with ``pread``/``pwrite`` at the client's offsets.
+
+    The server opens every file it writes for reading too, so that it can hash
+    what it holds (``check-file``); ``readable`` says whether the client may.
+
+    Parameters:
+      fd: the open file descriptor.
+      path: its local path (for logs).
+      flags: the client's open flags.
+      readable: whether the client opened it for reading.
+    """
+
+    def __init__(self, fd: int, path: str, flags: int, readable: bool) -> None:
+        super().__init__(flags)
+        self.fd = fd
+        self.path = path
+        self.readable = readable
+        self._closed = False
+
+    def read(self, offset: int, length: int) -> bytes | int:
+        if not self.readable:
+            return SFTP_PERMISSION_DENIED
+        try:
+            return os.pread(self.fd, min(length, MAX_READ), offset)
+        except OSError as exc:
+            return _errno_status(exc)
+
+    def write(self, offset: int, data: bytes) -> int:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            return _errno_status(exc)
+        return SFTP_OK
+
+    def stat(self) -> paramiko.SFTPAttributes | int:
+        try:
+            return paramiko.SFTPAttributes.from_stat(os.fstat(self.fd))
+        except OSError as exc:
+            return _errno_status(exc)
+
+    def chattr(self, attr: paramiko.SFTPAttributes) -> int:
+        return _apply_attributes(self.fd, attr)
+
+    def sha256(self, start: int, length: int) -> bytes:
+        """SHA-256 of ``length`` bytes from ``start`` (to the end of file when 0)."""
+        end = os.fstat(self.fd).st_size if length == 0 else start + length
+        digest = hashlib.sha256()
+        offset = start
+        while offset < end:
+            chunk = os.pread(self.fd, min(HASH_BLOCK, end - offset), offset)
+            if not chunk:
+                break
+            digest.update(chunk)
+            offset += len(chunk)
+        return digest.digest()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+def _apply_attributes(target: int | str, attr: paramiko.SFTPAttributes) -> int:
+    """Apply a client's SETSTAT: size and times; permission bits but never set-id bits; no owners."""
+    try:
+        if attr._flags & attr.FLAG_UIDGID:
+            return SFTP_PERMISSION_DENIED
+        if attr._flags & attr.FLAG_PERMISSIONS:
+            os.chmod(target, stat.S_IMODE(attr.st_mode) & 0o777)
+        if attr._flags & attr.FLAG_AMTIME:
+            os.utime(target, (attr.st_atime, attr.st_mtime))
+        if attr._flags & attr.FLAG_SIZE:
+            os.truncate(target, attr.st_size)
+    except OSError as exc:
+        return _errno_status(exc)
+    return SFTP_OK
+
+
+class StoreHandler(paramiko.SFTPServerInterface):
+    """Answers SFTP requests on the store, confined to it and to the client's grant.
+
+    Parameters:
+      server: the SSH session (``SshSession``) that authenticated the client.
+      folder: the store as clients see it.
+    """
+
+    def __init__(self, server: SshSession, folder: StoreFolder, *args: Any, **kwargs: Any) -> None:
+        super().__init__(server, *args, **kwargs)
+        self.session = server
+        self.folder = folder
+
+    def _path(self, sftp_path: str, *, write: bool, follow: bool = True) -> str:
+        return self._resolve(sftp_path, write=write, follow=follow)[1]
+
+    def _resolve(self, sftp_path: str, *, write: bool, follow: bool = True) -> tuple[str, str]:
+        """The store path and local path of a client's path, if the store and the grant allow it."""
+        relative, local = self.folder.resolve(sftp_path, follow=follow)
+        principal = self.session.principal
+        if principal is None or not principal.grant.allows(relative, write=write):
+            raise Refused(sftp_path)
+        return relative, local
+
+    def _refused(self, what: str, path: str) -> int:
+        logger.warning(
+            "sftp request refused",
+            extra={"worker": self.session.username, "peer": self.session.peer, "op": what, "path": path},
+        )
+        return SFTP_PERMISSION_DENIED
+
+    def open(self, path: str, flags: int, attr: paramiko.SFTPAttributes) -> StoreFile | int:
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+        try:
+            local = self._path(path, write=bool(writes))
+        except Refused:
+            return self._refused("open", path)
+        readable = not (flags & os.O_WRONLY)
+        if flags & os.O_WRONLY:
+            flags = (flags & ~os.O_WRONLY) | os.O_RDWR
+        mode = 0o644
+        if attr is not None and attr._flags & attr.FLAG_PERMISSIONS:
+            mode = stat.S_IMODE(attr.st_mode) & 0o666
+        try:
+            fd = os.open(local, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return self._refused("open", path)
+            return _errno_status(exc)
+        return StoreFile(fd, local, flags, readable)
+
+    def list_folder(self, path: str) -> list[paramiko.SFTPAttributes] | int:
+        try:
+            relative, local = self._resolve(path, write=False)
+        except Refused:
+            return self._refused("list", path)
+        principal = self.session.principal
+        entries = []
+        try:
+            for name in os.listdir(local):
+                inside = f"{relative}/{name}" if relative else name
+                if principal is not None and principal.grant.allows(inside, write=False):
+                    found = os.lstat(os.path.join(local, name))
+                    entries.append(paramiko.SFTPAttributes.from_stat(found, name))
+        except OSError as exc:
+            return _errno_status(exc)
+        return entries
+
+    def stat(self, path: str) -> paramiko.SFTPAttributes | int:
+        try:
+            return paramiko.SFTPAttributes.from_stat(os.stat(self._path(path, write=False)))
+        except Refused:
+            return self._refused("stat", path)
+        except OSError as exc:
+            return _errno_status(exc)
+
+    def lstat(self, path: str) -> paramiko.SFTPAttributes | int:
+        try:
+            return paramiko.SFTPAttributes.from_stat(os.lstat(self._path(path, write=False, follow=False)))
+        except Refused:
+            return self._refused("lstat", path)
+        except OSError as exc:
+            return _errno_status(exc)
+
+    def remove(self, path: str) -> int:
+        try:
+            local = self._path(path, write=True, follow=False)
+            if os.path.isdir(local) and not os.path.islink(local):
+                return SFTP_FAILURE
+            os.remove(local)
+        except Refused:
+            return self._refused("remove", path)
+        except OSError as exc:
+            return _errno_status(exc)
+        return SFTP_OK
+
+    def rename(self, oldpath: str, newpath: str) -> int:
+        try:
+            source = self._path(oldpath, write=True, follow=False)
+            target = self._path(newpath, write=True, follow=False)
+            if os.path.lexists(target):
+                return SFTP_FAILURE  # SFTP v3 rename never replaces; posix-rename does
+            os.rename(source, target)
+        except Refused:
+            return self._refused("rename", f"{oldpath} -> {newpath}")
+        except OSError as exc:
+            return _errno_status(exc)
+        return SFTP_OK
+
+    def posix_rename(self, oldpath: str, newpath: str) -> int:
+        try:
+            source = self._path(oldpath, write=True, follow=False)
+            os.replace(source, self._path(newpath, write=True, follow=False))
+        except Refused:
+            return self._refused("rename", f"{oldpath} -> {newpath}")
+        except OSError as exc:
+            return _errno_status(exc)
+        return SFTP_OK
+
+    def mkdir(self, path: str, attr: paramiko.SFTPAttributes) -> int:
+        try:
+            os.mkdir(self._path(path, write=True, follow=False), 0o755)
+        except Refused:
+            return self._refused("mkdir", path)
+        except OSError as exc:
+            return _errno_status(exc)
+        return SFTP_OK
+
+    def rmdir(self, path: str) -> int:
+        try:
+            local = self._path(path, write=True, follow=False)
+            if local == str(self.folder.root):
+                return SFTP_PERMISSION_DENIED
+            os.rmdir(local)
+        except Refused:
+            return self._refused("rmdir", path)
+        except OSError as exc:
+            return _errno_status(exc)
+        return SFTP_OK
+
+    def chattr(self, path: str, attr: paramiko.SFTPAttributes) -> int:
+        try:
+            return _apply_attributes(self._path(path, write=True), attr)
+        except Refused:
+            return self._refused("setstat", path)
+
+    def canonicalize(self, path: str) -> str:
+        return posixpath.normpath("/" + path.lstrip("/"))
+
+    def readlink(self, path: str) -> int:
+        return SFTP_OP_UNSUPPORTED
+
+    def symlink(self, target_path: str, path: str) -> int:
+        return self._refused("symlink", path)
+
+
+class StoreSftpServer(paramiko.SFTPServer):
+    """paramiko's SFTP subsystem with the ``check-file`` extension answered in SHA-256.
+
+    The client sends ``check-file`` with an open handle, the algorithms it
+    accepts, an offset and a length; the reply is the SHA-256 of that range
+    as the server reads it from its own disk.
+    """
+
+    def _send_server_version(self) -> int:
+        kind, data = self._read_packet()
+        if kind != CMD_INIT:
+            raise SFTPError("client did not start with SSH_FXP_INIT")
+        reply = paramiko.Message()
+        reply.add_int(SFTP_VERSION)
+        for name, value in (("check-file", "sha256"), ("posix-rename@openssh.com", "1")):
+            reply.add_string(name)
+            reply.add_string(value)
+        self._send_packet(CMD_VERSION, reply)
+        return int.from_bytes(data[:4], "big")
+
+    def _process(self, t: int, request_number: int, msg: paramiko.Message) -> None:
+        if t == CMD_EXTENDED:
+            start = msg.packet.tell()
+            if msg.get_text() == "check-file":
+                self._check_file_sha256(request_number, msg)
+                return
+            msg.packet.seek(start)
+        super()._process(t, request_number, msg)
+
+    def _check_file_sha256(self, request_number: int, msg: paramiko.Message) -> None:
+        handle = msg.get_binary()
+        algorithms = msg.get_text().split(",")
+        start = msg.get_int64()
+        length = msg.get_int64()
+        block_size = msg.get_int()
+        opened = self.file_table.get(handle)
+        if not isinstance(opened, StoreFile):
+            self._send_status(request_number, SFTP_BAD_MESSAGE, "Invalid handle")
+            return
+        if "sha256" not in algorithms:
+            self._send_status(request_number, SFTP_OP_UNSUPPORTED, "only sha256 is supported")
+            return
+        if block_size and (length == 0 or block_size < length):
+            self._send_status(request_number, SFTP_OP_UNSUPPORTED, "one hash per request only")
+            return
+        try:
+            digest = opened.sha256(start, length)
+        except OSError as exc:
+            self._send_status(request_number, _errno_status(exc), "cannot hash file")
+            return
+        reply = paramiko.Message()
+        reply.add_int(request_number)
+        reply.add_string("check-file")
+        reply.add_string("sha256")
+        reply.add_bytes(digest)
+        self._send_packet(CMD_EXTENDED_REPLY, reply)
+
+
+class SshSession(paramiko.ServerInterface):
+    """One client connection: authenticates it and allows only SFTP sessions.
+
+    Parameters:
+      authenticator: who may log in.
+      peer: the client's address, for logs.
+    """
+
+    def __init__(self, authenticator: Authenticator, peer: str) -> None:
+        self.authenticator = authenticator
+        self.peer = peer
+        self.username: str | None = None
+        self.principal: Principal | None = None
+
+    def get_allowed_auths(self, username: str) -> str:
+        return ",".join(self.authenticator.methods(username))
+
+    def _result(self, username: str, principal: Principal | None, method: str) -> int:
+        if principal is None:
+            logger.warning(
+                "sftp login refused", extra={"worker": username, "peer": self.peer, "method": method}
+            )
+            return paramiko.AUTH_FAILED
+        self.username, self.principal = username, principal
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_auth_password(self, username: str, password: str) -> int:
+        return self._result(username, self.authenticator.check_password(username, password), "password")
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        return self._result(username, self.authenticator.check_public_key(username, key), "publickey")
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind == "session" and self.principal is not None:
+            return paramiko.OPEN_SUCCEEDED
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+
+class SftpServer:
+    """Serves a store folder over SFTP on a TCP port, each connection in its own threads.
+
+    Parameters:
+      root: the folder served as ``/``.
+      host_key: the server's private host key.
+      authenticator: who may log in, and what they may touch.
+      host: the address to listen on.
+      port: the port (0 picks a free one; see ``port`` once started).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        host_key: paramiko.PKey,
+        authenticator: Authenticator,
+        host: str = "127.0.0.1",
+        port: int = 2222,
+    ) -> None:
+        self.folder = StoreFolder(root)
+        self.host_key = host_key
+        self.authenticator = authenticator
+        self.host = host
+        self.port = port
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._transports: set[paramiko.Transport] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    @property
+    def fingerprint(self) -> str:
+        """The host key's SHA-256 fingerprint, as OpenSSH prints it (``SHA256:...``)."""
+        return self.host_key.fingerprint
+
+    def start(self) -> None:
+        try:
+            listener = socket.create_server((self.host, self.port), reuse_port=False)
+        except OSError as exc:
+            raise SftpServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="sftp-accept", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and close every connection."""
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            transports = list(self._transports)
+        for transport in transports:
+            transport.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> SftpServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, address = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            with self._lock:
+                self._transports = {t for t in self._transports if t.is_active()}
+                busy = len(self._transports) >= MAX_CONNECTIONS
+            if busy:
+                logger.warning("sftp connection refused: too many connections", extra={"peer": address[0]})
+                sock.close()
+                continue
+            peer = f"{address[0]}:{address[1]}"
+            threading.Thread(
+                target=self._handshake, args=(sock, peer), name=f"sftp-{peer}", daemon=True
+            ).start()
+
+    def _handshake(self, sock: socket.socket, peer: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(
+            sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
+        )
+        transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = HANDSHAKE_TIMEOUT
+        transport.add_server_key(self.host_key)
+        transport.set_subsystem_handler("sftp", StoreSftpServer, StoreHandler, self.folder)
+        with self._lock:
+            self._transports.add(transport)
+        try:
+            transport.start_server(server=SshSession(self.authenticator, peer))
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            logger.info("sftp handshake failed", extra={"peer": peer, "error": str(exc)})
+            transport.close()
+
+
+def start_sftp_server(settings: Settings, root: Path) -> SftpServer:
+    """Start the embedded SFTP server the settings describe, serving ``root``."""
+    key = load_host_key(host_key_path(settings))
+    credentials = WorkerCredentials.from_settings(settings)
+    if not credentials.methods(settings.sftp_username):
+        logger.warning(
+            "no SFTP worker credentials: set MORAG_SFTP_PASSWORD or MORAG_SFTP_AUTHORIZED_KEYS; "
+            "every login is refused until then"
+        )
+    server = SftpServer(root, key, credentials, settings.sftp_listen_host, settings.sftp_port)
+    server.start()
+    logger.info(
+        "sftp server listening",
+        extra={
+            "address": f"{server.host}:{server.port}",
+            "fingerprint": server.fingerprint,
+            "host_key": public_key_line(key),
+        },
+    )
+    return server
