@@ -33,6 +33,7 @@ class FileAccess(StrEnum):
     """How a worker reaches the server's task store."""
 
     shared = "shared"  # the worker sees the server's data directory (same host)
+    sftp = "sftp"  # the worker fetches and returns files over SFTP (any host)
 
 
 def _default_data_dir() -> Path:
@@ -68,6 +69,31 @@ class Settings(BaseSettings):
     # consumer_timeout (30 min by default); every time limit stays below this.
     max_time_limit_s: int = Field(25 * 60, ge=10)
     progress_interval_s: float = Field(1.0, ge=0)
+
+    # SFTP transfer. Workers with file_access=sftp reach the store over SFTP;
+    # the server runs the embedded SFTP server unless sftp_embedded is false
+    # (an OpenSSH server serves the store instead, see docs/sftp.md).
+    sftp_embedded: bool = True
+    sftp_listen_host: str = "127.0.0.1"  # where the embedded server listens
+    sftp_host: str = "127.0.0.1"  # where workers connect
+    sftp_port: int = Field(2222, ge=1, le=65535)
+    # The store's root folder as the SFTP server names it ("/" on the embedded server).
+    sftp_root: str = "/"
+    # Pinned server key: its "SHA256:..." fingerprint or its "ssh-ed25519 AAAA..." line.
+    sftp_host_key: str | None = None
+    sftp_known_hosts: Path | None = None
+    # Worker credentials; the embedded server accepts the same password, or the
+    # public keys listed in sftp_authorized_keys.
+    sftp_username: str = "morag-worker"
+    sftp_password: SecretStr | None = None
+    sftp_key_file: Path | None = None
+    sftp_authorized_keys: Path | None = None
+    sftp_attempts: int = Field(5, ge=1, le=50)
+    sftp_backoff_s: float = Field(1.0, ge=0)
+    sftp_max_backoff_s: float = Field(30.0, ge=0)
+    sftp_timeout_s: float = Field(30.0, gt=0)
+    # Files of finished tasks are removed after this many hours; 0 keeps them.
+    store_retention_hours: float = Field(7 * 24.0, ge=0)
 
     # Transcription.
     whisper_model: str = "tiny.en"

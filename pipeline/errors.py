@@ -25,6 +25,10 @@ class ChecksumMismatch(PipelineError):
     """A file's SHA-256 does not match the value it was sent with."""
 
 
+class TransferError(PipelineError):
+    """A file could not be moved between a worker and the store, after every attempt."""
+
+
 class GpuError(PipelineError):
     """The GPU could not run the task (out of memory, no device, model failed to load)."""
 

@@ -16,6 +16,7 @@ from pipeline.config import Settings, redact_url
 from pipeline.errors import PipelineError
 from pipeline.logs import get_logger
 from pipeline.services import get_services
+from pipeline.transfer.serving import start_file_services
 
 logger = get_logger(__name__)
 
@@ -75,6 +76,8 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             return False
 
     app = create_app(services, broker, GpuWorkerHint(settings), broker_ok)
+    # SFTP server (its host key fingerprint is logged) and store retention.
+    files = start_file_services(settings, services.store, services.files)
     # One thread keeps task events in the order workers sent them.
     control = Worker(broker, queues={"control"}, worker_threads=1)
     control.start()
@@ -83,5 +86,6 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
+        files.stop()
         control.stop()
         broker.close()

@@ -1,7 +1,8 @@
 """How a worker fetches inputs and returns outputs.
 
 ``Transport`` is the one interface the actors use; ``SharedTransport`` serves
-workers that see the server's data directory (same host). Every download is
+workers that see the server's data directory (same host), ``SftpTransport``
+(``sftp_client``) every other worker. Every download is
 hashed while copied and checked against the reference before it is used;
 every upload is written under a temporary name, hashed, and renamed into place
 so a reader never sees a partial output.
@@ -63,4 +64,8 @@ def open_transport(settings: Settings) -> Transport:
     """The transport the configuration asks for."""
     if settings.file_access is FileAccess.shared:
         return SharedTransport(LocalStore(settings.files_dir))
+    if settings.file_access is FileAccess.sftp:
+        from pipeline.transfer.sftp_client import SftpTransport
+
+        return SftpTransport(settings)
     raise ValueError(f"unknown file access {settings.file_access}")
