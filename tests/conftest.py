@@ -146,7 +146,7 @@ class Stack:
         name = name or f"{capability}-worker"
         args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", "--queues", capability]
         args += ["--processes", "1", "--threads", str(threads)]
-        self.spawn(name, args, MORAG_WORKER_NAME=name, **env)
+        self.spawn(name, args, **{"MORAG_WORKER_NAME": name, **env})
         return name
 
     def wait_consumers(self, queue: str, count: int = 1, timeout: float = 60) -> None:
@@ -199,11 +199,16 @@ def stack_env(tmp: Path, broker_url: str, port: int) -> dict[str, str]:
         MORAG_BROKER_URL=broker_url,
         MORAG_DATA_DIR=str(tmp / "data"),
         MORAG_API_PORT=str(port),
+        MORAG_SFTP_PORT=str(free_port()),
         MORAG_SERVER_URL=f"http://127.0.0.1:{port}",
         MORAG_LOG_JSON="true",
         MORAG_MIN_BACKOFF_MS="200",
         MORAG_MAX_BACKOFF_MS="1000",
         MORAG_PROGRESS_INTERVAL_S="0.2",
+        # A real secret; development mode only spares tests an API key (tests of
+        # authentication turn it off).
+        MORAG_SECRET_KEY=uuid.uuid4().hex + uuid.uuid4().hex,
+        MORAG_DEV_MODE="true",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -230,6 +235,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def stub_broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Dramatiq's stub broker with every actor registered, for in-process API tests.
+
+    Actors bind to the broker installed when their modules are first imported,
+    so one stub broker serves the whole test session.
+    """
+    from pipeline.brokers import install
+    from pipeline.brokers.stub import build_stub_broker
+    from pipeline.config import Settings, use_settings
+
+    settings = use_settings(Settings(data_dir=tmp_path_factory.mktemp("stub"), dev_mode=True))
+    broker = install(build_stub_broker(settings))
+    import pipeline.actors.control  # noqa: F401
+    import pipeline.actors.cpu  # noqa: F401
+
+    return broker
 
 
 @pytest.fixture(scope="session")

@@ -10,21 +10,21 @@ from dramatiq import Worker
 from fastapi.testclient import TestClient
 
 from pipeline.api.app import create_app
-from pipeline.brokers import install
-from pipeline.brokers.stub import build_stub_broker
+from pipeline.api.auth import Authenticator
 from pipeline.config import Settings, use_settings
+from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import build_services
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, object]]:
-    settings = use_settings(Settings(data_dir=tmp_path_factory.mktemp("data"), max_upload_mb=1))
-    broker = install(build_stub_broker(settings))
-    import pipeline.actors.control  # noqa: F401
-    import pipeline.actors.cpu  # noqa: F401
-
+def api(tmp_path_factory: pytest.TempPathFactory, stub_broker) -> Iterator[tuple[TestClient, object]]:
+    settings = use_settings(
+        Settings(data_dir=tmp_path_factory.mktemp("data"), max_upload_mb=1, dev_mode=True)
+    )
+    broker = stub_broker
     services = build_services(settings)
-    app = create_app(services, broker, gpu_workers=lambda: 0)
+    auth = Authenticator(services.apikeys, services.tokens, FailureLimiter(), dev_mode=True)
+    app = create_app(services, broker, gpu_workers=lambda: 0, auth=auth)
     with TestClient(app) as client:
         yield client, broker
 
