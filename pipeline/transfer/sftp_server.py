@@ -16,6 +16,7 @@ an upload is verified by the server, not by the client's word) and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -638,6 +639,8 @@ class SftpServer:
         """Stop listening and close every connection."""
         self._stopping.set()
         if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
             self._listener.close()
         with self._lock:
             transports = list(self._transports)
