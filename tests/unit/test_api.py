@@ -19,7 +19,7 @@ from pipeline.services import build_services
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, stub_broker) -> Iterator[tuple[TestClient, object]]:
     settings = use_settings(
-        Settings(data_dir=tmp_path_factory.mktemp("data"), max_upload_mb=1, dev_mode=True)
+        Settings(data_dir=tmp_path_factory.mktemp("data"), max_upload_mb=1, max_document_mb=1, dev_mode=True)
     )
     broker = stub_broker
     services = build_services(settings)
@@ -77,7 +77,7 @@ def test_document_end_to_end_in_process(api, samples: Path) -> None:
     [
         ("clip.mp4", b"hello\n", 415, "the content is plain text, but the name says .mp4"),
         ("empty.wav", b"", 400, "the file is empty"),
-        ("big.md", b"#" * (1024 * 1024 + 1), 413, "larger than 1 MiB"),
+        ("big.md", b"#" * (1024 * 1024 + 1), 413, "big.md: larger than the 1 MiB allowed for documents"),
     ],
 )
 def test_refusals(api, tmp_path: Path, name: str, content: bytes, status: int, detail: str) -> None:

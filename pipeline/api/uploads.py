@@ -1,0 +1,177 @@
+"""Multipart uploads read as they stream in: hashed on the way, refused the moment they are too big.
+
+The file part goes straight to a temporary file with its SHA-256 computed
+while written. Its first bytes tell a document from media, and each has its
+own size limit, enforced during the upload, not after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from fastapi import HTTPException, Request
+from python_multipart import MultipartParser
+from python_multipart.multipart import parse_options_header
+
+from pipeline.routing import looks_like_document
+
+#: Form fields other than the file, and the largest value each may have.
+MAX_FIELD_BYTES = 1024
+MAX_FIELDS = 16
+SNIFF_BYTES = 8192
+
+
+@dataclass
+class Upload:
+    """A received file and the form fields sent with it."""
+
+    path: Path
+    filename: str
+    sha256: str
+    size: int
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Limits:
+    media_bytes: int
+    document_bytes: int
+
+    def for_head(self, head: bytes) -> tuple[int, str]:
+        if looks_like_document(head):
+            return self.document_bytes, "documents"
+        return self.media_bytes, "audio and video"
+
+
+class _Receiver:
+    """Collects one multipart body through the parser's callbacks."""
+
+    def __init__(self, folder: Path, limits: Limits) -> None:
+        self.folder = folder
+        self.limits = limits
+        self.fields: dict[str, str] = {}
+        self.file: IO[bytes] | None = None
+        self.path: Path | None = None
+        self.filename: str | None = None
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.head = b""
+        self.limit: tuple[int, str] | None = None
+        self._header_field = b""
+        self._header_value = b""
+        self._disposition: dict[bytes, bytes] = {}
+        self._field_name: str | None = None
+        self._field_value = bytearray()
+        self.error: HTTPException | None = None
+
+    # Parser callbacks.
+    def on_part_begin(self) -> None:
+        self._disposition = {}
+        self._field_name = None
+        self._field_value = bytearray()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_field.lower() == b"content-disposition":
+            _, self._disposition = parse_options_header(self._header_value)
+        self._header_field = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        name = self._disposition.get(b"name", b"").decode(errors="replace")
+        if b"filename" in self._disposition and name == "file":
+            if self.file is not None:
+                raise HTTPException(400, "send one file per task")
+            self.filename = self._disposition[b"filename"].decode(errors="replace") or "upload"
+            fd, name = tempfile.mkstemp(dir=self.folder, prefix="upload-")
+            self.file, self.path = open(fd, "wb"), Path(name)  # noqa: SIM115 (closed in receive_upload)
+        else:
+            if len(self.fields) >= MAX_FIELDS:
+                raise HTTPException(400, "too many form fields")
+            self._field_name = name
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._field_name is not None:
+            self._field_value += chunk
+            if len(self._field_value) > MAX_FIELD_BYTES:
+                raise HTTPException(400, f"form field {self._field_name!r} is too long")
+            return
+        if self.file is None:
+            return
+        self.size += len(chunk)
+        if self.limit is None:
+            self.head += chunk[: SNIFF_BYTES - len(self.head)]
+            if len(self.head) >= SNIFF_BYTES:
+                self.limit = self.limits.for_head(self.head)
+        limit = self.limit or self.limits.for_head(self.head)
+        if self.size > limit[0]:
+            raise HTTPException(
+                413,
+                f"{self.filename}: larger than the {limit[0] // (1024 * 1024)} MiB allowed for {limit[1]}",
+            )
+        self.digest.update(chunk)
+        self.file.write(chunk)
+
+    def on_part_end(self) -> None:
+        if self._field_name is not None:
+            self.fields[self._field_name] = self._field_value.decode(errors="replace")
+            self._field_name = None
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+async def receive_upload(request: Request, folder: Path, limits: Limits) -> Upload:
+    """Read a ``multipart/form-data`` body with one ``file`` part; 4xx HTTPException when refused."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in options:
+        raise HTTPException(415, "send the file as multipart/form-data with a 'file' part")
+    declared = request.headers.get("content-length")
+    if (
+        declared
+        and declared.isdigit()
+        and int(declared) > max(limits.media_bytes, limits.document_bytes) + 65536
+    ):
+        raise HTTPException(413, "upload larger than the server accepts")
+    receiver = _Receiver(folder, limits)
+    parser = MultipartParser(options[b"boundary"], receiver.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except HTTPException:
+        receiver.discard()
+        raise
+    except Exception as exc:
+        receiver.discard()
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    if receiver.file is None or receiver.path is None or receiver.filename is None:
+        receiver.discard()
+        raise HTTPException(400, "no 'file' part in the upload")
+    receiver.file.close()
+    return Upload(
+        receiver.path, receiver.filename, receiver.digest.hexdigest(), receiver.size, receiver.fields
+    )
