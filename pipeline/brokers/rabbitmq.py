@@ -7,6 +7,8 @@ Messages are published persistent (``delivery_mode=2``) with publisher confirms.
 
 from __future__ import annotations
 
+import ssl
+
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
@@ -22,13 +24,24 @@ def build_rabbitmq_broker(settings: Settings) -> RabbitmqBroker:
         max_priority=settings.broker_max_priority,
         middleware=pipeline_middleware(settings),
     )
+    _tls(broker.parameters, settings)
     for queue in QUEUES:
         broker.declare_queue(queue)
     return broker
 
 
+def _tls(params: pika.URLParameters, settings: Settings) -> None:
+    """AMQPS verified against ``broker_ca_file`` when set (else pika's default for amqps://)."""
+    if settings.broker_ca_file is None or not settings.broker_url.get_secret_value().startswith("amqps://"):
+        return
+    context = ssl.create_default_context(cafile=str(settings.broker_ca_file))
+    params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
+
+
 def connection_parameters(settings: Settings) -> pika.URLParameters:
+    """Parameters for short-lived connections (checks, stats): one attempt, short timeouts."""
     params = pika.URLParameters(settings.broker_url.get_secret_value())
+    _tls(params, settings)
     params.socket_timeout = settings.broker_connect_timeout
     params.blocked_connection_timeout = settings.broker_connect_timeout
     params.connection_attempts = 1
