@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import logging
 import os
 import posixpath
 import socket
@@ -51,6 +52,11 @@ from pipeline.errors import PipelineError
 from pipeline.logs import get_logger
 
 logger = get_logger(__name__)
+#: paramiko's own log of server connections. It reports every client that
+#: hangs up without a goodbye (paramiko clients never send one) as an error;
+#: the server logs connections, logins and refusals itself, so it stays quiet.
+PARAMIKO_LOG = f"{__name__}.ssh"
+logging.getLogger(PARAMIKO_LOG).setLevel(logging.CRITICAL)
 
 #: The SFTP protocol version served (the one OpenSSH and paramiko speak).
 SFTP_VERSION = 3
@@ -555,16 +561,23 @@ class StoreSftpServer(paramiko.SFTPServer):
 class SshSession(paramiko.ServerInterface):
     """One client connection: authenticates it and allows only SFTP sessions.
 
+    paramiko asks about a public key before it checks the client's signature,
+    so a login only counts once paramiko reports the connection authenticated:
+    the principal is settled when the client opens its session.
+
     Parameters:
       authenticator: who may log in.
       peer: the client's address, for logs.
+      transport: the client's SSH connection.
     """
 
-    def __init__(self, authenticator: Authenticator, peer: str) -> None:
+    def __init__(self, authenticator: Authenticator, peer: str, transport: paramiko.Transport) -> None:
         self.authenticator = authenticator
         self.peer = peer
+        self.transport = transport
         self.username: str | None = None
         self.principal: Principal | None = None
+        self._accepted: dict[str, tuple[Principal, str]] = {}
 
     def get_allowed_auths(self, username: str) -> str:
         return ",".join(self.authenticator.methods(username))
@@ -575,7 +588,7 @@ class SshSession(paramiko.ServerInterface):
                 "sftp login refused", extra={"worker": username, "peer": self.peer, "method": method}
             )
             return paramiko.AUTH_FAILED
-        self.username, self.principal = username, principal
+        self._accepted[username] = (principal, method)
         return paramiko.AUTH_SUCCESSFUL
 
     def check_auth_password(self, username: str, password: str) -> int:
@@ -585,9 +598,16 @@ class SshSession(paramiko.ServerInterface):
         return self._result(username, self.authenticator.check_public_key(username, key), "publickey")
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        if kind == "session" and self.principal is not None:
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if kind != "session" or not self.transport.is_authenticated():
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        username = self.transport.get_username()
+        if username not in self._accepted:
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        if self.principal is None:
+            self.username = username
+            self.principal, method = self._accepted[username]
+            logger.info("sftp login", extra={"worker": username, "peer": self.peer, "method": method})
+        return paramiko.OPEN_SUCCEEDED
 
 
 class SftpServer:
@@ -682,13 +702,14 @@ class SftpServer:
         transport = paramiko.Transport(
             sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
         )
+        transport.set_log_channel(PARAMIKO_LOG)
         transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = HANDSHAKE_TIMEOUT
         transport.add_server_key(self.host_key)
         transport.set_subsystem_handler("sftp", StoreSftpServer, StoreHandler, self.folder)
         with self._lock:
             self._transports.add(transport)
         try:
-            transport.start_server(server=SshSession(self.authenticator, peer))
+            transport.start_server(server=SshSession(self.authenticator, peer, transport))
         except (paramiko.SSHException, EOFError, OSError) as exc:
             logger.info("sftp handshake failed", extra={"peer": peer, "error": str(exc)})
             transport.close()

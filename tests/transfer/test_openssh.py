@@ -13,7 +13,8 @@ from pipeline.config import Settings
 from pipeline.transfer.local import LocalStore
 from pipeline.transfer.sftp_client import HostKeyRefused, SftpTransport, connect
 from pipeline.transfer.sftp_server import SftpServer, WorkerCredentials, read_authorized_keys
-from tests.transfer.conftest import USER, OpenSsh, known_hosts_line, put_input, worker_settings
+from tests.transfer.conftest import USER, known_hosts_line, put_input, worker_settings
+from tests.transfer.openssh import OpenSsh
 from tests.transfer.proxy import DOWN, CuttingProxy
 
 pytestmark = pytest.mark.openssh

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from pipeline.config import Settings
@@ -12,9 +13,10 @@ from pipeline.errors import BadInput, TransferError
 from pipeline.transfer.checksums import FileRef, sha256_file
 from pipeline.transfer.local import LocalStore
 from pipeline.transfer.sftp_client import SftpTransport
-from pipeline.transfer.sftp_server import SftpServer
+from pipeline.transfer.sftp_server import SftpServer, WorkerCredentials, read_authorized_keys
 from pipeline.transfer.transport import open_transport
 from tests.transfer.conftest import put_input, worker_settings
+from tests.transfer.openssh import ssh_keygen
 
 
 def test_download_and_upload_round_trip(
@@ -119,7 +121,7 @@ def test_wrong_password_is_refused(server: SftpServer, tmp_path: Path, store: Lo
 
 
 def test_unreachable_server_fails_after_the_configured_attempts(tmp_path: Path, store: LocalStore) -> None:
-    from tests.transfer.conftest import free_port
+    from tests.transfer.openssh import free_port
 
     settings = worker_settings(tmp_path, free_port(), sftp_host_key="SHA256:unused", sftp_attempts=3)
     waits: list[float] = []
@@ -127,3 +129,29 @@ def test_unreachable_server_fails_after_the_configured_attempts(tmp_path: Path, 
     with pytest.raises(TransferError, match="after 3 attempts"):
         transport.download(FileRef("tasks/t/input/x", "0" * 64, 1), tmp_path / "x")
     assert len(waits) == 2 and waits[0] <= waits[1] * 2
+
+
+def test_public_key_login(
+    store: LocalStore, host_key: paramiko.PKey, client_key: Path, tmp_path: Path
+) -> None:
+    """A worker logs in with its key when the server lists it; any other key is refused."""
+    ref = put_input(store, "k1", "in.bin", b"key login")
+    credentials = WorkerCredentials("worker", None, read_authorized_keys(Path(f"{client_key}.pub")))
+    with SftpServer(store.root, host_key, credentials, "127.0.0.1", 0) as server:
+        pin = {"sftp_host_key": server.fingerprint}
+        settings = worker_settings(tmp_path, server.port, **pin, sftp_password=None, sftp_key_file=client_key)
+        transport = SftpTransport(settings)
+        try:
+            assert transport.download(ref, tmp_path / "in.bin").read_bytes() == b"key login"
+        finally:
+            transport.close()
+        stranger = tmp_path / "stranger"
+        ssh_keygen(stranger)
+        for wrong in (
+            {"sftp_password": None, "sftp_key_file": stranger},
+            {"sftp_password": "no passwords here"},
+        ):
+            with pytest.raises(TransferError, match="refused worker"):
+                SftpTransport(worker_settings(tmp_path, server.port, **pin, **wrong)).download(
+                    ref, tmp_path / "x"
+                )
