@@ -2,7 +2,8 @@
 
 RabbitMQ checks configure and read permissions per queue and write
 permission per exchange. A worker's user may declare and consume only its
-capability's queues (``gpu``, ``gpu.DQ``, ``gpu.XQ``) and declare ``control``;
+capability's queues (``gpu``, ``gpu.DQ``, ``gpu.XQ``) and the cancellation
+stream ``morag.cancellations``, and declare ``control``;
 it publishes through the default exchange, which RabbitMQ cannot narrow to one
 queue: what it could publish elsewhere is refused by signatures and transfer
 grants, not by the broker (see docs/security.md).
@@ -26,10 +27,12 @@ class BrokerAdminError(PipelineError):
 
 def permissions(capability: str) -> dict[str, str]:
     own = rf"{capability}(\.DQ|\.XQ)?"
+    # Every worker reads the cancellation stream (pipeline.brokers.cancellations).
+    cancellations = r"morag\.cancellations"
     return {
-        "configure": rf"^({own}|control(\.DQ|\.XQ)?)$",
+        "configure": rf"^({own}|control(\.DQ|\.XQ)?|{cancellations})$",
         "write": r"^amq\.default$",
-        "read": rf"^{own}$",
+        "read": rf"^({own}|{cancellations})$",
     }
 
 
