@@ -108,6 +108,20 @@ class Settings(BaseSettings):
     # Seconds per document page on a CPU worker.
     cpu_seconds_per_page: float = Field(1.5, gt=0)
 
+    # Liveness and rerouting. Workers send a heartbeat every
+    # heartbeat_interval seconds (0: none); the server calls a worker stale
+    # after worker_stale_after seconds without one, dead after
+    # worker_dead_after. When a queue has had no live worker for reroute_after
+    # seconds, the sweep (periodiq cron sweep_cron, one minute at the finest)
+    # moves its waiting fallback-eligible tasks to the other queue. A task that
+    # requires a GPU fails after waiting gpu_max_wait seconds with no GPU worker.
+    heartbeat_interval: float = Field(10.0, ge=0)
+    worker_stale_after: float = Field(30.0, gt=0)
+    worker_dead_after: float = Field(120.0, gt=0)
+    reroute_after: float = Field(60.0, ge=0)
+    gpu_max_wait: float = Field(3600.0, gt=0)
+    sweep_cron: str = "* * * * *"
+
     # Documents: folder with docling's layout models for PDF; without it PDFs
     # are converted as text only, and the result says so.
     docling_artifacts_path: Path | None = None
@@ -137,6 +151,27 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("worker_dead_after")
+    @classmethod
+    def _dead_after_stale(cls, value: float, info: Any) -> float:
+        stale = info.data.get("worker_stale_after")
+        if stale is not None and value <= stale:
+            raise ValueError(f"must be longer than MORAG_WORKER_STALE_AFTER ({stale})")
+        return value
+
+    @field_validator("sweep_cron")
+    @classmethod
+    def _five_field_cron(cls, value: str) -> str:
+        from periodiq import cron
+
+        if len(value.split()) != 5 and not value.strip().startswith("@"):
+            raise ValueError("must be a five-field cron spec, e.g. '* * * * *' (every minute)")
+        try:
+            cron(value)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"not a cron spec: {exc}") from None
+        return value
 
     @field_validator("docling_artifacts_path")
     @classmethod

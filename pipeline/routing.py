@@ -154,7 +154,11 @@ def _mime(head: bytes, kind: str) -> str:
 
 @dataclass
 class Route:
-    """Where a task goes, at what priority, and why."""
+    """Where a task goes, at what priority, and why.
+
+    ``fallback`` says why a task that prefers the GPU was sent to a CPU
+    worker instead (None when it was not).
+    """
 
     queue: str
     priority: str
@@ -163,9 +167,59 @@ class Route:
     reasons: list[str]
     estimates: dict[str, float]
     time_limit_s: int
+    fallback: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class QueueLoad:
+    """What is known of one queue's workers when a task is routed.
+
+    Parameters:
+      workers: live workers consuming the queue.
+      waiting: tasks ahead of a new one (waiting or running on the queue).
+      realtime_factor: measured seconds of processing per second of media (None: not measured).
+      task_s: measured seconds per task (None: not measured).
+    """
+
+    workers: int
+    waiting: int = 0
+    realtime_factor: float | None = None
+    task_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The workers the server knows of: live GPU workers and, where known, each queue's load."""
+
+    gpu_workers: int | None = None
+    gpu: QueueLoad | None = None
+    cpu: QueueLoad | None = None
+
+
+#: What a caller may know of the GPU workers: their count, their load too, or nothing.
+WorkerView = Capacity | int | None
+
+
+def as_capacity(view: WorkerView) -> Capacity:
+    return view if isinstance(view, Capacity) else Capacity(gpu_workers=view)
+
+
+def expected_finish(found: Classification, queue: str, load: QueueLoad, costs: dict[str, float]) -> float:
+    """Seconds until a new task would be done on ``queue``: its wait behind others, then its own run.
+
+    The wait is the tasks ahead, each taking the measured time per task
+    (else this task's own estimate), shared among the live workers.
+    """
+    own = costs[f"{queue}_s"]
+    if load.realtime_factor and found.duration:
+        own = (2.0 if queue == "gpu" else 1.0) + found.duration * load.realtime_factor
+    if load.workers <= 0:
+        return float("inf")
+    per_task = load.task_s or own
+    return load.waiting * per_task / load.workers + own
 
 
 def estimate(found: Classification, settings: Settings) -> dict[str, float]:
@@ -187,17 +241,25 @@ def choose_route(
     priority: str = "normal",
     gpu: str = "prefer",
     gpu_workers: int | None = None,
+    capacity: Capacity | None = None,
 ) -> Route:
     """Pick the queue for a classified file.
 
-    ``gpu_workers`` is the number of GPU workers believed live (None: unknown).
+    ``gpu_workers`` is the number of GPU workers believed live (None: unknown);
+    ``capacity`` adds each queue's load. A transcription that prefers the GPU
+    goes to ``cpu`` when no GPU worker is live, or when the GPU queue is busy
+    and the expected completion on ``cpu`` comes sooner.
     """
+    capacity = capacity or Capacity()
+    if gpu_workers is None:
+        gpu_workers = capacity.gpu_workers
     if priority not in PRIORITIES:
         raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
     if gpu not in GPU_PREFERENCES:
         raise BadInput(f"gpu must be one of {', '.join(GPU_PREFERENCES)}, not {gpu!r}")
     costs = estimate(found, settings)
     reasons: list[str] = []
+    fallback: str | None = None
     if found.kind == "convert":
         queue = "cpu"
         reasons.append(f"{found.format} documents are converted on CPU workers")
@@ -209,7 +271,12 @@ def choose_route(
         reasons.append("GPU required (--gpu require): waits for a GPU worker")
     elif gpu_workers == 0:
         queue = "cpu"
-        reasons.append(f"no GPU worker is connected: falling back to CPU (about {costs['cpu_s']:.0f}s)")
+        fallback = f"no GPU worker is connected: falling back to CPU (about {costs['cpu_s']:.0f}s)"
+        reasons.append(fallback)
+    elif (busy := _busy_gpu(found, capacity, costs)) is not None:
+        queue = "cpu"
+        fallback = busy
+        reasons.append(busy)
     else:
         queue = "gpu"
         live = "GPU worker count unknown" if gpu_workers is None else f"{gpu_workers} GPU worker(s) connected"
@@ -229,4 +296,24 @@ def choose_route(
         reasons=reasons,
         estimates=costs,
         time_limit_s=time_limit,
+        fallback=fallback,
+    )
+
+
+def _busy_gpu(found: Classification, capacity: Capacity, costs: dict[str, float]) -> str | None:
+    """Why the task should go to ``cpu`` by load, or None when the GPU is the better bet.
+
+    Only a GPU queue with tasks ahead of this one is weighed: an idle GPU
+    worker always takes a transcription that prefers it.
+    """
+    gpu, cpu = capacity.gpu, capacity.cpu
+    if gpu is None or cpu is None or gpu.workers <= 0 or cpu.workers <= 0 or gpu.waiting < gpu.workers:
+        return None
+    on_gpu = expected_finish(found, "gpu", gpu, costs)
+    on_cpu = expected_finish(found, "cpu", cpu, costs)
+    if on_cpu >= on_gpu:
+        return None
+    return (
+        f"GPU queue busy ({gpu.waiting} task(s) for {gpu.workers} GPU worker(s)): done in about "
+        f"{on_cpu:.0f}s on CPU ({cpu.workers} worker(s), {cpu.waiting} ahead) against {on_gpu:.0f}s on GPU"
     )

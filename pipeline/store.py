@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -213,6 +213,31 @@ class TaskStore:
             if changed:
                 _add_event(db, task_id, now, "failed", {"reason": reason, "worker": worker})
         return bool(changed)
+
+    def reroute(self, moves: Iterable[tuple[str, str, str, str]], by: str) -> int:
+        """Record tasks whose message moved to another queue: (task id, from, to, reason) each.
+
+        The task's route names its new queue and keeps the move; a ``rerouted``
+        event says why. Tasks that ended or are unknown are skipped. Returns
+        how many were recorded.
+        """
+        now = time.time()
+        recorded = 0
+        with self._tx() as db:
+            for task_id, source, target, reason in moves:
+                row = db.execute("SELECT state, route FROM tasks WHERE id=?", (task_id,)).fetchone()
+                if row is None or row["state"] in FINAL_STATES:
+                    continue
+                route = json.loads(row["route"])
+                move = {"from": source, "to": target, "reason": reason, "by": by, "at": now}
+                route["queue"] = target
+                route["moves"] = [*route.get("moves", []), move]
+                db.execute(
+                    "UPDATE tasks SET route=?, updated_at=? WHERE id=?", (json.dumps(route), now, task_id)
+                )
+                _add_event(db, task_id, now, "rerouted", {k: v for k, v in move.items() if k != "at"})
+                recorded += 1
+        return recorded
 
     def add_event(self, task_id: str, event: str, detail: dict[str, Any] | None = None) -> None:
         with self._tx() as db:

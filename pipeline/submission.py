@@ -15,7 +15,7 @@ from typing import Any
 from dramatiq import Broker
 
 from pipeline.logs import get_logger
-from pipeline.routing import choose_route, classify
+from pipeline.routing import WorkerView, as_capacity, choose_route, classify
 from pipeline.services import Services
 from pipeline.store import State, Task, new_task_id
 
@@ -74,13 +74,21 @@ def submit(
     sha256: str,
     size: int,
     options: SubmitOptions,
-    gpu_workers: Callable[[], int | None],
+    gpu_workers: Callable[[], WorkerView],
 ) -> Task:
-    """Turn an uploaded file into a queued task. Raises BadInput for content refused."""
+    """Turn an uploaded file into a queued task. Raises BadInput for content refused.
+
+    ``gpu_workers`` says what is known of the workers: the number of live GPU
+    workers, or a ``Capacity`` with each queue's load too (None: unknown).
+    """
     found = classify(upload, filename)
-    workers = gpu_workers() if found.kind == "transcribe" and options.gpu == "prefer" else None
+    known = gpu_workers() if found.kind == "transcribe" and options.gpu == "prefer" else None
     route = choose_route(
-        found, services.settings, priority=options.priority, gpu=options.gpu, gpu_workers=workers
+        found,
+        services.settings,
+        priority=options.priority,
+        gpu=options.gpu,
+        capacity=as_capacity(known),
     )
     task_id = new_task_id()
     ref = services.files.add_input(task_id, filename, upload, sha256, size)
@@ -94,6 +102,9 @@ def submit(
         route=route.to_dict(),
     )
     services.store.create(task)
+    if route.fallback:
+        detail = {"from": "gpu", "to": route.queue, "reason": route.fallback, "by": "submit"}
+        services.store.add_event(task_id, "rerouted", detail)
     try:
         message_id = publish(broker, task)
     except Exception as exc:

@@ -6,6 +6,7 @@ from typing import Any
 
 import dramatiq
 
+from pipeline.actors import liveness  # noqa: F401  (heartbeats and task moves arrive on control too)
 from pipeline.brokers import current_broker
 from pipeline.errors import BadInput, ChecksumMismatch
 from pipeline.logs import get_logger

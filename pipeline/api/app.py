@@ -14,6 +14,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import PlainTextResponse, Response
 
 from pipeline import __version__
+from pipeline.api.workers import workers_router
 from pipeline.brokers import PRIORITIES
 from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
 from pipeline.routing import GPU_PREFERENCES
@@ -136,6 +137,8 @@ def create_app(
         content = services.files.resolve(ref.path).read_bytes()
         headers = {"X-Content-SHA256": ref.sha256}
         return Response(content, media_type=MEDIA_TYPES.get(wanted), headers=headers)
+
+    app.include_router(workers_router(services, broker))
 
     @app.middleware("http")
     async def timing(request, call_next):  # type: ignore[no-untyped-def]

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pika
 import uvicorn
 from dramatiq import Worker
 
 from pipeline.api.app import create_app
 from pipeline.brokers import QUEUES, current_broker
-from pipeline.brokers.rabbitmq import connection_parameters, queue_stats
+from pipeline.brokers.rabbitmq import connection_parameters
 from pipeline.config import Settings, redact_url
 from pipeline.errors import PipelineError
+from pipeline.liveness import CapacityProbe
 from pipeline.logs import get_logger
+from pipeline.registry import get_registry
+from pipeline.scheduler import start_liveness
 from pipeline.services import get_services
 from pipeline.transfer.serving import start_file_services
 
@@ -23,31 +23,6 @@ logger = get_logger(__name__)
 
 class BrokerUnreachable(PipelineError):
     """RabbitMQ did not answer."""
-
-
-class GpuWorkerHint:
-    """Consumers on the ``gpu`` queue, asked of RabbitMQ at most every ``ttl`` seconds.
-
-    A hung worker still holds its consumer, so this is a hint, not liveness.
-    """
-
-    def __init__(self, settings: Settings, ttl: float = 2.0) -> None:
-        self.settings = settings
-        self.ttl = ttl
-        self._value: int | None = None
-        self._at = 0.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> int | None:
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                try:
-                    self._value = queue_stats(self.settings, ("gpu",))["gpu"]["consumers"]
-                except Exception as exc:
-                    logger.warning("cannot count gpu consumers", extra={"error": str(exc)})
-                    self._value = None
-                self._at = time.monotonic()
-            return self._value
 
 
 def check_broker(settings: Settings) -> None:
@@ -64,6 +39,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     broker = current_broker()
     import pipeline.actors.control  # noqa: F401
     import pipeline.actors.cpu  # noqa: F401  (registers every task actor, for publishing)
+    import pipeline.actors.liveness  # noqa: F401
 
     for queue in QUEUES:
         broker.declare_queue(queue, ensure=True)
@@ -75,17 +51,20 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         except BrokerUnreachable:
             return False
 
-    app = create_app(services, broker, GpuWorkerHint(settings), broker_ok)
+    app = create_app(services, broker, CapacityProbe(settings, get_registry(settings)), broker_ok)
     # SFTP server (its host key fingerprint is logged) and store retention.
     files = start_file_services(settings, services.store, services.files)
     # One thread keeps task events in the order workers sent them.
     control = Worker(broker, queues={"control"}, worker_threads=1)
     control.start()
+    # The one periodiq scheduler and the sweep, in a child process.
+    liveness = start_liveness(settings)
     host, port = host or settings.api_host, port or settings.api_port
     logger.info("server starting", extra={"url": f"http://{host}:{port}", "data_dir": str(settings.data_dir)})
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         files.stop()
+        liveness.stop()
         control.stop()
         broker.close()

@@ -12,10 +12,13 @@ from dramatiq.middleware import (
     ShutdownNotifications,
     TimeLimit,
 )
+from periodiq import PeriodiqMiddleware
 
 from pipeline.config import Settings
+from pipeline.middleware.heartbeat import Heartbeat
 from pipeline.middleware.lifecycle import TaskEvents
 from pipeline.middleware.logging import StructuredLogs
+from pipeline.middleware.reroute import GpuFallback
 from pipeline.middleware.sizing import WorkerSizing
 
 
@@ -28,6 +31,12 @@ def pipeline_middleware(settings: Settings) -> list[Middleware]:
         Callbacks(),
         Pipelines(),
         WorkerSizing(gpu_prefetch=1),
+        # Sees every task start and end, even those skipped by what follows.
+        Heartbeat(settings.heartbeat_interval),
+        # Guards actors declared with gpu_fallback=True: a GpuError moves the task to cpu.
+        GpuFallback(),
+        # Accepts the `periodic` actor option; skips a scheduled tick older than 30 s.
+        PeriodiqMiddleware(skip_delay=30),
         # Before Retries: its after_process_message runs after Retries decided.
         TaskEvents(),
         Retries(

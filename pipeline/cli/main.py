@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.brokers import PRIORITIES
+from pipeline.cli import workers_cmd
 from pipeline.config import ConfigError, Settings, get_settings
 from pipeline.errors import PipelineError
 from pipeline.routing import GPU_PREFERENCES
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="show or check the configuration")
     config.add_argument("action", choices=["show", "check"])
+
+    workers_cmd.add_commands(commands)
     return parser
 
 
@@ -201,6 +204,7 @@ COMMANDS = {
     "tasks": cmd_tasks,
     "server": cmd_server,
     "config": cmd_config,
+    **workers_cmd.COMMANDS,
 }
 
 

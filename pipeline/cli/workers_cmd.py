@@ -1,0 +1,145 @@
+"""``morag-pipeline workers``: the worker registry, through the server's API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime
+from typing import Any
+
+from rich.table import Table
+
+from pipeline.cli.client import ApiClient
+from pipeline.config import Settings
+
+STATES = ("alive", "stale", "dead", "gone")
+STYLES = {"alive": "green", "stale": "yellow", "dead": "red", "gone": "dim"}
+
+
+class WorkersClient(ApiClient):
+    def workers(self, states: list[str] | None = None) -> dict[str, Any]:
+        params = {"state": states} if states else {}
+        return self._request("GET", "/api/v1/workers", params=params).json()
+
+    def worker(self, worker_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/v1/workers/{worker_id}").json()
+
+    def sweep(self) -> dict[str, Any]:
+        return self._request("POST", "/api/v1/workers/sweep").json()
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    workers = commands.add_parser(
+        "workers",
+        help="the workers the server knows: state, GPU, current task, counts",
+        description="Every worker that sent a heartbeat: id, host, capability, GPU, state, last "
+        "heartbeat, current task, done and failed counts. With an ID: that worker's record and history.",
+    )
+    workers.add_argument("worker_id", nargs="?", metavar="ID", help="show one worker and its history")
+    workers.add_argument("--state", action="append", choices=STATES, help="only workers in this state")
+    workers.add_argument("--sweep", action="store_true", help="ask the server to sweep the registry now")
+    workers.add_argument("--json", action="store_true")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
+
+
+def gpu_label(worker: dict[str, Any]) -> str:
+    """The GPU column: name and VRAM free/total of each GPU, or '-' without one."""
+    labels = []
+    for gpu in (worker.get("hardware") or {}).get("gpus") or []:
+        label = str(gpu.get("name") or "GPU")
+        if gpu.get("vram_total_mb"):
+            free = gpu.get("vram_free_mb")
+            shown = f"{free / 1024:.0f}/" if isinstance(free, int | float) else ""
+            label += f" ({shown}{gpu['vram_total_mb'] / 1024:.0f} GiB)"
+        labels.append(label)
+    return ", ".join(labels) or "-"
+
+
+def show_workers(listing: dict[str, Any]) -> None:
+    from pipeline.cli import display
+
+    workers = listing["workers"]
+    if not workers:
+        display.out.print("no worker has sent a heartbeat yet")
+    else:
+        table = Table("id", "host", "capability", "GPU", "state", "last heartbeat", "current task")
+        table.add_column("done", justify="right")
+        table.add_column("failed", justify="right")
+        for w in workers:
+            state = w["state"] + (" (draining)" if w.get("draining") and w["state"] == "alive" else "")
+            table.add_row(
+                w["id"], w.get("host") or "-", w["capability"], gpu_label(w),
+                f"[{STYLES.get(w['state'], '')}]{state}[/]", _age(w.get("age_s", 0.0)),
+                ", ".join(w.get("current") or []) or "-", str(w.get("done", 0)), str(w.get("failed", 0)),
+            )  # fmt: skip
+        display.out.print(table)
+    for queue, view in listing.get("queues", {}).items():
+        line = f"{queue}: {view['live']} live worker(s)"
+        if not view["live"] and view.get("down_since"):
+            line += f", none since {datetime.fromtimestamp(view['down_since']).strftime('%H:%M:%S')}"
+        display.out.print(line)
+
+
+def show_worker(worker: dict[str, Any]) -> None:
+    from pipeline.cli import display
+
+    out = display.out
+    out.print(f"[bold]{worker['id']}[/]  {worker['capability']}  [bold]{worker['state']}[/]", highlight=False)
+    if worker.get("reason"):
+        out.print(f"  reason:    {worker['reason']}", markup=False)
+    out.print(f"  host:      {worker.get('host')} (pid {worker.get('pid')}), version {worker.get('version')}")
+    out.print(f"  queues:    {', '.join(worker.get('queues') or [])}, {worker.get('threads')} thread(s)")
+    hardware = worker.get("hardware") or {}
+    out.print(
+        f"  hardware:  {hardware.get('cpu_cores', '?')} CPU cores, "
+        f"{hardware.get('ram_total_mb', 0) / 1024:.0f} GiB RAM; GPU {gpu_label(worker)}"
+    )
+    for gpu in hardware.get("gpus") or []:
+        if gpu.get("driver") or gpu.get("cuda"):
+            out.print(f"             driver {gpu.get('driver', '?')}, CUDA {gpu.get('cuda', '?')}")
+    out.print(f"  models:    {', '.join(worker.get('models') or []) or '-'}")
+    out.print(f"  current:   {', '.join(worker.get('current') or []) or '-'}")
+    out.print(f"  counts:    {worker.get('done', 0)} done, {worker.get('failed', 0)} failed")
+    speed = worker.get("speed") or {}
+    if speed.get("task_s"):
+        rtf = f", {speed['realtime_factor']:.3f}s per media second" if speed.get("realtime_factor") else ""
+        out.print(f"  speed:     {speed['task_s']:.1f}s per task{rtf} ({speed.get('samples', 0)} tasks)")
+    out.print(f"  heartbeat: {_age(worker.get('age_s', 0.0))}, {worker.get('beats', 0)} this session")
+    out.print("  history:")
+    for event in worker.get("history", []):
+        when = datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S")
+        detail = event.get("detail") or {}
+        extra = detail.get("reason") or detail.get("was") or detail.get("host") or ""
+        out.print(f"    {when}  {event['event']:<9} {extra}", markup=False)
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.cli import display
+
+    client = WorkersClient.from_settings(settings)
+    if args.sweep:
+        client.sweep()
+        display.err.print("sweep requested")
+    if args.worker_id:
+        worker = client.worker(args.worker_id)
+        if args.json:
+            print(json.dumps(worker, indent=2))
+        else:
+            show_worker(worker)
+        return 0
+    listing = client.workers(args.state)
+    if args.json:
+        print(json.dumps(listing, indent=2))
+    else:
+        show_workers(listing)
+    return 0
+
+
+COMMANDS = {"workers": cmd_workers}

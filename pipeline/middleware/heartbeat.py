@@ -1,0 +1,210 @@
+"""Heartbeats: a worker tells the server, every few seconds, that it lives and what it does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import dramatiq
+from dramatiq import Broker, Middleware, Worker
+from dramatiq.broker import MessageProxy
+
+from pipeline import __version__, hardware
+from pipeline.identity import worker_id
+from pipeline.logs import get_logger
+
+logger = get_logger(__name__)
+
+#: Queues whose workers report; the server's own consumer of ``control`` does not.
+TASK_QUEUES = ("gpu", "cpu")
+#: Weight of the newest task in the moving averages of a worker's speed.
+SPEED_WEIGHT = 0.3
+
+
+def seal(kind: str, beat: dict[str, Any]) -> dict[str, Any]:
+    """The message arguments that carry a heartbeat or a goodbye to the server.
+
+    The one place a heartbeat is wrapped before it leaves the worker;
+    ``pipeline.actors.liveness.unseal`` is its counterpart. Worker id and
+    capability sit beside the beat, where MessageSigning (which signs every
+    ``control`` message a worker with a token publishes) checks them against
+    the worker's token.
+    """
+    return {"worker": beat["worker"], "capability": beat["capability"], "beat": {**beat, "kind": kind}}
+
+
+class Heartbeat(Middleware):
+    """Sends a heartbeat to the ``control`` queue every ``interval`` seconds.
+
+    A thread started at worker boot sends the worker's id, host, capability
+    (``gpu`` if it consumes the ``gpu`` queue, else ``cpu``), queues,
+    hardware, loaded models, the tasks in flight, done and failed counts,
+    measured speed and version. While the worker shuts down cleanly its beats
+    say ``draining``; once it has stopped it sends a goodbye. Workers of the
+    ``control`` queue alone (the server) send nothing.
+
+    Messages name their actor (``worker_heartbeat``, ``worker_goodbye``), so
+    workers need not import the server's actors.
+
+    Parameters:
+      interval: seconds between two heartbeats; 0 sends none.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.session = uuid.uuid4().hex
+        self._broker: Broker | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._in_flight: dict[str, str] = {}  # message id -> task id
+        self._started: dict[str, float] = {}
+        self._counts = {"done": 0, "failed": 0, "skipped": 0}
+        self._speed: dict[str, float] = {}
+        self._samples = 0
+        self._queues: list[str] = []
+        self._threads = 0
+        self._draining = False
+        self._seq = 0
+        self._boot = 0.0
+        self._hardware: dict[str, Any] = {}
+        self._smi = False
+
+    # Worker life.
+    def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        queues = sorted(worker.consumer_whitelist or broker.get_declared_queues())
+        if self.interval <= 0 or not any(q in TASK_QUEUES for q in queues):
+            return
+        self.session = uuid.uuid4().hex  # a fresh session for every boot, even in a forked process
+        self._broker = broker
+        self._queues = [q for q in queues if not q.endswith((".DQ", ".XQ"))]
+        self._threads = worker.worker_threads
+        self._boot = time.time()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="morag-heartbeat", daemon=True)
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        if self._thread is None:
+            return
+        self._draining = True
+        self._send("worker_heartbeat", "beat")
+
+    def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=max(5.0, self.interval))
+        self._thread = None
+        self._send("worker_goodbye", "goodbye")
+
+    # Tasks.
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        task_id = _task_id(message)
+        if task_id is None:
+            return
+        with self._lock:
+            self._in_flight[message.message_id] = task_id
+            self._started[message.message_id] = time.monotonic()
+
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        self._finished(message, "done" if exception is None else "failed")
+
+    def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        self._finished(message, "skipped")
+
+    def _finished(self, message: MessageProxy, outcome: str) -> None:
+        with self._lock:
+            if self._in_flight.pop(message.message_id, None) is None:
+                return
+            began = self._started.pop(message.message_id, time.monotonic())
+            self._counts[outcome] += 1
+            if outcome != "done":
+                return
+            elapsed = time.monotonic() - began
+            self._measure("task_s", elapsed)
+            job = _job(message)
+            duration = (job.get("media") or {}).get("duration")
+            if job.get("kind") == "transcribe" and duration:
+                self._measure("realtime_factor", elapsed / duration)
+            self._samples += 1
+
+    def _measure(self, name: str, value: float) -> None:
+        old = self._speed.get(name)
+        self._speed[name] = value if old is None else (1 - SPEED_WEIGHT) * old + SPEED_WEIGHT * value
+
+    # The heartbeat itself.
+    def beat(self) -> dict[str, Any]:
+        """What this worker reports now."""
+        from pipeline.processors.whisper import loaded_models
+
+        if not self._hardware or self._smi:
+            self._hardware = hardware.describe()
+            self._smi = any("vram_free_mb" in gpu and "driver" in gpu for gpu in self._hardware["gpus"])
+        else:
+            self._hardware.update(hardware.cpu_info())
+        with self._lock:
+            self._seq += 1
+            return {
+                "worker": worker_id(),
+                "session": self.session,
+                "seq": self._seq,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "capability": "gpu" if "gpu" in self._queues else "cpu",
+                "queues": self._queues,
+                "threads": self._threads,
+                "hardware": self._hardware,
+                "models": loaded_models(),
+                "current": sorted(set(self._in_flight.values())),
+                **self._counts,
+                "speed": {**{k: round(v, 4) for k, v in self._speed.items()}, "samples": self._samples},
+                "draining": self._draining,
+                "version": __version__,
+                "booted_at": self._boot,
+                "ts": time.time(),
+            }
+
+    def _send(self, actor_name: str, kind: str) -> None:
+        if self._broker is None:
+            return
+        try:
+            kwargs = seal(kind, self.beat())
+            message = dramatiq.Message(
+                queue_name="control", actor_name=actor_name, args=(), kwargs=kwargs, options={}
+            )
+            with self._send_lock:
+                self._broker.enqueue(message)
+        except Exception as exc:
+            logger.warning(f"{kind} not sent", extra={"worker": worker_id(), "error": str(exc)})
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._send("worker_heartbeat", "beat")
+            self._stop.wait(self.interval)
+
+
+def _job(message: MessageProxy) -> dict[str, Any]:
+    """The job a task message carries (``job=`` or the first argument); empty if none."""
+    job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
+    if job is None and message.args:
+        job = message.args[0]
+    return job if isinstance(job, dict) else {}
+
+
+def _task_id(message: MessageProxy) -> str | None:
+    if message.queue_name.split(".")[0] not in TASK_QUEUES:
+        return None
+    return _job(message).get("task_id")

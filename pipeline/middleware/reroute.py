@@ -1,0 +1,107 @@
+"""GPU-to-CPU fallback: a task the GPU fails moves to ``cpu`` instead of retrying on the GPU."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+from dramatiq import Actor, Broker, Middleware
+from dramatiq.broker import MessageProxy
+from dramatiq.middleware import CurrentMessage, SkipMessage
+
+from pipeline.errors import GpuError
+from pipeline.identity import worker_id
+from pipeline.logs import get_logger
+
+logger = get_logger(__name__)
+
+
+class GpuFallback(Middleware):
+    """Hands a task to the ``cpu`` queue when the GPU fails it (out of memory, no device, model load).
+
+    Actors declared with ``gpu_fallback=True`` are guarded: when one raises
+    ``pipeline.errors.GpuError`` while running a message of the ``gpu``
+    queue, a copy of the message is published to ``cpu`` (with confirm; its
+    route says ``cpu`` and ``options["rerouted"]`` keeps the move), the
+    server is told (``task_rerouted`` on ``control``), and the original is
+    skipped, so it is acknowledged. Retries never sees the error, so the GPU
+    is not tried again, and TaskEvents reports no failure: the attempt did
+    not fail, it moved.
+
+    Dramatiq gives middleware no way to take back an exception once
+    ``after_process_message`` runs (Retries then retries or fails the
+    message, whatever the hooks before it did), so the guard is a wrapper
+    around the actor's function, installed when the actor is declared.
+
+    Not moved: tasks that require the GPU (``--gpu require``: retried on the
+    GPU as usual), messages of any other queue, and a task whose copy could
+    not be published (it is retried as usual, nothing is lost). Every worker
+    that may receive the copy must register the actor: the CPU worker
+    registers every GPU actor.
+    """
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"gpu_fallback"}
+
+    def after_declare_actor(self, broker: Broker, actor: Actor) -> None:
+        if actor.options.get("gpu_fallback"):
+            actor.fn = self._guard(broker, actor.fn)
+
+    def _guard(self, broker: Broker, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except GpuError as exc:
+                message = CurrentMessage.get_current_message()
+                if message is None or not self.hand_over(broker, message, exc):
+                    raise
+                raise SkipMessage(f"moved to cpu: {exc}") from None
+
+        return guarded
+
+    def hand_over(self, broker: Broker, message: MessageProxy, error: GpuError) -> bool:
+        """Publish the message's copy to ``cpu``; False when it is not eligible or not published."""
+        job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
+        if message.queue_name != "gpu" or not isinstance(job, dict):
+            return False
+        route = job.get("route") if isinstance(job.get("route"), dict) else {}
+        if route.get("gpu", "prefer") == "require":
+            return False
+        task_id = job.get("task_id")
+        reason = f"GPU failed on {worker_id()}: {error}; moved gpu -> cpu"
+        move = {"from": "gpu", "to": "cpu", "reason": reason, "by": worker_id(), "at": time.time()}
+        copy = message.copy(
+            queue_name="cpu",
+            kwargs={**message.kwargs, "job": {**job, "route": {**route, "queue": "cpu"}}},
+            options={"rerouted": [*message.options.get("rerouted", []), move]},
+        )
+        log = {"task_id": task_id, "worker": worker_id(), "message_id": message.message_id}
+        try:
+            broker.enqueue(copy)
+        except Exception as exc:
+            logger.warning(
+                "GPU failure: cannot move the task to cpu; retrying as usual",
+                extra={**log, "error": str(exc)},
+            )
+            return False
+        logger.warning("GPU failure: task moved to cpu", extra={**log, "error": str(error)})
+        if task_id:
+            _tell_server(broker, task_id=task_id, source="gpu", target="cpu", reason=reason)
+        return True
+
+
+def _tell_server(broker: Broker, **kwargs: Any) -> None:
+    """A ``task_rerouted`` event for the server; best effort (the move itself already happened)."""
+    kwargs.update(worker=worker_id(), ts=time.time())
+    event = dramatiq.Message(
+        queue_name="control", actor_name="task_rerouted", args=(), kwargs=kwargs, options={}
+    )
+    try:
+        broker.enqueue(event)
+    except Exception as exc:
+        logger.warning("reroute not reported", extra={"task_id": kwargs["task_id"], "error": str(exc)})

@@ -1,0 +1,170 @@
+"""The liveness process: exactly one periodiq scheduler, and the consumer that runs the sweep.
+
+``morag-pipeline server`` starts it as a child process (``start_liveness``),
+``python -m pipeline.scheduler``. Its main thread runs periodiq's scheduler,
+which sends the sweep message to the ``liveness`` queue on the cron of
+``MORAG_SWEEP_CRON`` (every minute by default, periodiq's finest grain); a
+Dramatiq worker thread in the same process consumes that queue and sweeps.
+
+Why a child process and not a thread of the server: periodiq's scheduler
+sleeps with ``alarm()`` and wakes in a SIGALRM handler, and Python lets only
+the main thread install signal handlers; the server's main thread belongs to
+uvicorn. Running the sweep there too keeps a long sweep (thousands of
+messages to move) off the server's ``control`` consumer, so task events and
+heartbeats keep flowing while it runs; registry and task store are SQLite
+files both processes share.
+
+The child is started and stopped with the server: it dies with it
+(``PR_SET_PDEATHSIG`` on Linux, and it checks its parent every tick), stops
+cleanly on SIGTERM (a sweep under way finishes first), and a lock file in the
+data directory keeps a second server on the same data from starting a second
+scheduler (periodiq sends duplicate ticks if two run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from dramatiq import Worker
+
+from pipeline.config import Settings
+from pipeline.logs import get_logger
+
+logger = get_logger("pipeline.scheduler")  # also when run as __main__
+
+LOCK_NAME = "scheduler.lock"
+
+
+#: Seconds a stopping liveness process gets to finish a sweep under way.
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Liveness:
+    """The liveness process ``start_liveness`` started; ``stop`` ends it."""
+
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_liveness(settings: Settings) -> Liveness:
+    """Start the liveness process (scheduler and sweep) as a child of this one."""
+    env = {
+        **os.environ,
+        # The settings this server runs with, even where they did not come from the environment.
+        "MORAG_BROKER_URL": settings.broker_url.get_secret_value(),
+        "MORAG_DATA_DIR": str(settings.data_dir),
+        "MORAG_SWEEP_CRON": settings.sweep_cron,
+        "MORAG_LOG_LEVEL": settings.log_level,
+        "MORAG_LOG_JSON": "true" if settings.log_json else "false",
+    }
+    child = subprocess.Popen([sys.executable, "-m", "pipeline.scheduler", str(os.getpid())], env=env)
+    logger.info("liveness process started", extra={"pid": child.pid, "cron": settings.sweep_cron})
+    return Liveness(child)
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+def hold_lock(data_dir: Path) -> IO[str] | None:
+    """The scheduler lock of ``data_dir``, held until the returned file is closed; None if taken."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / LOCK_NAME).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def main(argv: list[str]) -> int:
+    """Sweep on periodiq's ticks until the parent server goes or SIGTERM comes."""
+    parent = int(argv[0]) if argv else os.getppid()
+    _die_with_parent(parent)
+    from pipeline.config import get_settings
+    from pipeline.logs import setup_logging
+
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_json)
+    lock = hold_lock(settings.data_dir)
+    if lock is None:
+        logger.error(
+            "another liveness scheduler holds the lock; this server sends no sweeps",
+            extra={"lock": str(settings.data_dir / LOCK_NAME)},
+        )
+        return 0
+    from periodiq import Scheduler
+
+    from pipeline.actors.liveness import SWEEP_QUEUE, liveness_sweep
+    from pipeline.brokers import current_broker
+
+    broker = current_broker()
+    broker.declare_queue(SWEEP_QUEUE, ensure=True)
+    worker = Worker(broker, queues={SWEEP_QUEUE}, worker_threads=1)
+    worker.start()
+
+    class _Scheduler(Scheduler):
+        def schedule(self) -> None:
+            if os.getppid() != parent:
+                raise SystemExit(0)
+            super().schedule()
+
+        def send_actors(self, actors: list, now: object) -> None:
+            super().send_actors(actors, now)
+            for actor in actors:
+                logger.info("sweep scheduled", extra={"actor": actor.actor_name, "at": str(now)})
+
+    scheduler = _Scheduler(actors=[liveness_sweep])
+    # SIGTERM ends periodiq's loop (it stops on a false item); the worker then stops cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.alarm_q.put_nowait(False))
+    logger.info(
+        "liveness scheduler running",
+        extra={"cron": str(liveness_sweep.options["periodic"]), "pid": os.getpid()},
+    )
+    # Like periodiq's own CLI: a start late in a minute waits for the next one.
+    second = time.localtime().tm_sec
+    if second > 55:
+        time.sleep(60 - second)
+    try:
+        scheduler.schedule()
+        scheduler.loop()
+    finally:
+        signal.alarm(0)
+        worker.stop(timeout=int(STOP_TIMEOUT_S * 1000))
+        broker.close()
+        lock.close()
+        logger.info("liveness process stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
