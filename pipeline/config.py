@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
     broker_max_priority: int = Field(10, ge=1, le=255)
     broker_connect_timeout: float = Field(5.0, gt=0)
+    # RabbitMQ's consumer_timeout (30 min by default): a delivery held unacked
+    # longer than this closes the worker's channel and the message is
+    # delivered again. Every task time limit and every retry backoff (a retried
+    # message waits, unacked, in the worker's delay queue) must stay below it.
+    broker_consumer_timeout_s: int = Field(30 * 60, ge=60)
 
     # API server and the CLI's view of it.
     api_host: str = "127.0.0.1"
@@ -62,11 +67,17 @@ class Settings(BaseSettings):
     # Workers.
     worker_name: str | None = None
     file_access: FileAccess = FileAccess.shared
+    # A failed attempt is retried max_retries times (bad input never), after
+    # min_backoff * 2^n ms with jitter, capped by max_backoff: 10-20 s, 20-40 s,
+    # 40-80 s by default. Then the message is dead-lettered to <queue>.XQ.
     max_retries: int = Field(3, ge=0, le=20)
-    min_backoff_ms: int = Field(2_000, ge=0)
-    max_backoff_ms: int = Field(60_000, ge=0)
-    # RabbitMQ cancels a consumer that holds a message longer than its
-    # consumer_timeout (30 min by default); every time limit stays below this.
+    min_backoff_ms: int = Field(10_000, ge=0)
+    max_backoff_ms: int = Field(300_000, ge=0)
+    # A message delivered this many times without being acknowledged (its
+    # worker died: OOM, SIGKILL) is dead-lettered as poison on the next delivery.
+    max_deliveries: int = Field(4, ge=1, le=100)
+    # The longest any task may run; each task's own limit comes from its media
+    # duration (routing), capped by this, below broker_consumer_timeout_s.
     max_time_limit_s: int = Field(25 * 60, ge=10)
     progress_interval_s: float = Field(1.0, ge=0)
 
@@ -137,6 +148,18 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    @field_validator("max_time_limit_s", "max_backoff_ms")
+    @classmethod
+    def _below_consumer_timeout(cls, value: int, info: ValidationInfo) -> int:
+        timeout = info.data.get("broker_consumer_timeout_s")
+        seconds = value / 1000 if info.field_name == "max_backoff_ms" else value
+        if timeout is not None and seconds >= timeout:
+            raise ValueError(
+                f"must stay below RabbitMQ's consumer timeout (MORAG_BROKER_CONSUMER_TIMEOUT_S={timeout}"
+                " s), or a message would be delivered twice; raise consumer_timeout by policy first"
+            )
+        return value
 
     @field_validator("broker_url")
     @classmethod

@@ -39,3 +39,7 @@ class ModelNotFound(BadInput):
 
 class TaskNotFound(PipelineError):
     """No task has this id."""
+
+
+class TaskCanceled(PipelineError):
+    """The task was canceled while a worker ran it; it stops and leaves nothing behind."""

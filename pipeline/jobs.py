@@ -3,8 +3,15 @@
 A job is the dict a task message carries (see ``submission.build_job``):
 task id, input reference (path, sha256, size), what the input is, options and
 route. ``run_job`` fetches the input into a private temporary folder, verifies
-it, runs the processor, uploads the outputs and returns their references.
-The folder is removed whatever happens.
+it, runs the processor, uploads the outputs and then the manifest that says
+they are complete, and returns their references. The folder is removed
+whatever happens.
+
+A job is idempotent: when the task's manifest already exists (a redelivered
+message whose first run got that far), nothing runs again and the manifest's
+outputs are returned. ``should_stop`` cancels: it is polled between stages
+and between transcript segments, and a canceled job raises ``TaskCanceled``
+before it uploads anything.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import Settings
+from pipeline.errors import TaskCanceled
 from pipeline.processors import Progress, documents, media, whisper
 from pipeline.processors.transcripts import FORMATS
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.local import LocalStore
+from pipeline.transfer.manifest import Manifest, read_manifest, write_manifest
 from pipeline.transfer.transport import Transport
 
 TMP_PREFIX = "morag-task-"
@@ -40,23 +49,41 @@ def run_job(
     events: Events,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Process one job; returns (output references, result summary)."""
+    """Process one job; returns (output references, result summary).
+
+    When the outputs are already complete the summary has ``reused: True``.
+    """
     task_id = job["task_id"]
     ref = FileRef.from_dict(job["input"])
 
     def progress(stage: str, percent: float) -> None:
         events.progress(task_id, stage, percent)
 
+    def check_stop(stage: str) -> None:
+        if should_stop():
+            raise TaskCanceled(f"canceled while {stage}")
+
+    done = read_manifest(transport, task_id)
+    if done is not None:
+        return done.outputs, {**done.result, "reused": True}
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as tmp:
         folder = Path(tmp)
+        check_stop("waiting")
         progress("downloading", 0.0)
         local = transport.download(ref, folder / ("input" + Path(ref.name).suffix))
+        check_stop("downloading")
         if job["kind"] == "transcribe":
             outputs, summary = _transcribe(job, local, folder, settings, progress, should_stop)
         elif job["kind"] == "convert":
             outputs, summary = _convert(job, local, settings, progress)
         else:
             raise ValueError(f"unknown job kind {job['kind']!r}")
+        check_stop("transcribing" if job["kind"] == "transcribe" else "converting")
+        # Another delivery of this task may have finished meanwhile (its worker
+        # lost the broker but not the store): its outputs stand, not a second set.
+        done = read_manifest(transport, task_id)
+        if done is not None:
+            return done.outputs, {**done.result, "reused": True}
         progress("uploading", 0.0)
         refs = []
         stem = Path(job["filename"]).stem or "output"
@@ -68,6 +95,7 @@ def run_job(
                 path.write_text(content, encoding="utf-8")
             uploaded = transport.upload(path, LocalStore.output_path(task_id, f"{stem}.{fmt}"))
             refs.append({**uploaded.to_dict(), "format": fmt})
+        write_manifest(transport, task_id, Manifest(refs, summary), folder)
     return refs, summary
 
 

@@ -12,8 +12,12 @@ from typing import Any
 
 import dramatiq
 from dramatiq import Broker
+from dramatiq.errors import BrokerConnectionError
 
 from pipeline.identity import worker_id
+from pipeline.logs import get_logger
+
+logger = get_logger(__name__)
 
 
 class Reporter:
@@ -22,25 +26,49 @@ class Reporter:
     Progress is sent at most once per ``interval`` seconds per task, and
     whenever the stage changes.
 
+    While RabbitMQ is away (a restart, a cut connection) progress, start and
+    notes are dropped; a completion, failure or retry is sent again with
+    backoff for up to ``persist`` seconds. A completion that still cannot be
+    sent raises, so its message is not acknowledged and comes back; the
+    manifest then spares the work.
+
     Parameters:
       broker: where to publish.
       interval: the least time between two progress reports of one task.
+      persist: how long an outcome is tried before giving up.
     """
 
-    def __init__(self, broker: Broker, interval: float = 1.0) -> None:
+    def __init__(self, broker: Broker, interval: float = 1.0, persist: float = 120.0) -> None:
         self.broker = broker
         self.interval = interval
+        self.persist = persist
         self._last: dict[str, tuple[float, str]] = {}
         self._started: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def _send(self, actor_name: str, **kwargs: Any) -> None:
+    def _send(self, actor_name: str, *, outcome: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("worker", worker_id())
         kwargs["ts"] = time.time()
         message = dramatiq.Message(
             queue_name="control", actor_name=actor_name, args=(), kwargs=kwargs, options={}
         )
-        self.broker.enqueue(message)
+        deadline = time.monotonic() + (self.persist if outcome else 0.0)
+        pause = 0.5
+        while True:
+            try:
+                self.broker.enqueue(message)
+                return
+            except BrokerConnectionError as exc:
+                if time.monotonic() + pause > deadline:
+                    if outcome:
+                        raise
+                    logger.warning(
+                        "report not sent: broker unreachable",
+                        extra={"task_id": kwargs.get("task_id"), "event": actor_name, "error": str(exc)},
+                    )
+                    return
+            time.sleep(pause)
+            pause = min(pause * 2, 10.0)
 
     def started(self, task_id: str, attempt: int) -> None:
         with self._lock:
@@ -62,15 +90,30 @@ class Reporter:
 
     def completed(self, task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any]) -> None:
         self._forget(task_id)
-        self._send("task_completed", task_id=task_id, outputs=outputs, result=result)
+        self._send("task_completed", outcome=True, task_id=task_id, outputs=outputs, result=result)
 
     def retrying(self, task_id: str, reason: str, attempts: int) -> None:
         self._forget(task_id)
-        self._send("task_retrying", task_id=task_id, reason=reason, attempts=attempts)
+        self._send_quietly("task_retrying", task_id=task_id, reason=reason, attempts=attempts)
 
     def failed(self, task_id: str, reason: str, attempts: int) -> None:
         self._forget(task_id)
-        self._send("task_failed", task_id=task_id, reason=reason, attempts=attempts)
+        self._send_quietly("task_failed", task_id=task_id, reason=reason, attempts=attempts)
+
+    def note(self, task_id: str, event: str, detail: dict[str, Any]) -> None:
+        """An event for the task's history: redelivered, skipped, stopped, reused."""
+        self._forget(task_id)
+        self._send("task_note", task_id=task_id, event=event, detail=detail)
+
+    def _send_quietly(self, actor_name: str, **kwargs: Any) -> None:
+        """An outcome sent from middleware, which must not raise: logged when it cannot be sent."""
+        try:
+            self._send(actor_name, outcome=True, **kwargs)
+        except BrokerConnectionError as exc:
+            logger.error(
+                "outcome not sent: broker unreachable",
+                extra={"task_id": kwargs.get("task_id"), "event": actor_name, "error": str(exc)},
+            )
 
     def _forget(self, task_id: str) -> None:
         with self._lock:

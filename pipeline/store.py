@@ -214,6 +214,48 @@ class TaskStore:
                 _add_event(db, task_id, now, "failed", {"reason": reason, "worker": worker})
         return bool(changed)
 
+    def mark_canceled(self, task_id: str, reason: str) -> bool:
+        """Cancel a queued or running task; False (nothing written) if it already ended.
+
+        Canceled is final: a later completion, failure or start of the task changes nothing.
+        """
+        now = time.time()
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE tasks SET state=?, error=?, updated_at=?, finished_at=?, progress=?"
+                " WHERE id=? AND state IN (?, ?)",
+                (
+                    State.canceled,
+                    reason,
+                    now,
+                    now,
+                    json.dumps({"stage": "canceled", "percent": 0.0}),
+                    task_id,
+                    State.queued,
+                    State.running,
+                ),
+            ).rowcount
+            if changed:
+                _add_event(db, task_id, now, "canceled", {"reason": reason})
+        return bool(changed)
+
+    def requeue(self, task_id: str, detail: dict[str, Any]) -> bool:
+        """Put a task back in ``queued`` for another run, keeping its events.
+
+        Any state but done and canceled: a dead letter's task is usually failed,
+        but may still read queued or running if its failure report was lost.
+        """
+        now = time.time()
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE tasks SET state=?, error=NULL, updated_at=?, finished_at=NULL, progress='{}'"
+                " WHERE id=? AND state NOT IN (?, ?)",
+                (State.queued, now, task_id, State.done, State.canceled),
+            ).rowcount
+            if changed:
+                _add_event(db, task_id, now, "requeued", detail)
+        return bool(changed)
+
     def reroute(self, moves: Iterable[tuple[str, str, str, str]], by: str) -> int:
         """Record tasks whose message moved to another queue: (task id, from, to, reason) each.
 

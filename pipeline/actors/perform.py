@@ -9,10 +9,11 @@ from dramatiq.middleware import CurrentMessage
 
 from pipeline.brokers import current_broker
 from pipeline.config import get_settings
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, TaskCanceled
 from pipeline.identity import worker_id
 from pipeline.jobs import run_job
 from pipeline.logs import get_logger
+from pipeline.middleware.cancellation import is_canceled
 from pipeline.reporting import reporter_for
 from pipeline.transfer.transport import Transport, open_transport
 
@@ -40,7 +41,22 @@ def perform(job: dict[str, Any]) -> None:
     log = {"task_id": task_id, "worker": worker_id(), "queue": queue, "attempt": attempt}
     logger.info("task started", extra=log)
     reporter.started(task_id, attempt)
-    outputs, result = run_job(job, settings=get_settings(), transport=_transport(), events=reporter)
-    result.update(worker=worker_id(), queue=queue, attempt=attempt)
+    try:
+        outputs, result = run_job(
+            job,
+            settings=get_settings(),
+            transport=_transport(),
+            events=reporter,
+            should_stop=lambda: is_canceled(task_id),
+        )
+    except TaskCanceled as exc:
+        # Acknowledged, not retried: the server already holds the task as canceled.
+        logger.info("task stopped: canceled", extra=log)
+        reporter.note(task_id, "stopped", {"reason": str(exc)})
+        return
+    if result.get("reused"):
+        logger.info("outputs already complete: not run again", extra=log)
+    else:
+        result.update(worker=worker_id(), queue=queue, attempt=attempt)
     reporter.completed(task_id, outputs, result)
     logger.info("task completed", extra=log)

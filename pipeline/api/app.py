@@ -14,6 +14,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import PlainTextResponse, Response
 
 from pipeline import __version__
+from pipeline.api.admin import admin_router
 from pipeline.api.workers import workers_router
 from pipeline.brokers import PRIORITIES
 from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
@@ -138,6 +139,7 @@ def create_app(
         headers = {"X-Content-SHA256": ref.sha256}
         return Response(content, media_type=MEDIA_TYPES.get(wanted), headers=headers)
 
+    app.include_router(admin_router(services, broker))
     app.include_router(workers_router(services, broker))
 
     @app.middleware("http")

@@ -15,6 +15,9 @@ from dramatiq.middleware import (
 from periodiq import PeriodiqMiddleware
 
 from pipeline.config import Settings
+from pipeline.middleware.cancellation import Cancellations
+from pipeline.middleware.deadletters import DeadLetters
+from pipeline.middleware.deliveries import DeliveryCount
 from pipeline.middleware.heartbeat import Heartbeat
 from pipeline.middleware.lifecycle import TaskEvents
 from pipeline.middleware.logging import StructuredLogs
@@ -37,7 +40,12 @@ def pipeline_middleware(settings: Settings) -> list[Middleware]:
         GpuFallback(),
         # Accepts the `periodic` actor option; skips a scheduled tick older than 30 s.
         PeriodiqMiddleware(skip_delay=30),
-        # Before Retries: its after_process_message runs after Retries decided.
+        # Before a task runs: skip it if canceled, count its redeliveries.
+        Cancellations(),
+        DeliveryCount(settings.max_deliveries),
+        # Before Retries: their after_process_message hooks run after Retries
+        # decided, DeadLetters last (it may turn the rejection into an ack).
+        DeadLetters(),
         TaskEvents(),
         Retries(
             max_retries=settings.max_retries,

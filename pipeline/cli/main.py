@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.brokers import PRIORITIES
-from pipeline.cli import workers_cmd
+from pipeline.cli import failures_cmd, workers_cmd
 from pipeline.config import ConfigError, Settings, get_settings
 from pipeline.errors import PipelineError
 from pipeline.routing import GPU_PREFERENCES
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="show or check the configuration")
     config.add_argument("action", choices=["show", "check"])
 
+    failures_cmd.add_commands(commands)
     workers_cmd.add_commands(commands)
     return parser
 
@@ -204,6 +205,7 @@ COMMANDS = {
     "tasks": cmd_tasks,
     "server": cmd_server,
     "config": cmd_config,
+    **failures_cmd.COMMANDS,
     **workers_cmd.COMMANDS,
 }
 

@@ -27,6 +27,12 @@ class Transport(Protocol):
     def upload(self, src: Path, store_path: str) -> FileRef:
         """Put a local file at ``store_path`` atomically and return its verified reference."""
 
+    def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
+        """The content of a small store file (at most ``limit`` bytes), or None if it does not exist.
+
+        Used for a task's output manifest, which tells whether its outputs are complete.
+        """
+
     def close(self) -> None: ...
 
 
@@ -55,6 +61,13 @@ class SharedTransport:
         finally:
             partial.unlink(missing_ok=True)
         return FileRef(store_path, sha256, size)
+
+    def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
+        try:
+            with self.store.resolve(store_path).open("rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return None
 
     def close(self) -> None:
         pass
