@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS workers (
     current TEXT NOT NULL DEFAULT '[]',
     done INTEGER NOT NULL DEFAULT 0,
     failed INTEGER NOT NULL DEFAULT 0,
-    moved INTEGER NOT NULL DEFAULT 0,
+    skipped INTEGER NOT NULL DEFAULT 0,
     speed TEXT NOT NULL DEFAULT '{}',
     draining INTEGER NOT NULL DEFAULT 0,
     version TEXT NOT NULL DEFAULT '',
@@ -118,7 +118,7 @@ class WorkerRecord:
     current: list[str] = field(default_factory=list)
     done: int = 0
     failed: int = 0
-    moved: int = 0
+    skipped: int = 0  # tasks handed on unrun: moved to another queue, canceled, republished
     speed: dict[str, Any] = field(default_factory=dict)
     draining: bool = False
     version: str = ""
@@ -471,7 +471,7 @@ def _beat_values(beat: dict[str, Any]) -> dict[str, Any]:
         "current": [str(t) for t in beat.get("current") or []],
         "done": number("done"),
         "failed": number("failed"),
-        "moved": number("moved"),
+        "skipped": number("skipped"),
         "speed": beat.get("speed") if isinstance(beat.get("speed"), dict) else {},
         "draining": bool(beat.get("draining")),
         "version": str(beat.get("version") or ""),
@@ -482,7 +482,7 @@ def _beat_values(beat: dict[str, Any]) -> dict[str, Any]:
 
 _COLUMNS = (
     "id", "session", "host", "pid", "capability", "queues", "threads", "hardware", "models", "current",
-    "done", "failed", "moved", "speed", "draining", "version", "state", "reason", "first_seen",
+    "done", "failed", "skipped", "speed", "draining", "version", "state", "reason", "first_seen",
     "joined_at", "last_seen", "sent_at", "state_since", "booted_at", "beats",
 )  # fmt: skip
 

@@ -274,6 +274,7 @@ class TaskStore:
                 move = {"from": source, "to": target, "reason": reason, "by": by, "at": now}
                 route["queue"] = target
                 route["moves"] = [*route.get("moves", []), move]
+                route["reasons"] = [*route.get("reasons", []), reason]
                 db.execute(
                     "UPDATE tasks SET route=?, updated_at=? WHERE id=?", (json.dumps(route), now, task_id)
                 )

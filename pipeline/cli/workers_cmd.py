@@ -106,7 +106,10 @@ def show_worker(worker: dict[str, Any]) -> None:
             out.print(f"             driver {gpu.get('driver', '?')}, CUDA {gpu.get('cuda', '?')}")
     out.print(f"  models:    {', '.join(worker.get('models') or []) or '-'}")
     out.print(f"  current:   {', '.join(worker.get('current') or []) or '-'}")
-    out.print(f"  counts:    {worker.get('done', 0)} done, {worker.get('failed', 0)} failed")
+    out.print(
+        f"  counts:    {worker.get('done', 0)} done, {worker.get('failed', 0)} failed,"
+        f" {worker.get('skipped', 0)} handed on unrun (moved, canceled)"
+    )
     speed = worker.get("speed") or {}
     if speed.get("task_s"):
         rtf = f", {speed['realtime_factor']:.3f}s per media second" if speed.get("realtime_factor") else ""
