@@ -55,10 +55,13 @@ def make_file(path: Path, size: int) -> str:
 
 
 @contextmanager
-def embedded_server(root: Path, data_dir: Path) -> Iterator[tuple[int, str]]:
+def embedded_server(
+    root: Path, data_dir: Path, tuning: dict[str, int] | None = None
+) -> Iterator[tuple[int, str]]:
     """Our SFTP server in a child process; yields (port, host key fingerprint)."""
+    tune = [f"{name}={value}" for name, value in (tuning or {}).items()]
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.sftp_throughput", "--serve", str(root), str(data_dir)],
+        [sys.executable, "-m", "bench.sftp_throughput", "--serve", str(root), str(data_dir), *tune],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -71,10 +74,16 @@ def embedded_server(root: Path, data_dir: Path) -> Iterator[tuple[int, str]]:
         child.wait(timeout=10)
 
 
-def serve(root: Path, data_dir: Path) -> None:
-    """Run the embedded server until killed (the child process of ``embedded_server``)."""
+def serve(root: Path, data_dir: Path, tuning: dict[str, int] | None = None) -> None:
+    """Run the embedded server until killed (the child process of ``embedded_server``).
+
+    ``tuning`` overrides the server module's constants (``WINDOW_SIZE``, ``MAX_PACKET_SIZE``).
+    """
+    from pipeline.transfer import sftp_server
     from pipeline.transfer.sftp_server import SftpServer, WorkerCredentials, host_key_path, load_host_key
 
+    for name, value in (tuning or {}).items():
+        setattr(sftp_server, name, value)
     settings = Settings(data_dir=data_dir)
     server = SftpServer(
         root, load_host_key(host_key_path(settings)), WorkerCredentials("bench", PASSWORD), port=0
@@ -157,10 +166,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB (default 1024)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--serve", nargs=2, metavar=("ROOT", "DATA_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs="+", metavar="ROOT DATA_DIR [NAME=VALUE...]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(Path(args.serve[0]), Path(args.serve[1]))
+        tuning = {name: int(value) for name, _, value in (item.partition("=") for item in args.serve[2:])}
+        serve(Path(args.serve[0]), Path(args.serve[1]), tuning)
         return
 
     size = args.size_mb * 1024 * 1024

@@ -65,8 +65,9 @@ MAX_READ = 1024 * 1024
 #: Block used when hashing a file for ``check-file``.
 HASH_BLOCK = 1024 * 1024
 #: SSH channel window and largest packet the server accepts. A window well
-#: above the data in flight (64 requests of 255 KiB) keeps uploads streaming.
-WINDOW_SIZE = 64 * 1024 * 1024
+#: above the data a client keeps in flight (2 MiB for ours) keeps uploads
+#: streaming; a much larger one only lets paramiko's channel buffer grow.
+WINDOW_SIZE = 8 * 1024 * 1024
 MAX_PACKET_SIZE = 256 * 1024
 #: Connections served at once; more are refused until some close.
 MAX_CONNECTIONS = 64
