@@ -10,7 +10,7 @@ import argparse
 import json
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import Settings
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from pipeline.transfer.local import LocalStore
 
 
-def add_parser(commands: Any) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``store`` and its actions to the CLI's subcommands."""
     store = commands.add_parser("store", help="the server's file store: usage, prune, SFTP host key")
     actions = store.add_subparsers(dest="store_action", required=True, metavar="ACTION")
@@ -138,3 +138,6 @@ ACTIONS = {"usage": cmd_usage, "prune": cmd_prune, "host-key": cmd_host_key}
 
 def cmd_store(args: argparse.Namespace, settings: Settings) -> int:
     return ACTIONS[args.store_action](args, settings)
+
+
+COMMANDS = {"store": cmd_store}

@@ -83,8 +83,9 @@ def run_cli(settings: Settings, *argv: str) -> int:
     import argparse
 
     parser = argparse.ArgumentParser()
-    store_cmd.add_parser(parser.add_subparsers(dest="command"))
-    return store_cmd.cmd_store(parser.parse_args(["store", *argv]), settings)
+    store_cmd.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["store", *argv])
+    return store_cmd.COMMANDS[args.command](args, settings)
 
 
 def test_cli_usage_and_prune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
