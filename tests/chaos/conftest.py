@@ -1,0 +1,174 @@
+"""Fixtures of the chaos tests: a private RabbitMQ node to restart, and helpers to watch tasks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pika
+import pytest
+
+from tests.conftest import BIN, ROOT, Stack, free_port, stack_env
+
+RABBITMQ_BIN = Path(os.environ.get("MORAG_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 120, stack: Stack | None = None) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` (and the logs) otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    logs = stack.all_logs() if stack else ""
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def consumers(amqp_url: str, queue: str) -> int:
+    """Consumers on a queue, asked of RabbitMQ itself (works without the management plugin)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def wait_consumers(stack: Stack, queue: str, count: int = 1, timeout: float = 90) -> None:
+    url = stack.env["MORAG_BROKER_URL"]
+    wait_for(f"{count} consumer(s) on {queue}", lambda: consumers(url, queue) >= count, timeout, stack)
+
+
+def task(stack: Stack, task_id: str) -> dict[str, Any]:
+    return httpx.get(f"{stack.url}/api/v1/tasks/{task_id}", timeout=30).raise_for_status().json()
+
+
+def submit(stack: Stack, path: Path, **form: str) -> dict[str, Any]:
+    with path.open("rb") as f:
+        response = httpx.post(
+            f"{stack.url}/api/v1/tasks", files={"file": (path.name, f)}, data=form, timeout=120
+        )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def events(task_dict: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [e for e in task_dict["events"] if e["event"] == name]
+
+
+def start_worker(
+    stack: Stack, name: str, capability: str, *modules: str, threads: int = 1, **env: str
+) -> None:
+    """A worker as an operator starts it, plus test-only ``modules`` (importable from the checkout)."""
+    args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", *modules, "--queues", capability]
+    args += ["--processes", "1", "--threads", str(threads)]
+    stack.spawn(name, args, **{"MORAG_WORKER_NAME": name, "PYTHONPATH": str(ROOT), **env})
+
+
+@pytest.fixture(scope="session")
+def lasting_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About three and a half minutes of speech (the sample, looped): long enough to act on
+    a transcription while it runs, on any machine."""
+    from tests.conftest import SAMPLES
+
+    path = tmp_path_factory.mktemp("media") / "lasting.mp3"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-stream_loop", "20", "-i", str(SAMPLES / "speech.mp3"),
+         "-c", "copy", "-y", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+@dataclass
+class PrivateRabbitmq:
+    """A RabbitMQ node of this test alone, so restarting it disturbs no one else."""
+
+    node: str
+    port: int
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def ctl(self, *args: str, timeout: float = 120) -> None:
+        subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
+            env=self.env, check=True, capture_output=True, timeout=timeout,
+        )  # fmt: skip
+
+    def restart_app(self) -> None:
+        """Stop and start the RabbitMQ application: every connection closes; durable queues and
+        persistent messages stay."""
+        self.ctl("stop_app")
+        self.ctl("start_app")
+
+
+@pytest.fixture
+def private_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbitmq]:
+    server = RABBITMQ_BIN / "rabbitmq-server"
+    if not server.exists():
+        pytest.skip(f"{server} not found: a private RabbitMQ node needs the Debian package (ops/setup.sh)")
+    base = tmp_path_factory.mktemp("rabbitmq")
+    port = free_port()
+    node = f"morag-chaos-{uuid.uuid4().hex[:8]}@localhost"
+    (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n")
+    (base / "enabled_plugins").write_text("[].\n")
+    env = {
+        **os.environ,
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(free_port()),
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+        # Not the system node's settings (its name and port).
+        "RABBITMQ_CONF_ENV_FILE": os.devnull,
+    }
+    subprocess.run([str(server), "-detached"], env=env, check=True, timeout=60)
+    rabbit = PrivateRabbitmq(node, port, env)
+    try:
+        rabbit.ctl("wait", str(base / "rabbitmq.pid"), "--timeout", "90")
+        yield rabbit
+    finally:
+        subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", node, "shutdown"],
+            env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def private_stack(
+    tmp_path: Path, private_rabbitmq: PrivateRabbitmq, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """Like ``stack``, on the private node."""
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (tmp_path / "data").mkdir()
+    env = stack_env(tmp_path, private_rabbitmq.url, port)
+    s = Stack(env, tmp_path / "data", logs, url=f"http://127.0.0.1:{port}")
+    try:
+        yield s
+    finally:
+        s.stop_all()
+        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+            sys.stderr.write(s.all_logs())
