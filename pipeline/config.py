@@ -43,7 +43,8 @@ def _default_data_dir() -> Path:
 class Settings(BaseSettings):
     """All settings of server, workers and CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="MORAG_", extra="forbid")
+    # A worker's enrollment file, morag.env in the working directory, is read too.
+    model_config = SettingsConfigDict(env_prefix="MORAG_", extra="forbid", env_file="morag.env")
 
     # Where the server keeps its task store (SQLite) and files.
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -62,7 +63,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8470, ge=1, le=65535)
     server_url: str = "http://127.0.0.1:8470"
+    # Upload limits, enforced while the upload streams in: audio and video, and documents.
     max_upload_mb: int = Field(4096, ge=1)
+    max_document_mb: int = Field(256, ge=1)
 
     # Workers.
     worker_name: str | None = None
@@ -136,6 +139,34 @@ class Settings(BaseSettings):
     # Documents: folder with docling's layout models for PDF; without it PDFs
     # are converted as text only, and the result says so.
     docling_artifacts_path: Path | None = None
+
+    # Security. secret_key signs worker tokens, transfer grants and the keys
+    # workers sign their messages with; the server refuses to start without
+    # one unless dev_mode is on. api_key is what the CLI sends; worker_token and
+    # worker_key are what `morag-pipeline token issue` gives a worker.
+    secret_key: SecretStr | None = None
+    dev_mode: bool = False
+    api_key: SecretStr | None = None
+    worker_token: SecretStr | None = None
+    worker_key: SecretStr | None = None
+    token_ttl_days: float = Field(30.0, gt=0)
+    grant_ttl_s: int = Field(6 * 3600, ge=60)
+    # Authentication failures from one client within the window before it is refused (HTTP 429).
+    auth_max_failures: int = Field(10, ge=1)
+    auth_failure_window_s: float = Field(60.0, gt=0)
+    # Messages older than this (or from the future by more) are refused as replays.
+    message_max_age_s: float = Field(600.0, gt=0)
+    # HTTPS for the API (server side: certificate and key; CLI side: the CA to trust).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # AMQPS: the CA that signed RabbitMQ's certificate (with an amqps:// broker URL).
+    broker_ca_file: Path | None = None
+    # RabbitMQ's management API, for per-worker broker users (token issue --broker-user);
+    # its credentials default to those of broker_url.
+    broker_management_url: str = "http://127.0.0.1:15672"
+    audit_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    audit_backups: int = Field(5, ge=0)
 
     # Logging.
     log_level: str = "INFO"
@@ -212,7 +243,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
         config_file = os.environ.get(CONFIG_ENV)
         if config_file:
             path = Path(config_file)
@@ -261,7 +292,10 @@ def describe_errors(error: ValidationError) -> list[str]:
         name = ".".join(str(part) for part in item["loc"])
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"MORAG_{name.upper()}: {item['msg']}{shown}")
+        label = name.upper() if name.upper().startswith("MORAG_") else f"MORAG_{name.upper()}"
+        if item["type"] == "extra_forbidden":
+            item["msg"] = "no such setting"
+        lines.append(f"{label}: {item['msg']}{shown}")
     return lines
 
 

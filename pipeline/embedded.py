@@ -29,7 +29,8 @@ def embedded_pipeline(settings: Settings) -> Iterator[tuple[Services, object]]:
     """A stub broker with a worker on every queue, over a temporary data directory."""
     data_dir = Path(tempfile.mkdtemp(prefix="morag-run-"))
     try:
-        settings = use_settings(settings.model_copy(update={"data_dir": data_dir}))
+        # In-process only, nothing listens: development mode needs no secret.
+        settings = use_settings(settings.model_copy(update={"data_dir": data_dir, "dev_mode": True}))
         broker = install(build_stub_broker(settings))
         import pipeline.actors.control  # noqa: F401
         import pipeline.actors.cpu  # noqa: F401

@@ -86,6 +86,11 @@ def classify(path: Path, filename: str) -> Classification:
     )
 
 
+def looks_like_document(head: bytes) -> bool:
+    """A quick look at a file's first bytes: a document (PDF, Office, text) rather than media."""
+    return head.startswith((b"%PDF-", b"PK\x03\x04")) or _as_text(head) is not None
+
+
 def _as_text(head: bytes) -> str | None:
     if b"\x00" in head:
         return None

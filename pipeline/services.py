@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import Settings, get_settings
+from pipeline.security.apikeys import ApiKeyStore
+from pipeline.security.keys import server_secret
+from pipeline.security.tokens import TokenStore
 from pipeline.store import TaskStore
 from pipeline.transfer.local import LocalStore
 
@@ -14,11 +17,21 @@ class Services:
     settings: Settings
     store: TaskStore
     files: LocalStore
+    tokens: TokenStore
+    apikeys: ApiKeyStore
 
 
 def build_services(settings: Settings) -> Services:
+    """The stores of a server; InsecureSecret without a proper secret outside dev mode."""
+    secret = server_secret(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return Services(settings, TaskStore(settings.db_path), LocalStore(settings.files_dir))
+    return Services(
+        settings,
+        TaskStore(settings.db_path),
+        LocalStore(settings.files_dir),
+        TokenStore(settings.db_path, secret),
+        ApiKeyStore(settings.db_path),
+    )
 
 
 _current: Services | None = None

@@ -113,6 +113,7 @@ class Stack:
     logs: Path
     url: str = ""
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    verify: str | bool = True  # the CA file of an HTTPS server
 
     def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
@@ -134,7 +135,7 @@ class Stack:
             if self.processes["server"].poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log('server')}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

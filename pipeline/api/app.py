@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 from dramatiq import Broker
-from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from pipeline import __version__
 from pipeline.api.admin import admin_router
+from pipeline.api.auth import Authenticator
+from pipeline.api.uploads import Limits, receive_upload
 from pipeline.api.workers import workers_router
 from pipeline.brokers import PRIORITIES
 from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
@@ -31,20 +31,47 @@ MEDIA_TYPES = {
     "txt": "text/plain; charset=utf-8",
     "md": "text/markdown; charset=utf-8",
 }
-CHUNK = 1024 * 1024
+UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "audio, video or document",
+                        },
+                        "priority": {"type": "string", "enum": list(PRIORITIES), "default": "normal"},
+                        "gpu": {"type": "string", "enum": list(GPU_PREFERENCES), "default": "prefer"},
+                        "language": {"type": "string"},
+                        "model": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def create_app(
     services: Services,
     broker: Broker,
     gpu_workers: Callable[[], int | None],
+    auth: Authenticator,
     broker_ok: Callable[[], bool] = lambda: True,
 ) -> FastAPI:
     """The API over ``services``; tasks are published through ``broker``.
 
     ``gpu_workers`` tells how many GPU workers are connected (None: unknown);
-    ``broker_ok`` whether the broker answers, for ``/healthz``.
+    ``auth`` checks API keys and roles; ``broker_ok`` whether the broker
+    answers, for ``/healthz``.
     """
+    readonly = [Depends(auth.require("readonly"))]
+    client = [Depends(auth.require("client"))]
     app = FastAPI(
         title="morag-pipeline",
         version=__version__,
@@ -65,33 +92,29 @@ def create_app(
         ok = broker_ok()
         return {"status": "ok" if ok else "degraded", "broker": ok, "version": __version__}
 
-    @app.post("/api/v1/tasks", status_code=201, tags=["tasks"])
-    def create_task(
-        file: Annotated[UploadFile, File(description="audio, video or document")],
-        priority: Annotated[str, Form(description=" | ".join(PRIORITIES))] = "normal",
-        gpu: Annotated[str, Form(description=" | ".join(GPU_PREFERENCES))] = "prefer",
-        language: Annotated[str | None, Form()] = None,
-        model: Annotated[str | None, Form()] = None,
-    ) -> dict[str, Any]:
-        """Upload a file and queue it; the task record says where it went and why."""
-        filename = file.filename or "upload"
-        limit = settings.max_upload_mb * 1024 * 1024
-        with tempfile.NamedTemporaryFile(dir=uploads, delete=False) as tmp:
-            path = Path(tmp.name)
-            digest, size = hashlib.sha256(), 0
-            try:
-                while chunk := file.file.read(CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise HTTPException(413, f"{filename}: larger than {settings.max_upload_mb} MiB")
-                    digest.update(chunk)
-                    tmp.write(chunk)
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
+    limits = Limits(settings.max_upload_mb * 1024 * 1024, settings.max_document_mb * 1024 * 1024)
+
+    @app.post(
+        "/api/v1/tasks", status_code=201, tags=["tasks"], dependencies=client, openapi_extra=UPLOAD_FORM
+    )
+    async def create_task(request: Request) -> dict[str, Any]:
+        """Upload a file and queue it; the task record says where it went and why.
+
+        Form fields: ``file`` (audio, video or document), ``priority``, ``gpu``,
+        ``language``, ``model``.
+        """
+        upload = await receive_upload(request, uploads, limits)
         try:
-            options = SubmitOptions(priority=priority, gpu=gpu, language=language, model=model)
-            task = submit(services, broker, path, filename, digest.hexdigest(), size, options, gpu_workers)
+            options = SubmitOptions(
+                priority=upload.fields.get("priority") or "normal",
+                gpu=upload.fields.get("gpu") or "prefer",
+                language=upload.fields.get("language") or None,
+                model=upload.fields.get("model") or None,
+            )
+            task = await run_in_threadpool(
+                submit, services, broker, upload.path, upload.filename, upload.sha256, upload.size,
+                options, gpu_workers,
+            )  # fmt: skip
         except UnsupportedType as exc:
             raise HTTPException(415, str(exc)) from None
         except BadInput as exc:
@@ -99,10 +122,10 @@ def create_app(
         except PublishError as exc:
             raise HTTPException(503, str(exc)) from None
         finally:
-            path.unlink(missing_ok=True)
+            upload.path.unlink(missing_ok=True)
         return task.to_dict()
 
-    @app.get("/api/v1/tasks", tags=["tasks"])
+    @app.get("/api/v1/tasks", tags=["tasks"], dependencies=readonly)
     def list_tasks(
         state: State | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -111,13 +134,14 @@ def create_app(
         tasks = services.store.list(state=state, limit=limit, offset=offset)
         return {"tasks": [t.to_dict() for t in tasks], "counts": services.store.counts()}
 
-    @app.get("/api/v1/tasks/{task_id}", tags=["tasks"])
+    @app.get("/api/v1/tasks/{task_id}", tags=["tasks"], dependencies=readonly)
     def show_task(task_id: str) -> dict[str, Any]:
         return get_task(task_id)
 
     @app.get(
         "/api/v1/tasks/{task_id}/result",
         tags=["tasks"],
+        dependencies=readonly,
         response_class=PlainTextResponse,
         responses={409: {"description": "the task is not done"}},
     )
@@ -139,8 +163,9 @@ def create_app(
         headers = {"X-Content-SHA256": ref.sha256}
         return Response(content, media_type=MEDIA_TYPES.get(wanted), headers=headers)
 
-    app.include_router(admin_router(services, broker))
-    app.include_router(workers_router(services, broker))
+    admin = [Depends(auth.require("admin"))]
+    app.include_router(admin_router(services, broker, read=readonly, write=client, admin=admin))
+    app.include_router(workers_router(services, broker, read=readonly, admin=admin))
 
     @app.middleware("http")
     async def timing(request, call_next):  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ import uvicorn
 from dramatiq import Worker
 
 from pipeline.api.app import create_app
+from pipeline.api.auth import Authenticator
 from pipeline.brokers import QUEUES, current_broker
 from pipeline.brokers.rabbitmq import connection_parameters
 from pipeline.config import Settings, redact_url
@@ -15,6 +16,8 @@ from pipeline.liveness import CapacityProbe
 from pipeline.logs import get_logger
 from pipeline.registry import get_registry
 from pipeline.scheduler import start_liveness
+from pipeline.security.audit import open_audit_log
+from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import get_services
 from pipeline.transfer.serving import start_file_services
 
@@ -51,7 +54,12 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         except BrokerUnreachable:
             return False
 
-    app = create_app(services, broker, CapacityProbe(settings, get_registry(settings)), broker_ok)
+    if settings.dev_mode:
+        logger.warning("development mode: requests without an API key act as admin; never expose this")
+    open_audit_log(settings.data_dir / "audit.log", settings.audit_max_bytes, settings.audit_backups)
+    limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
+    auth = Authenticator(services.apikeys, services.tokens, limiter, dev_mode=settings.dev_mode)
+    app = create_app(services, broker, CapacityProbe(settings, get_registry(settings)), auth, broker_ok)
     # SFTP server (its host key fingerprint is logged) and store retention.
     files = start_file_services(settings, services.store, services.files)
     # One thread keeps task events in the order workers sent them.
@@ -60,9 +68,15 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     # The one periodiq scheduler and the sweep, in a child process.
     liveness = start_liveness(settings)
     host, port = host or settings.api_host, port or settings.api_port
-    logger.info("server starting", extra={"url": f"http://{host}:{port}", "data_dir": str(settings.data_dir)})
+    tls = {}
+    if settings.tls_cert_file and settings.tls_key_file:
+        tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
+    scheme = "https" if tls else "http"
+    logger.info(
+        "server starting", extra={"url": f"{scheme}://{host}:{port}", "data_dir": str(settings.data_dir)}
+    )
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", **tls)
     finally:
         files.stop()
         liveness.stop()

@@ -22,12 +22,16 @@ from pipeline.middleware.heartbeat import Heartbeat
 from pipeline.middleware.lifecycle import TaskEvents
 from pipeline.middleware.logging import StructuredLogs
 from pipeline.middleware.reroute import GpuFallback
+from pipeline.middleware.signing import MessageSigning
 from pipeline.middleware.sizing import WorkerSizing
 
 
 def pipeline_middleware(settings: Settings) -> list[Middleware]:
     return [
         StructuredLogs(settings.log_level, settings.log_json),
+        # First: control messages are verified before anything acts on them.
+        # It signs actor and arguments only, so later changes to options are fine.
+        MessageSigning(settings),
         AgeLimit(),
         TimeLimit(time_limit=settings.max_time_limit_s * 1000),
         ShutdownNotifications(),

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.brokers import PRIORITIES
-from pipeline.cli import failures_cmd, workers_cmd
+from pipeline.cli import failures_cmd, security_cmd, workers_cmd
 from pipeline.config import ConfigError, Settings, get_settings
 from pipeline.errors import PipelineError
 from pipeline.routing import GPU_PREFERENCES
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="show or check the configuration")
     config.add_argument("action", choices=["show", "check"])
 
+    security_cmd.add_commands(commands)
     failures_cmd.add_commands(commands)
     workers_cmd.add_commands(commands)
     return parser
@@ -95,7 +96,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli.client import ApiClient
 
     _check_files(args.files)
-    client = ApiClient(settings.server_url)
+    client = ApiClient.from_settings(settings)
     submitted = []
     for path in args.files:
         task = client.submit(
@@ -150,7 +151,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli import display
     from pipeline.cli.client import ApiClient
 
-    task = ApiClient(settings.server_url).task(args.task_id)
+    task = ApiClient.from_settings(settings).task(args.task_id)
     if args.json:
         print(json.dumps(task, indent=2))
     else:
@@ -162,7 +163,7 @@ def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli import display
     from pipeline.cli.client import ApiClient
 
-    client = ApiClient(settings.server_url)
+    client = ApiClient.from_settings(settings)
     task = client.task(args.task_id)
     return display.report(
         [task], lambda t, f: client.result(t["id"], f), as_json=args.json, output=args.output, fmt=args.format
@@ -173,7 +174,7 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli import display
     from pipeline.cli.client import ApiClient
 
-    listing = ApiClient(settings.server_url).tasks(args.state, args.limit)
+    listing = ApiClient.from_settings(settings).tasks(args.state, args.limit)
     if args.json:
         print(json.dumps(listing, indent=2))
     else:
@@ -205,6 +206,8 @@ COMMANDS = {
     "tasks": cmd_tasks,
     "server": cmd_server,
     "config": cmd_config,
+    "token": security_cmd.cmd_token,
+    "apikey": security_cmd.cmd_apikey,
     **failures_cmd.COMMANDS,
     **workers_cmd.COMMANDS,
 }
