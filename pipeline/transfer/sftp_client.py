@@ -231,14 +231,23 @@ class SftpSession:
             raise _Denied(path) from None
 
     def read(self, handle: bytes, offset: int, end: int) -> Iterator[bytes]:
-        """The bytes from ``offset`` to ``end``, in order, ``DEPTH`` requests of ``BLOCK`` in flight."""
+        """The bytes from ``offset`` to ``end``, in order, ``DEPTH`` requests of ``BLOCK`` in flight.
+
+        The next request goes out before a block is handed on, so the server
+        stays busy while the caller writes and hashes it.
+        """
         pending: deque[tuple[int, int, int]] = deque()
         ask = offset
-        while offset < end:
+
+        def top_up() -> None:
+            nonlocal ask
             while ask < end and len(pending) < DEPTH:
                 size = min(BLOCK, end - ask)
                 pending.append((self.send(CMD_READ, handle, int64(ask), size), ask, size))
                 ask += size
+
+        top_up()
+        while offset < end:
             num, at, size = pending.popleft()
             try:
                 _, msg = self.reply(num)
@@ -247,8 +256,11 @@ class SftpSession:
             data = msg.get_string()
             if len(data) < size:
                 # A short read: ask for the rest before anything later.
-                rest = (self.send(CMD_READ, handle, int64(at + len(data)), size - len(data)), at + len(data))
-                pending.appendleft((rest[0], rest[1], size - len(data)))
+                rest = at + len(data)
+                pending.appendleft(
+                    (self.send(CMD_READ, handle, int64(rest), size - len(data)), rest, size - len(data))
+                )
+            top_up()
             offset += len(data)
             yield data
 
@@ -568,8 +580,8 @@ class SftpTransport:
         try:
             while True:
                 try:
-                    sha256 = self._put(src, temp, resume)
-                    self._verify(temp, size, sha256, store_path)
+                    sha256, held = self._put(src, temp, resume)
+                    self._verify(temp, size, sha256, held, store_path)
                     self.session().sftp.posix_rename(temp, final)
                     return FileRef(store_path, sha256, size)
                 except _Denied:
@@ -597,8 +609,12 @@ class SftpTransport:
             self._remove_quietly(temp)
             raise
 
-    def _put(self, src: Path, temp: str, resume: bool) -> str:
-        """Send ``src`` to ``temp``, from where a previous attempt stopped if ``resume``; its SHA-256."""
+    def _put(self, src: Path, temp: str, resume: bool) -> tuple[str, str | None]:
+        """Send ``src`` to ``temp``, from where a previous attempt stopped if ``resume``.
+
+        Returns the SHA-256 of what was sent and the one the server computed of
+        what it holds (None if it cannot hash).
+        """
         session = self.session()
         session.mkdirs(posixpath.dirname(temp))
         size = src.stat().st_size
@@ -611,7 +627,11 @@ class SftpTransport:
             if offset:
                 logger.info("sftp upload resumed", extra=self._log(temp, offset=offset))
             session.write(handle, offset, _local_chunks(src, offset, digest))
-        return digest.hexdigest()
+            try:
+                held = session.sha256(handle)
+            except _Unsupported:
+                held = None
+        return digest.hexdigest(), held
 
     def _same_prefix(self, session: SftpSession, handle: bytes, sha256: str, length: int) -> bool:
         """Whether the server's first ``length`` bytes hash to ``sha256``; True if it cannot say."""
@@ -620,22 +640,21 @@ class SftpTransport:
         except _Unsupported:
             return True  # the final verification catches a bad prefix
 
-    def _verify(self, temp: str, size: int, sha256: str, store_path: str) -> None:
-        """Compare the server's copy with what was sent: size from the server, SHA-256 hashed by it."""
+    def _verify(self, temp: str, size: int, sha256: str, held: str | None, store_path: str) -> None:
+        """Compare the server's copy with what was sent: its size as the server reports it, and
+        its SHA-256 as the server computed it (``held``) or, if it cannot, as read back."""
         session = self.session()
-        held = session.size(temp)
-        with session.opened(temp, READ) as handle:
-            try:
-                remote = session.sha256(handle)
-            except _Unsupported:
-                digest = hashlib.sha256()
-                for data in session.read(handle, 0, held or 0):
+        held_size = session.size(temp)
+        if held is None:
+            digest = hashlib.sha256()
+            with session.opened(temp, READ) as handle:
+                for data in session.read(handle, 0, held_size or 0):
                     digest.update(data)
-                remote = digest.hexdigest()
-        if held != size or remote != sha256:
+            held = digest.hexdigest()
+        if held_size != size or held != sha256:
             raise ChecksumMismatch(
                 f"{store_path}: sent {size} bytes sha256 {sha256[:12]}…, "
-                f"the server holds {held} bytes sha256 {remote[:12]}…"
+                f"the server holds {held_size} bytes sha256 {held[:12]}…"
             )
 
     def _remove_quietly(self, temp: str) -> None:

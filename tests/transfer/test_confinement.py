@@ -121,3 +121,24 @@ def test_the_root_cannot_be_removed(sftp: paramiko.SFTPClient, outside: Path) ->
     with pytest.raises(OSError):
         sftp.rmdir("/..")
     assert sftp.listdir("/") == ["tasks"]
+
+
+def test_server_hashes_what_it_holds(sftp: paramiko.SFTPClient, store: LocalStore, outside: Path) -> None:
+    """check-file with sha256: from the writes as they arrived, or from the disk once the file changed."""
+    import hashlib
+
+    data = os.urandom(600_000)
+    with sftp.open("tasks/t1/input/fresh.bin", "w") as f:
+        f.set_pipelined(True)
+        f.write(data)
+        assert f.check("sha256") == hashlib.sha256(data).digest()
+        # Changed on the server's disk behind the writer's back: the disk is hashed.
+        local = store.resolve("tasks/t1/input/fresh.bin")
+        changed = bytearray(local.read_bytes())
+        changed[1000] ^= 1
+        local.write_bytes(bytes(changed))
+        os.utime(local, ns=(1, 1))
+        assert f.check("sha256") == hashlib.sha256(changed).digest()
+    with sftp.open("tasks/t1/input/fresh.bin") as f:
+        assert f.check("sha256", 0, 1000) == hashlib.sha256(data[:1000]).digest()
+        assert f.check("sha256") == hashlib.sha256(changed).digest()

@@ -17,9 +17,7 @@ from tests.transfer.conftest import PASSWORD, USER, put_input, worker_settings
 from tests.transfer.openssh import free_port
 
 
-def test_server_starts_sftp_and_logs_its_key(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_server_starts_sftp_and_logs_its_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     server_settings = Settings(
         data_dir=tmp_path / "server", sftp_port=free_port(), sftp_username=USER, sftp_password=PASSWORD
     )
