@@ -11,8 +11,9 @@ streaming; uploads verified by the server's ``check-file`` hash, or read back
 where the server has none, as OpenSSH's) and with no hashing or verification
 at all, the same bytes moved the same way. Every transfer opens its own
 connection, handshake included. Rounds alternate between the contenders so
-that load on the machine falls on all alike; medians of the rounds are
-printed, with ratios to the baseline and the cost of checksums.
+that load on the machine falls on all alike (each round in a rotated order);
+medians of the rounds are printed, with ratios to the baseline and the cost
+of checksums.
 
     .venv/bin/python -m bench.sftp_throughput --size-mb 1024 --rounds 3
 """
@@ -155,10 +156,12 @@ def openssh_sftp(openssh: OpenSsh, folder: Path, command: str) -> None:
 
 
 def timed(run: Callable[[], None], cleanup: Callable[[], None]) -> float:
+    """Seconds ``run`` takes; then ``cleanup``, and the disk is synced so the next run starts alike."""
     started = time.perf_counter()
     run()
     elapsed = time.perf_counter() - started
     cleanup()
+    os.sync()
     return elapsed
 
 
@@ -224,9 +227,12 @@ def main() -> None:
                 "ours/embedded upload unhashed": lambda: to_embedded.upload_unhashed(local, out_path),
             }
             seconds: dict[str, list[float]] = {name: [] for name in cases}
+            names = list(cases)
             for round_ in range(args.rounds):
-                for name, run in cases.items():
-                    seconds[name].append(timed(run, clean))
+                # Each round starts further down the list, so no contender always follows the same one.
+                shift = round_ * 3 % len(names)
+                for name in names[shift:] + names[:shift]:
+                    seconds[name].append(timed(cases[name], clean))
                     print(
                         f"round {round_ + 1} {name}: {size / MB / seconds[name][-1]:.0f} MB/s",
                         file=sys.stderr,

@@ -234,20 +234,39 @@ class SftpSession:
         """The bytes from ``offset`` to ``end``, in order, ``DEPTH`` requests of ``BLOCK`` in flight.
 
         The next request goes out before a block is handed on, so the server
-        stays busy while the caller writes and hashes it.
+        stays busy while the caller writes and hashes it. When the connection
+        breaks, replies already received are still handed on (so a resumed
+        transfer starts after them) before the error is raised.
         """
         pending: deque[tuple[int, int, int]] = deque()
         ask = offset
+        broken: BaseException | None = None
+
+        def request(at: int, size: int, first: bool = False) -> None:
+            nonlocal broken
+            if broken is not None:
+                return
+            try:
+                num = self.send(CMD_READ, handle, int64(at), size)
+            except TRANSIENT as exc:
+                broken = exc
+                return
+            if first:
+                pending.appendleft((num, at, size))
+            else:
+                pending.append((num, at, size))
 
         def top_up() -> None:
             nonlocal ask
-            while ask < end and len(pending) < DEPTH:
+            while broken is None and ask < end and len(pending) < DEPTH:
                 size = min(BLOCK, end - ask)
-                pending.append((self.send(CMD_READ, handle, int64(ask), size), ask, size))
+                request(ask, size)
                 ask += size
 
         top_up()
         while offset < end:
+            if not pending:
+                raise broken or _SizeChanged(f"no reply after {offset} bytes")
             num, at, size = pending.popleft()
             try:
                 _, msg = self.reply(num)
@@ -255,11 +274,7 @@ class SftpSession:
                 raise _SizeChanged(f"file ends at {at} bytes") from None
             data = msg.get_string()
             if len(data) < size:
-                # A short read: ask for the rest before anything later.
-                rest = at + len(data)
-                pending.appendleft(
-                    (self.send(CMD_READ, handle, int64(rest), size - len(data)), rest, size - len(data))
-                )
+                request(at + len(data), size - len(data), first=True)  # a short read: the rest comes next
             top_up()
             offset += len(data)
             yield data
