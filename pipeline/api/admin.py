@@ -15,11 +15,10 @@ from pydantic import BaseModel, Field
 from pipeline.brokers import QUEUES
 from pipeline.brokers import deadletters as dead
 from pipeline.brokers.cancellations import publish_cancel
-from pipeline.brokers.rabbitmq import connection_parameters
+from pipeline.brokers.rabbitmq import connection_parameters, queue_stats
 from pipeline.errors import TaskNotFound
 from pipeline.logs import get_logger
 from pipeline.services import Services
-from pipeline.store import FINAL_STATES
 
 logger = get_logger(__name__)
 
@@ -69,7 +68,8 @@ def admin_router(
         queues = queues_of(queue)
         with rabbitmq() as parameters:
             letters = dead.browse(parameters, queues)
-            counts = dead.counts(parameters, queues)
+            stats = queue_stats(settings, queues)
+        counts = {q: stats[f"{q}.XQ"]["messages"] for q in queues}
         return {"counts": counts, "letters": [letter.summary() for letter in letters]}
 
     @router.get("/dead/{letter_id}", tags=["dead letters"], dependencies=list(read))
@@ -108,12 +108,11 @@ def admin_router(
         """
         reason = (request or CancelRequest()).reason
         try:
-            task = store.get(task_id, events=False)
+            if not store.mark_canceled(task_id, reason):
+                state = store.get(task_id, events=False).state
+                raise HTTPException(409, f"task {task_id} is {state}: nothing to cancel")
         except TaskNotFound:
             raise HTTPException(404, f"no task {task_id}") from None
-        if task.state in FINAL_STATES or not store.mark_canceled(task_id, reason):
-            state = store.get(task_id, events=False).state
-            raise HTTPException(409, f"task {task_id} is {state}: nothing to cancel")
         notified = True
         try:
             publish_cancel(connection_parameters(settings), task_id, reason)

@@ -196,24 +196,6 @@ def browse(
     return letters
 
 
-def counts(parameters: pika.ConnectionParameters, queues: Iterable[str]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    connection = pika.BlockingConnection(parameters)
-    try:
-        for queue in queues:
-            channel = connection.channel()
-            try:
-                found[queue] = channel.queue_declare(xq_name(queue), passive=True).method.message_count
-            except pika.exceptions.ChannelClosedByBroker:
-                found[queue] = 0
-            finally:
-                if channel.is_open:
-                    channel.close()
-    finally:
-        connection.close()
-    return found
-
-
 def fresh_copy(message: dramatiq.Message) -> dramatiq.Message:
     """The message as it goes back to its queue: same id, args and route, no run counters."""
     options = {k: v for k, v in message.options.items() if k not in RUN_OPTIONS}
