@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from tests.chaos.conftest import events, submit
 from tests.conftest import Stack, queue_info
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -48,19 +49,6 @@ def task(stack: Stack, task_id: str) -> dict[str, Any]:
 
 def workers(stack: Stack) -> dict[str, dict[str, Any]]:
     return {w["id"]: w for w in get(stack, "/api/v1/workers")["workers"]}
-
-
-def submit(stack: Stack, path: Path, **form: str) -> dict[str, Any]:
-    with path.open("rb") as f:
-        response = httpx.post(
-            f"{stack.url}/api/v1/tasks", files={"file": (path.name, f)}, data=form, timeout=120
-        )
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def events(task_dict: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    return [e for e in task_dict["events"] if e["event"] == name]
 
 
 def sweeping_until(stack: Stack, what: str, check: Callable[[], T | None], timeout: float = 180) -> T:
