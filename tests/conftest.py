@@ -274,16 +274,20 @@ def docx_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def long_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About a minute of speech: the sample, looped."""
-    path = tmp_path_factory.mktemp("media") / "long.mp3"
+def looped_speech(path: Path, loops: int) -> Path:
+    """The speech sample played ``loops + 1`` times over, written to ``path``."""
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-stream_loop", "5", "-i", str(SAMPLES / "speech.mp3"),
+        ["ffmpeg", "-v", "error", "-stream_loop", str(loops), "-i", str(SAMPLES / "speech.mp3"),
          "-c", "copy", "-y", str(path)],
         check=True,
     )  # fmt: skip
     return path
+
+
+@pytest.fixture(scope="session")
+def long_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About a minute of speech: the sample, looped."""
+    return looped_speech(tmp_path_factory.mktemp("media") / "long.mp3", 5)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import httpx
 import pika
 import pytest
 
-from tests.conftest import BIN, ROOT, Stack, free_port, stack_env
+from tests.conftest import BIN, ROOT, Stack, free_port, looped_speech, stack_env
 
 RABBITMQ_BIN = Path(os.environ.get("MORAG_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 
@@ -81,17 +81,9 @@ def start_worker(
 
 @pytest.fixture(scope="session")
 def lasting_audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About three and a half minutes of speech (the sample, looped): long enough to act on
-    a transcription while it runs, on any machine."""
-    from tests.conftest import SAMPLES
-
-    path = tmp_path_factory.mktemp("media") / "lasting.mp3"
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-stream_loop", "20", "-i", str(SAMPLES / "speech.mp3"),
-         "-c", "copy", "-y", str(path)],
-        check=True,
-    )  # fmt: skip
-    return path
+    """About three and a half minutes of speech: long enough to act on a transcription
+    while it runs, on any machine."""
+    return looped_speech(tmp_path_factory.mktemp("media") / "lasting.mp3", 20)
 
 
 @dataclass
