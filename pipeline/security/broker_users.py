@@ -26,11 +26,13 @@ class BrokerAdminError(PipelineError):
 
 
 def permissions(capability: str) -> dict[str, str]:
+    """Consume its own queues; declare control (and, for GPU workers, cpu, where the GPU
+    fallback moves a task); read the cancellation stream (pipeline.brokers.cancellations)."""
     own = rf"{capability}(\.DQ|\.XQ)?"
-    # Every worker reads the cancellation stream (pipeline.brokers.cancellations).
     cancellations = r"morag\.cancellations"
+    declared = "control|cpu" if capability == "gpu" else "control"
     return {
-        "configure": rf"^({own}|control(\.DQ|\.XQ)?|{cancellations})$",
+        "configure": rf"^({own}|({declared})(\.DQ|\.XQ)?|{cancellations})$",
         "write": r"^amq\.default$",
         "read": rf"^({own}|{cancellations})$",
     }
