@@ -238,7 +238,10 @@ def test_the_server_runs_one_scheduler_that_sends_the_sweep(stack: Stack) -> Non
     children = subprocess.run(["pgrep", "-P", str(server.pid), "-f", "pipeline.scheduler"],
                               capture_output=True, text=True).stdout.split()  # fmt: skip
     assert len(children) == 1
-    # A second scheduler on the same data directory refuses to run.
+    # Once the server's scheduler holds the lock, a second one on the same data directory refuses to run.
+    deadline = time.monotonic() + 60
+    while "liveness scheduler running" not in stack.log("server") and time.monotonic() < deadline:
+        time.sleep(0.2)
     second = subprocess.run(
         [sys.executable, "-m", "pipeline.scheduler", str(os.getpid())],
         env={**stack.env, "MORAG_LOG_JSON": "false"}, capture_output=True, text=True, timeout=60,
