@@ -69,7 +69,9 @@ class Settings(BaseSettings):
 
     # Workers.
     worker_name: str | None = None
-    file_access: FileAccess = FileAccess.shared
+    # Workers fetch and return files over SFTP unless told they share the
+    # server's data directory (a CPU worker on the server's host).
+    file_access: FileAccess = FileAccess.sftp
     # A failed attempt is retried max_retries times (bad input never), after
     # min_backoff * 2^n ms with jitter, capped by max_backoff: 10-20 s, 20-40 s,
     # 40-80 s by default. Then the message is dead-lettered to <queue>.XQ.

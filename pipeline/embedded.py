@@ -30,7 +30,9 @@ def embedded_pipeline(settings: Settings) -> Iterator[tuple[Services, object]]:
     data_dir = Path(tempfile.mkdtemp(prefix="morag-run-"))
     try:
         # In-process only, nothing listens: development mode needs no secret.
-        settings = use_settings(settings.model_copy(update={"data_dir": data_dir, "dev_mode": True}))
+        settings = use_settings(
+            settings.model_copy(update={"data_dir": data_dir, "dev_mode": True, "file_access": "shared"})
+        )
         broker = install(build_stub_broker(settings))
         import pipeline.actors.control  # noqa: F401
         import pipeline.actors.cpu  # noqa: F401

@@ -43,3 +43,10 @@ class TaskNotFound(PipelineError):
 
 class TaskCanceled(PipelineError):
     """The task was canceled while a worker ran it; it stops and leaves nothing behind."""
+
+
+class AccessRefused(BadInput):
+    """The server refused this worker the task's files (an expired or invalid transfer grant).
+
+    Retrying the same message cannot help; a dead-letter retry issues a new grant.
+    """

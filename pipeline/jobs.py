@@ -17,6 +17,7 @@ before it uploads anything.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -63,10 +64,13 @@ def run_job(
         if should_stop():
             raise TaskCanceled(f"canceled while {stage}")
 
+    if job.get("grant"):
+        transport.authorize(task_id, job["grant"])
     done = read_manifest(transport, task_id)
     if done is not None:
         return done.outputs, {**done.result, "reused": True}
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as tmp:
+    # The process id in the name lets a later worker remove what a killed one left.
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         folder = Path(tmp)
         check_stop("waiting")
         progress("downloading", 0.0)

@@ -16,6 +16,7 @@ from dramatiq import Broker
 
 from pipeline.logs import get_logger
 from pipeline.routing import WorkerView, as_capacity, choose_route, classify
+from pipeline.security.grants import issue_grant
 from pipeline.services import Services
 from pipeline.store import State, Task, new_task_id
 
@@ -37,9 +38,9 @@ class PublishError(Exception):
     """The task was recorded but its message could not be published."""
 
 
-def build_job(task: Task) -> dict[str, Any]:
-    """The message body a worker needs, and nothing more."""
-    return {
+def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
+    """The message body a worker needs, and nothing more: with ``grant``, its transfer grant."""
+    job = {
         "task_id": task.id,
         "kind": task.kind,
         "filename": task.filename,
@@ -48,9 +49,17 @@ def build_job(task: Task) -> dict[str, Any]:
         "options": task.options,
         "route": {"queue": task.route["queue"], "gpu": task.route["gpu"]},
     }
+    if grant is not None:
+        job["grant"] = grant
+    return job
 
 
-def publish(broker: Broker, task: Task) -> str:
+def grant_for(services: Services, task_id: str, input_path: str) -> str:
+    """A transfer grant for one task: read its input, read and write its outputs."""
+    return issue_grant(services.tokens.secret, task_id, [input_path], services.settings.grant_ttl_s)
+
+
+def publish(broker: Broker, task: Task, grant: str | None = None) -> str:
     """Publish a task's message to its route's queue; returns the message id.
 
     Dramatiq picks the queue from the actor, so the message is copied onto the
@@ -58,7 +67,7 @@ def publish(broker: Broker, task: Task) -> str:
     """
     actor = broker.get_actor(ACTORS[task.kind])
     message = actor.message_with_options(
-        kwargs={"job": build_job(task)},
+        kwargs={"job": build_job(task, grant)},
         broker_priority=task.route["broker_priority"],
         time_limit=task.route["time_limit_s"] * 1000,
     ).copy(queue_name=task.route["queue"])
@@ -106,7 +115,7 @@ def submit(
         detail = {"from": "gpu", "to": route.queue, "reason": route.fallback, "by": "submit"}
         services.store.add_event(task_id, "rerouted", detail)
     try:
-        message_id = publish(broker, task)
+        message_id = publish(broker, task, grant_for(services, task.id, ref.path))
     except Exception as exc:
         reason = f"could not publish the task to the broker: {exc}"
         services.store.mark_failed(task_id, reason, None)

@@ -142,12 +142,30 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"server did not start:\n{self.log('server')}")
 
-    def start_worker(self, capability: str, name: str | None = None, threads: int = 1, **env: str) -> str:
-        """``dramatiq pipeline.actors.<capability> --queues <capability>``, as an operator types it."""
+    def enroll(self, name: str, capability: str) -> dict[str, str]:
+        """``morag-pipeline token issue``: the settings of an enrolled worker."""
+        proc = self.cli("token", "issue", "--worker", name, "--capability", capability)
+        if proc.returncode != 0:
+            raise RuntimeError(f"enrollment failed: {proc.stderr}")
+        return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+
+    def start_worker(
+        self, capability: str, name: str | None = None, threads: int = 1, enroll: bool = True, **env: str
+    ) -> str:
+        """``dramatiq pipeline.actors.<capability> --queues <capability>``, as an operator types it.
+
+        By default the worker is enrolled like a remote box: a token, its own
+        empty data directory, and files over SFTP only. Settings in ``env`` win.
+        """
         name = name or f"{capability}-worker"
         args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", "--queues", capability]
         args += ["--processes", "1", "--threads", str(threads)]
-        self.spawn(name, args, **{"MORAG_WORKER_NAME": name, **env})
+        worker_env = {"MORAG_WORKER_NAME": name}
+        if enroll and "MORAG_WORKER_TOKEN" not in env:
+            own = self.data_dir.parent / f"worker-{name}"
+            own.mkdir(exist_ok=True)
+            worker_env.update(self.enroll(name, capability), MORAG_DATA_DIR=str(own))
+        self.spawn(name, args, **{**worker_env, **env})
         return name
 
     def wait_consumers(self, queue: str, count: int = 1, timeout: float = 60) -> None:

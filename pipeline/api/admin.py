@@ -19,6 +19,7 @@ from pipeline.brokers.rabbitmq import connection_parameters, queue_stats
 from pipeline.errors import TaskNotFound
 from pipeline.logs import get_logger
 from pipeline.services import Services
+from pipeline.submission import grant_for
 
 logger = get_logger(__name__)
 
@@ -85,7 +86,10 @@ def admin_router(
     def retry_dead(selection: Selection) -> dict[str, Any]:
         """Send dead letters back to their queues; their tasks go back to queued, history kept."""
         with rabbitmq() as parameters:
-            return dead.retry(parameters, broker, store, queues_of(selection.queue), selection.ids)
+            return dead.retry(
+                parameters, broker, store, queues_of(selection.queue), selection.ids,
+                regrant=lambda task_id, path: grant_for(services, task_id, path),
+            )  # fmt: skip
 
     @router.post("/dead/purge", tags=["dead letters"], dependencies=list(admin))
     def purge_dead(selection: Selection) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     auth = Authenticator(services.apikeys, services.tokens, limiter, dev_mode=settings.dev_mode)
     app = create_app(services, broker, CapacityProbe(settings, get_registry(settings)), auth, broker_ok)
     # SFTP server (its host key fingerprint is logged) and store retention.
-    files = start_file_services(settings, services.store, services.files)
+    files = start_file_services(settings, services.store, services.files, services.tokens)
     # One thread keeps task events in the order workers sent them.
     control = Worker(broker, queues={"control"}, worker_threads=1)
     control.start()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -210,14 +210,26 @@ def fresh_copy(message: dramatiq.Message) -> dramatiq.Message:
     )
 
 
+def _regranted(message: dramatiq.Message, regrant: Callable[[str, str], str] | None) -> dramatiq.Message:
+    job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
+    if regrant is None or not isinstance(job, dict) or "grant" not in job:
+        return message
+    job = {**job, "grant": regrant(job["task_id"], job["input"]["path"])}
+    return message.copy(kwargs={**message.kwargs, "job": job})
+
+
 def retry(
     parameters: pika.ConnectionParameters,
     broker: Broker,
     store: TaskStore,
     queues: Iterable[str],
     ids: list[str] | None = None,
+    regrant: Callable[[str, str], str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Send chosen dead letters (all when ``ids`` is None) back to their queues.
+
+    ``regrant(task_id, input_path)`` gives a task message a fresh transfer
+    grant: the one it carried may have expired while it lay dead.
 
     Each task goes back to ``queued`` first, with a ``requeued`` event; then
     the message is published with confirm and only then taken off the dead
@@ -243,7 +255,7 @@ def retry(
                     skipped.append({**letter.summary(), "why": why})
                     continue
                 try:
-                    broker.enqueue(fresh_copy(item.message))
+                    broker.enqueue(_regranted(fresh_copy(item.message), regrant))
                 except BrokerConnectionError as exc:
                     if letter.task_id:
                         store.mark_failed(letter.task_id, f"dead letter retry not published: {exc}", None)

@@ -16,6 +16,7 @@ from periodiq import PeriodiqMiddleware
 
 from pipeline.config import Settings
 from pipeline.middleware.cancellation import Cancellations
+from pipeline.middleware.cleanup import TempCleanup
 from pipeline.middleware.deadletters import DeadLetters
 from pipeline.middleware.deliveries import DeliveryCount
 from pipeline.middleware.heartbeat import Heartbeat
@@ -29,6 +30,7 @@ from pipeline.middleware.sizing import WorkerSizing
 def pipeline_middleware(settings: Settings) -> list[Middleware]:
     return [
         StructuredLogs(settings.log_level, settings.log_json),
+        TempCleanup(max_age_s=2 * settings.max_time_limit_s),
         # First: control messages are verified before anything acts on them.
         # It signs actor and arguments only, so later changes to options are fine.
         MessageSigning(settings),

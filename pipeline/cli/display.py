@@ -21,6 +21,7 @@ TaskDict = dict[str, Any]
 GetTask = Callable[[str], TaskDict]
 GetOutput = Callable[[TaskDict, str], bytes]
 
+
 def console(stderr: bool = False) -> Console:
     """A console; tables get room when the output is a file or a pipe."""
     made = Console(stderr=stderr, highlight=False, soft_wrap=True)

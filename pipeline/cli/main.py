@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.brokers import PRIORITIES
-from pipeline.cli import failures_cmd, security_cmd, workers_cmd
+from pipeline.cli import failures_cmd, security_cmd, store_cmd, workers_cmd
 from pipeline.config import ConfigError, Settings, get_settings
 from pipeline.errors import PipelineError
 from pipeline.routing import GPU_PREFERENCES
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     security_cmd.add_commands(commands)
     failures_cmd.add_commands(commands)
     workers_cmd.add_commands(commands)
+    store_cmd.add_commands(commands)
     return parser
 
 
@@ -210,6 +211,7 @@ COMMANDS = {
     "apikey": security_cmd.cmd_apikey,
     **failures_cmd.COMMANDS,
     **workers_cmd.COMMANDS,
+    **store_cmd.COMMANDS,
 }
 
 

@@ -78,13 +78,14 @@ def _when(ts: float | None) -> str:
 
 
 def _host_key_pin(settings: Settings) -> str | None:
-    """The embedded SFTP server's host key fingerprint, when it has one."""
+    """The SFTP host key a worker must pin: configured, or the embedded server's (made if missing)."""
     if settings.sftp_host_key:
         return settings.sftp_host_key
+    if not settings.sftp_embedded:
+        return None  # the operator pins the OpenSSH server's key (docs/sftp.md)
     from pipeline.transfer.sftp_server import host_key_path, load_host_key
 
-    path = host_key_path(settings)
-    return load_host_key(path).fingerprint if path.exists() else None
+    return load_host_key(host_key_path(settings)).fingerprint
 
 
 def enrollment(settings: Settings, args: argparse.Namespace, token: str, key: str, broker_url: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.config import Settings
 from pipeline.logs import get_logger
+from pipeline.security.tokens import TokenStore
 from pipeline.store import TaskStore
 from pipeline.transfer.local import LocalStore
 from pipeline.transfer.retention import RetentionSweeper
@@ -31,9 +32,14 @@ class FileServices:
             self.sftp.stop()
 
 
-def start_file_services(settings: Settings, tasks: TaskStore, files: LocalStore) -> FileServices:
-    """Start the embedded SFTP server (unless ``sftp_embedded`` is off) and the retention sweeper."""
-    sftp = start_sftp_server(settings, files.root) if settings.sftp_embedded else None
+def start_file_services(
+    settings: Settings, tasks: TaskStore, files: LocalStore, tokens: TokenStore | None = None
+) -> FileServices:
+    """Start the embedded SFTP server (unless ``sftp_embedded`` is off) and the retention sweeper.
+
+    With ``tokens``, enrolled workers log in to SFTP with their tokens.
+    """
+    sftp = start_sftp_server(settings, files.root, tokens) if settings.sftp_embedded else None
     if sftp is None:
         logger.info("embedded sftp server off: workers use the configured SFTP server or a shared store")
     retention = None

@@ -48,9 +48,10 @@ from paramiko.sftp import (
 from paramiko.sftp_client import int64
 
 from pipeline.config import Settings
-from pipeline.errors import BadInput, ChecksumMismatch, TransferError
+from pipeline.errors import AccessRefused, BadInput, ChecksumMismatch, TransferError
 from pipeline.logs import get_logger
 from pipeline.transfer.checksums import FileRef
+from pipeline.transfer.sftp_server import GRANT_EXTENSION
 
 logger = get_logger(__name__)
 
@@ -78,6 +79,20 @@ HASH_BLOCK = 1024 * 1024
 READ, WRITE, CREATE, TRUNCATE = 0x01, 0x02, 0x08, 0x10
 
 T = TypeVar("T")
+
+
+#: Transfer grants kept to present again after a reconnect (one per task in hand).
+MAX_GRANTS = 16
+
+
+def token_worker(token: str) -> str:
+    """The worker name a token was issued to (read, not verified: the server verifies)."""
+    import jwt
+
+    try:
+        return str(jwt.decode(token, options={"verify_signature": False})["sub"])
+    except (jwt.InvalidTokenError, KeyError):
+        raise TransferError("MORAG_WORKER_TOKEN is not a worker token") from None
 
 
 class HostKeyRefused(TransferError):
@@ -305,6 +320,10 @@ class SftpSession:
             raise _Unsupported("check-file answered with another hash")
         return msg.get_remainder().hex()
 
+    def present_grant(self, grant: str) -> None:
+        """Hand the server a task's transfer grant (``grant@morag-pipeline``)."""
+        self.reply(self.send(CMD_EXTENDED, GRANT_EXTENSION, grant))
+
     def mkdirs(self, folder: str) -> None:
         """Create ``folder`` and its parents where missing."""
         if folder in ("", "/", ".") or self.size(folder) is not None:
@@ -365,9 +384,14 @@ def connect(settings: Settings, check: HostKeyCheck | None = None) -> SftpSessio
 
 
 def _authenticate(transport: paramiko.Transport, settings: Settings) -> None:
+    """An enrolled worker logs in with its token; otherwise with the shared account's key or password."""
     user = settings.sftp_username
     try:
-        if settings.sftp_key_file is not None:
+        if settings.worker_token is not None:
+            token = settings.worker_token.get_secret_value()
+            user = token_worker(token)
+            transport.auth_password(user, token)
+        elif settings.sftp_key_file is not None:
             transport.auth_publickey(user, paramiko.PKey.from_path(settings.sftp_key_file))
         elif settings.sftp_password is not None:
             transport.auth_password(user, settings.sftp_password.get_secret_value())
@@ -462,6 +486,7 @@ class SftpTransport:
         self.root = settings.sftp_root
         self.sleep = sleep
         self._session: SftpSession | None = None
+        self._grants: dict[str, str] = {}
         self.worker = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
 
     @classmethod
@@ -472,8 +497,31 @@ class SftpTransport:
     def session(self) -> SftpSession:
         if self._session is None or not self._session.active:
             self.drop()
-            self._session = connect(self.settings, self.check)
+            session = connect(self.settings, self.check)
+            try:
+                for task_id, grant in self._grants.items():  # a new connection knows none of them
+                    self._present(session, task_id, grant)
+            except BaseException:
+                session.close()
+                raise
+            self._session = session
         return self._session
+
+    def authorize(self, task_id: str, grant: str) -> None:
+        """Present a task's transfer grant; kept (the latest few) and presented again after a reconnect."""
+        self._grants.pop(task_id, None)
+        self._grants[task_id] = grant
+        while len(self._grants) > MAX_GRANTS:
+            self._grants.pop(next(iter(self._grants)))
+        if self._session is not None and self._session.active:
+            self._present(self._session, task_id, grant)
+
+    @staticmethod
+    def _present(session: SftpSession, task_id: str, grant: str) -> None:
+        try:
+            session.present_grant(grant)
+        except _Denied as exc:
+            raise AccessRefused(f"the SFTP server refused the grant of task {task_id}: {exc}") from None
 
     def drop(self) -> None:
         """Close the connection (the next transfer opens a new one)."""

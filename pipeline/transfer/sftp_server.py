@@ -54,6 +54,9 @@ from paramiko.sftp import (
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.logs import get_logger
+from pipeline.security.audit import audit
+from pipeline.security.grants import SessionGrants
+from pipeline.security.tokens import AuthError, TokenStore
 
 logger = get_logger(__name__)
 #: paramiko's own log of server connections. It reports every client that
@@ -79,6 +82,8 @@ MAX_CONNECTIONS = 64
 HANDSHAKE_TIMEOUT = 30.0
 
 HOST_KEY_NAME = "sftp_host_ed25519_key"
+#: The SFTP extension a worker presents a task's transfer grant with.
+GRANT_EXTENSION = "grant@morag-pipeline"
 
 #: The head of an SSH_FXP_DATA reply: packet length, type, request id, data length.
 _DATA_HEADER = struct.Struct(">IBII")
@@ -166,6 +171,49 @@ class WorkerCredentials:
         if self._known(username) and any(key == known for known in self.authorized_keys):
             return Principal(username)
         return None
+
+
+class TokenLogins:
+    """Enrolled workers log in with their token as password and get only the grants they present.
+
+    The username must be the token's worker name. The session starts with no
+    access at all; each task's transfer grant, sent with the
+    ``grant@morag-pipeline`` extension, opens that task's input for reading
+    and its output folder for reading and writing, until the grant expires.
+    Logins that are not tokens go to ``fallback`` (the configured shared
+    account, whole-store access), when there is one.
+
+    Parameters:
+      tokens: the server's worker tokens (verified on every login, so revocation holds).
+      secret: the server secret, which signs grants.
+      fallback: the shared worker account, or None.
+    """
+
+    def __init__(self, tokens: TokenStore, secret: bytes, fallback: WorkerCredentials | None = None) -> None:
+        self.tokens = tokens
+        self.secret = secret
+        self.fallback = fallback
+
+    def methods(self, username: str) -> list[str]:
+        extra = self.fallback.methods(username) if self.fallback else []
+        return ["password", *[m for m in extra if m != "password"]]
+
+    def check_password(self, username: str, password: str) -> Principal | None:
+        if password.count(".") != 2:
+            return self.fallback.check_password(username, password) if self.fallback else None
+        try:
+            claims = self.tokens.verify(password)
+        except AuthError as exc:
+            audit("sftp.login_refused", worker=username, reason=str(exc))
+            return None
+        if claims["sub"] != username:
+            audit("sftp.login_refused", worker=username, reason=f"token of {claims['sub']}")
+            return None
+        self.tokens.touch(claims["jti"])
+        return Principal(username, SessionGrants(self.secret))
+
+    def check_public_key(self, username: str, key: paramiko.PKey) -> Principal | None:
+        return self.fallback.check_public_key(username, key) if self.fallback else None
 
 
 def read_authorized_keys(path: Path) -> list[paramiko.PKey]:
@@ -550,7 +598,8 @@ class StoreSftpServer(paramiko.SFTPServer):
             raise SFTPError("client did not start with SSH_FXP_INIT")
         reply = paramiko.Message()
         reply.add_int(SFTP_VERSION)
-        for name, value in (("check-file", "sha256"), ("posix-rename@openssh.com", "1")):
+        extensions = (("check-file", "sha256"), ("posix-rename@openssh.com", "1"), (GRANT_EXTENSION, "1"))
+        for name, value in extensions:
             reply.add_string(name)
             reply.add_string(value)
         self._send_packet(CMD_VERSION, reply)
@@ -562,8 +611,12 @@ class StoreSftpServer(paramiko.SFTPServer):
             return
         if t == CMD_EXTENDED:
             start = msg.packet.tell()
-            if msg.get_text() == "check-file":
+            name = msg.get_text()
+            if name == "check-file":
                 self._check_file_sha256(request_number, msg)
+                return
+            if name == GRANT_EXTENSION:
+                self._add_grant(request_number, msg)
                 return
             msg.packet.seek(start)
         super()._process(t, request_number, msg)
@@ -596,6 +649,23 @@ class StoreSftpServer(paramiko.SFTPServer):
         # uint32 length, byte type, uint32 request id, string data (uint32 length, bytes)
         _DATA_HEADER.pack_into(reply, 0, _DATA_HEADER.size - 4 + size, CMD_DATA, request_number, size)
         self._write_all(memoryview(reply)[: _DATA_HEADER.size + size])
+
+    def _add_grant(self, request_number: int, msg: paramiko.Message) -> None:
+        """``grant@morag-pipeline``: the client presents a task's transfer grant."""
+        token = msg.get_text()
+        session: SshSession = self.server.session
+        grants = session.principal.grant if session.principal else None
+        if not isinstance(grants, SessionGrants):
+            self._send_status(request_number, SFTP_OK, "this login already reaches the whole store")
+            return
+        try:
+            grant = grants.add(token)
+        except AuthError as exc:
+            audit("sftp.grant_refused", worker=session.username, reason=str(exc))
+            self._send_status(request_number, SFTP_PERMISSION_DENIED, str(exc))
+            return
+        logger.info("sftp grant", extra={"worker": session.username, "task_id": grant.task})
+        self._send_status(request_number, SFTP_OK, "granted")
 
     def _check_file_sha256(self, request_number: int, msg: paramiko.Message) -> None:
         handle = msg.get_binary()
@@ -783,16 +853,28 @@ class SftpServer:
             transport.close()
 
 
-def start_sftp_server(settings: Settings, root: Path) -> SftpServer:
-    """Start the embedded SFTP server the settings describe, serving ``root``."""
+def start_sftp_server(settings: Settings, root: Path, tokens: TokenStore | None = None) -> SftpServer:
+    """Start the embedded SFTP server the settings describe, serving ``root``.
+
+    With ``tokens``, enrolled workers log in with their tokens and reach only
+    the tasks whose grants they present; the shared account of the settings,
+    if configured, still reaches the whole store.
+    """
     key = load_host_key(host_key_path(settings))
     credentials = WorkerCredentials.from_settings(settings)
-    if not credentials.methods(settings.sftp_username):
+    shared = credentials if credentials.methods(settings.sftp_username) else None
+    authenticator: Authenticator
+    if tokens is not None:
+        authenticator = TokenLogins(tokens, tokens.secret, shared)
+    elif shared is not None:
+        authenticator = shared
+    else:
         logger.warning(
             "no SFTP worker credentials: set MORAG_SFTP_PASSWORD or MORAG_SFTP_AUTHORIZED_KEYS; "
             "every login is refused until then"
         )
-    server = SftpServer(root, key, credentials, settings.sftp_listen_host, settings.sftp_port)
+        authenticator = credentials
+    server = SftpServer(root, key, authenticator, settings.sftp_listen_host, settings.sftp_port)
     server.start()
     logger.info(
         "sftp server listening",

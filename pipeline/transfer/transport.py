@@ -33,6 +33,9 @@ class Transport(Protocol):
         Used for a task's output manifest, which tells whether its outputs are complete.
         """
 
+    def authorize(self, task_id: str, grant: str) -> None:
+        """Present the task's transfer grant before touching its files (SFTP only)."""
+
     def close(self) -> None: ...
 
 
@@ -61,6 +64,9 @@ class SharedTransport:
         finally:
             partial.unlink(missing_ok=True)
         return FileRef(store_path, sha256, size)
+
+    def authorize(self, task_id: str, grant: str) -> None:
+        """Nothing to present: this worker shares the server's disk."""
 
     def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
         try:

@@ -2,7 +2,7 @@
 
 Uploads and API requests run in-process (stub broker); messages published
 straight to the queues run against the real RabbitMQ; transfer-path cases are
-in tests/security/test_grants.py and tests/transfer/.
+in tests/transfer/test_grants.py and tests/transfer/.
 """
 
 from __future__ import annotations
