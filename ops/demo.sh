@@ -11,6 +11,19 @@ mkdir -p "$run"
 export MORAG_DATA_DIR="${MORAG_DATA_DIR:-$PWD/$run/data}"
 export MORAG_LOG_JSON="${MORAG_LOG_JSON:-false}"
 ./ops/stop.sh --quiet
+mp=.venv/bin/morag-pipeline
+
+# The server's secret and an admin API key for the CLI, made once (mode 0600).
+umask 077
+[ -s "$run/secret" ] || .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(48))' >"$run/secret"
+export MORAG_SECRET_KEY="$(cat "$run/secret")"
+[ -s "$run/api-key" ] || $mp apikey create --name demo --role admin >"$run/api-key"
+export MORAG_API_KEY="$(cat "$run/api-key")"
+# The GPU worker is enrolled as a remote box would be: a token, files over SFTP
+# only, its own data directory. The CPU worker shares the server's disk.
+$mp token issue --worker demo-gpu --capability gpu --env-file "$run/gpu-worker.env" >/dev/null
+mkdir -p "$run/gpu-worker"
+umask 022
 
 start() {  # name, command...
   local name=$1; shift
@@ -18,12 +31,17 @@ start() {  # name, command...
   echo $! >"$run/$name.pid"
 }
 start server .venv/bin/morag-pipeline server
-start gpu-worker .venv/bin/dramatiq pipeline.actors.gpu --queues gpu --processes 1 --threads 1
-start cpu-worker .venv/bin/dramatiq pipeline.actors.cpu --queues cpu --processes 1 --threads 2
-
+# Wait for the server (and its SFTP server) before the GPU worker connects.
 url=$(.venv/bin/python -c 'from pipeline.config import get_settings; print(get_settings().server_url)')
 for _ in $(seq 60); do curl -sf "$url/healthz" >/dev/null && break; sleep 1; done
 curl -sf "$url/healthz" >/dev/null || { echo "server did not start; see $run/server.log" >&2; exit 1; }
+# The enrolled worker reads morag.env in its working directory, and knows no server secret.
+cp "$run/gpu-worker.env" "$run/gpu-worker/morag.env"
+MORAG_DATA_DIR="$PWD/$run/gpu-worker" start gpu-worker env -C "$run/gpu-worker" -u MORAG_SECRET_KEY \
+  -u MORAG_API_KEY "$PWD/.venv/bin/dramatiq" pipeline.actors.gpu --queues gpu --processes 1 --threads 1
+MORAG_FILE_ACCESS=shared MORAG_WORKER_NAME=demo-cpu \
+  start cpu-worker .venv/bin/dramatiq pipeline.actors.cpu --queues cpu --processes 1 --threads 2
+
 # Wait until the GPU worker consumes, so the sample goes to the gpu queue.
 for _ in $(seq 60); do
   n=$(curl -sf -u guest:guest http://127.0.0.1:15672/api/queues/%2F/gpu | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin).get("consumers", 0))' 2>/dev/null || echo 0)
@@ -31,15 +49,16 @@ for _ in $(seq 60); do
 done
 
 echo
-.venv/bin/morag-pipeline submit samples/talk.mp4
+$mp submit samples/talk.mp4
 cat <<TXT
 
 Running in the background (logs in $run/):
   API and OpenAPI docs   $url/docs
   RabbitMQ management    http://127.0.0.1:15672  (guest/guest; queues gpu, cpu, control)
-Try:
-  .venv/bin/morag-pipeline submit samples/report.html
-  .venv/bin/morag-pipeline tasks
+Try (with MORAG_API_KEY=\$(cat $run/api-key) and MORAG_DATA_DIR=$MORAG_DATA_DIR):
+  $mp submit samples/report.html
+  $mp tasks
+  $mp workers
 Stop everything:
   ops/stop.sh
 TXT
