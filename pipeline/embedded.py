@@ -18,7 +18,7 @@ from dramatiq import Worker
 
 from pipeline.brokers import install
 from pipeline.brokers.stub import build_stub_broker
-from pipeline.config import Settings, use_settings
+from pipeline.config import FileAccess, Settings, use_settings
 from pipeline.services import Services, build_services
 from pipeline.store import FINAL_STATES, Task
 from pipeline.submission import SubmitOptions, submit
@@ -31,7 +31,9 @@ def embedded_pipeline(settings: Settings) -> Iterator[tuple[Services, object]]:
     try:
         # In-process only, nothing listens: development mode needs no secret.
         settings = use_settings(
-            settings.model_copy(update={"data_dir": data_dir, "dev_mode": True, "file_access": "shared"})
+            settings.model_copy(
+                update={"data_dir": data_dir, "dev_mode": True, "file_access": FileAccess.shared}
+            )
         )
         broker = install(build_stub_broker(settings))
         import pipeline.actors.control  # noqa: F401

@@ -17,14 +17,14 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.db import Database
 from pipeline.errors import PipelineError
 
 #: Queues that task workers serve.
@@ -194,34 +194,11 @@ class Registry:
         self.path = path
         self.stale_after = stale_after
         self.dead_after = dead_after
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connect().executescript(_SCHEMA)
+        self.db = Database(path, _SCHEMA)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
         return cls(settings.db_path, settings.worker_stale_after, settings.worker_dead_after)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def state_of(self, record: WorkerRecord, now: float | None = None) -> WorkerState:
         return state_at(record, time.time() if now is None else now, self.stale_after, self.dead_after)
@@ -231,7 +208,7 @@ class Registry:
         """Record a heartbeat; None when it is ignored (a session that said goodbye)."""
         now = time.time() if now is None else now
         values = _beat_values(beat)
-        with self._tx() as db:
+        with self.db.transaction() as db:
             row = db.execute("SELECT * FROM workers WHERE id=?", (values["id"],)).fetchone()
             old = _to_record(row) if row is not None else None
             if old is not None and old.session == values["session"] and old.state is WorkerState.gone:
@@ -259,7 +236,7 @@ class Registry:
         """Mark the worker gone at once; False if the goodbye is for an older session."""
         now = time.time() if now is None else now
         values = _beat_values(beat)
-        with self._tx() as db:
+        with self.db.transaction() as db:
             row = db.execute("SELECT session, state FROM workers WHERE id=?", (values["id"],)).fetchone()
             if row is not None and (row["session"] != values["session"] or row["state"] == WorkerState.gone):
                 return False
@@ -277,13 +254,13 @@ class Registry:
 
     # Reading.
     def get(self, worker_id: str) -> WorkerRecord:
-        row = self._connect().execute("SELECT * FROM workers WHERE id=?", (worker_id,)).fetchone()
+        row = self.db.connect().execute("SELECT * FROM workers WHERE id=?", (worker_id,)).fetchone()
         if row is None:
             raise WorkerNotFound(f"no worker {worker_id}")
         return _to_record(row)
 
     def history(self, worker_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._connect().execute(
+        rows = self.db.connect().execute(
             "SELECT ts, event, detail FROM worker_events WHERE worker_id=? ORDER BY id DESC LIMIT ?",
             (worker_id, limit),
         )
@@ -294,7 +271,7 @@ class Registry:
         now = time.time() if now is None else now
         wanted = {WorkerState(s) for s in states} if states else None
         records = []
-        for row in self._connect().execute("SELECT * FROM workers"):
+        for row in self.db.connect().execute("SELECT * FROM workers"):
             record = _to_record(row)
             state = self.state_of(record, now)
             if state is not record.state:
@@ -329,7 +306,7 @@ class Registry:
         down_since = None
         if not live:
             row = (
-                self._connect()
+                self.db.connect()
                 .execute("SELECT down_since FROM queue_liveness WHERE queue=?", (queue,))
                 .fetchone()
             )
@@ -369,7 +346,7 @@ class Registry:
         now = time.time() if now is None else now
         changes: list[Transition] = []
         grace = min(5.0, self.stale_after)
-        with self._tx() as db:
+        with self.db.transaction() as db:
             rows = db.execute(
                 "SELECT * FROM workers WHERE state IN (?, ?)", (WorkerState.alive, WorkerState.stale)
             )
@@ -408,7 +385,7 @@ class Registry:
 
     def _mark_queues(self, now: float, consumers: dict[str, int] | None, every: list[WorkerRecord]) -> None:
         """Remember since when each task queue has had no live worker."""
-        with self._tx() as db:
+        with self.db.transaction() as db:
             for queue in TASK_QUEUES:
                 records = [r for r in every if r.serves(queue)]
                 live = any(is_live(r, r.state) for r in records)

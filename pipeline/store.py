@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pipeline.db import Database
 from pipeline.errors import TaskNotFound
 
 
@@ -106,37 +105,13 @@ class TaskStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connect().executescript(_SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._connect()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        self.db = Database(path, _SCHEMA)
 
     # Writing.
     def create(self, task: Task) -> Task:
         now = time.time()
         task.created_at = task.updated_at = now
-        with self._tx() as db:
+        with self.db.transaction() as db:
             db.execute(
                 "INSERT INTO tasks (id, kind, state, filename, input, options, route,"
                 " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -158,7 +133,7 @@ class TaskStore:
     def mark_running(self, task_id: str, worker: str, attempt: int) -> bool:
         """Record that a worker started the task; False if the task already ended."""
         now = time.time()
-        with self._tx() as db:
+        with self.db.transaction() as db:
             changed = db.execute(
                 "UPDATE tasks SET state=?, worker=?, attempts=?, updated_at=?,"
                 " started_at=COALESCE(started_at, ?), progress='{}', error=NULL"
@@ -170,7 +145,7 @@ class TaskStore:
         return bool(changed)
 
     def set_progress(self, task_id: str, progress: dict[str, Any]) -> None:
-        with self._tx() as db:
+        with self.db.transaction() as db:
             db.execute(
                 "UPDATE tasks SET progress=?, updated_at=? WHERE id=? AND state=?",
                 (json.dumps(progress), time.time(), task_id, State.running),
@@ -181,7 +156,7 @@ class TaskStore:
     ) -> bool:
         """Record the outputs; False (and nothing written) if the task already ended."""
         now = time.time()
-        with self._tx() as db:
+        with self.db.transaction() as db:
             changed = db.execute(
                 "UPDATE tasks SET state=?, outputs=?, result=?, worker=?, updated_at=?,"
                 " finished_at=?, progress=? WHERE id=? AND state IN (?, ?)",
@@ -204,7 +179,7 @@ class TaskStore:
 
     def mark_failed(self, task_id: str, reason: str, worker: str | None) -> bool:
         now = time.time()
-        with self._tx() as db:
+        with self.db.transaction() as db:
             changed = db.execute(
                 "UPDATE tasks SET state=?, error=?, worker=COALESCE(?, worker), updated_at=?,"
                 " finished_at=? WHERE id=? AND state IN (?, ?)",
@@ -220,7 +195,7 @@ class TaskStore:
         Canceled is final: a later completion, failure or start of the task changes nothing.
         """
         now = time.time()
-        with self._tx() as db:
+        with self.db.transaction() as db:
             changed = db.execute(
                 "UPDATE tasks SET state=?, error=?, updated_at=?, finished_at=?, progress=?"
                 " WHERE id=? AND state IN (?, ?)",
@@ -246,7 +221,7 @@ class TaskStore:
         but may still read queued or running if its failure report was lost.
         """
         now = time.time()
-        with self._tx() as db:
+        with self.db.transaction() as db:
             changed = db.execute(
                 "UPDATE tasks SET state=?, error=NULL, updated_at=?, finished_at=NULL, progress='{}'"
                 " WHERE id=? AND state NOT IN (?, ?)",
@@ -265,7 +240,7 @@ class TaskStore:
         """
         now = time.time()
         recorded = 0
-        with self._tx() as db:
+        with self.db.transaction() as db:
             for task_id, source, target, reason in moves:
                 row = db.execute("SELECT state, route FROM tasks WHERE id=?", (task_id,)).fetchone()
                 if row is None or row["state"] in FINAL_STATES:
@@ -283,12 +258,12 @@ class TaskStore:
         return recorded
 
     def add_event(self, task_id: str, event: str, detail: dict[str, Any] | None = None) -> None:
-        with self._tx() as db:
+        with self.db.transaction() as db:
             _add_event(db, task_id, time.time(), event, detail or {})
 
     # Reading.
     def get(self, task_id: str, *, events: bool = True) -> Task:
-        db = self._connect()
+        db = self.db.connect()
         row = db.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
         if row is None:
             raise TaskNotFound(f"no task {task_id}")
@@ -303,7 +278,7 @@ class TaskStore:
         return task
 
     def list(self, *, state: State | None = None, limit: int = 50, offset: int = 0) -> list[Task]:
-        db = self._connect()
+        db = self.db.connect()
         if state is None:
             rows = db.execute(
                 "SELECT * FROM tasks ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset)
@@ -316,7 +291,7 @@ class TaskStore:
         return [_to_task(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
-        db = self._connect()
+        db = self.db.connect()
         found = dict(db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
         return {state.value: found.get(state.value, 0) for state in State}
 

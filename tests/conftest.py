@@ -114,6 +114,7 @@ class Stack:
     url: str = ""
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     verify: str | bool = True  # the CA file of an HTTPS server
+    bundles: dict[str, dict[str, str]] = field(default_factory=dict)  # enrolled workers' settings
 
     def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
@@ -143,28 +144,39 @@ class Stack:
         raise RuntimeError(f"server did not start:\n{self.log('server')}")
 
     def enroll(self, name: str, capability: str) -> dict[str, str]:
-        """``morag-pipeline token issue``: the settings of an enrolled worker."""
-        proc = self.cli("token", "issue", "--worker", name, "--capability", capability)
-        if proc.returncode != 0:
-            raise RuntimeError(f"enrollment failed: {proc.stderr}")
-        return dict(line.split("=", 1) for line in proc.stdout.splitlines())
+        """``morag-pipeline token issue``: the settings of an enrolled worker (once per name)."""
+        if name not in self.bundles:
+            proc = self.cli("token", "issue", "--worker", name, "--capability", capability)
+            if proc.returncode != 0:
+                raise RuntimeError(f"enrollment failed: {proc.stderr}")
+            self.bundles[name] = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+        return self.bundles[name]
 
     def start_worker(
-        self, capability: str, name: str | None = None, threads: int = 1, enroll: bool = True, **env: str
+        self,
+        capability: str,
+        name: str | None = None,
+        threads: int = 1,
+        enroll: bool = True,
+        modules: tuple[str, ...] = (),
+        **env: str,
     ) -> str:
         """``dramatiq pipeline.actors.<capability> --queues <capability>``, as an operator types it.
 
         By default the worker is enrolled like a remote box: a token, its own
         empty data directory, and files over SFTP only. Settings in ``env`` win.
+        ``modules`` are test-only actor modules to load too (importable from the checkout).
         """
         name = name or f"{capability}-worker"
-        args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", "--queues", capability]
+        args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", *modules, "--queues", capability]
         args += ["--processes", "1", "--threads", str(threads)]
-        worker_env = {"MORAG_WORKER_NAME": name}
-        if enroll and "MORAG_WORKER_TOKEN" not in env:
+        worker_env = {"MORAG_WORKER_NAME": name, "PYTHONPATH": str(ROOT)}
+        if enroll:
             own = self.data_dir.parent / f"worker-{name}"
             own.mkdir(exist_ok=True)
-            worker_env.update(self.enroll(name, capability), MORAG_DATA_DIR=str(own))
+            worker_env["MORAG_DATA_DIR"] = str(own)
+            if "MORAG_WORKER_TOKEN" not in env:
+                worker_env.update(self.enroll(name, capability))
         self.spawn(name, args, **{**worker_env, **env})
         return name
 
@@ -267,7 +279,9 @@ def stub_broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     from pipeline.brokers.stub import build_stub_broker
     from pipeline.config import Settings, use_settings
 
-    settings = use_settings(Settings(data_dir=tmp_path_factory.mktemp("stub"), dev_mode=True))
+    settings = use_settings(
+        Settings(data_dir=tmp_path_factory.mktemp("stub"), dev_mode=True, file_access="shared")
+    )
     broker = install(build_stub_broker(settings))
     import pipeline.actors.control  # noqa: F401
     import pipeline.actors.cpu  # noqa: F401

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.db import Database
 from pipeline.security.tokens import AuthError
 
 ROLES = ("readonly", "client", "admin")
@@ -57,15 +57,7 @@ class ApiKeyStore:
     """
 
     def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-        with self._db() as db:
-            db.executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.db_path, timeout=30)
-        db.row_factory = sqlite3.Row
-        return db
+        self.db = Database(db_path, _SCHEMA)
 
     def create(self, name: str, role: str) -> tuple[str, ApiKey]:
         if role not in ROLES:
@@ -73,7 +65,7 @@ class ApiKeyStore:
         key_id = secrets.token_hex(6)
         key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         record = ApiKey(key_id, name, role, time.time())
-        with self._db() as db:
+        with self.db.transaction() as db:
             db.execute(
                 "INSERT INTO api_keys (id, name, role, digest, created_at) VALUES (?, ?, ?, ?, ?)",
                 (key_id, name, role, _digest(key), record.created_at),
@@ -85,8 +77,7 @@ class ApiKeyStore:
         if not key.startswith(PREFIX) or key.count("_") < 2:
             raise AuthError("malformed API key")
         key_id = key[len(PREFIX) :].split("_", 1)[0]
-        with self._db() as db:
-            row = db.execute("SELECT * FROM api_keys WHERE id=?", (key_id,)).fetchone()
+        row = self.db.connect().execute("SELECT * FROM api_keys WHERE id=?", (key_id,)).fetchone()
         if row is None or not hmac.compare_digest(row["digest"], _digest(key)):
             raise AuthError("unknown API key")
         if row["revoked_at"]:
@@ -96,14 +87,15 @@ class ApiKeyStore:
         return ApiKey(**data)
 
     def list(self) -> list[ApiKey]:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT id, name, role, created_at, revoked_at FROM api_keys ORDER BY created_at"
-            ).fetchall()
+        rows = (
+            self.db.connect()
+            .execute("SELECT id, name, role, created_at, revoked_at FROM api_keys ORDER BY created_at")
+            .fetchall()
+        )
         return [ApiKey(**dict(row)) for row in rows]
 
     def revoke(self, key_id: str) -> None:
-        with self._db() as db:
+        with self.db.transaction() as db:
             changed = db.execute(
                 "UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (time.time(), key_id)
             ).rowcount

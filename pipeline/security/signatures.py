@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.db import Database
 from pipeline.security.tokens import AuthError
 
 OPTION = "morag_auth"
@@ -67,19 +68,16 @@ class NonceStore:
     """
 
     def __init__(self, db_path: Path, window_s: float) -> None:
-        self.db_path = db_path
+        self.db = Database(
+            db_path, "CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL);"
+        )
         self.window_s = window_s
         self._added = 0
-        with self._db() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL)")
-
-    def _db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.db_path, timeout=30)
 
     def first_time(self, nonce: str) -> bool:
         """Record the nonce; False when it was seen before."""
         now = time.time()
-        with self._db() as db:
+        with self.db.transaction() as db:
             try:
                 db.execute("INSERT INTO seen_nonces (nonce, ts) VALUES (?, ?)", (nonce, now))
             except sqlite3.IntegrityError:

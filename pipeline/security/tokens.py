@@ -9,7 +9,6 @@ check, so it takes effect without a restart.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import jwt
 
+from pipeline.db import Database
 from pipeline.errors import PipelineError
 from pipeline.security.keys import derive
 
@@ -69,16 +69,8 @@ class TokenStore:
     """
 
     def __init__(self, db_path: Path, secret: bytes) -> None:
-        self.db_path = db_path
+        self.db = Database(db_path, _SCHEMA)
         self.secret = secret
-        with self._db() as db:
-            db.executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.db_path, timeout=30)
-        db.row_factory = sqlite3.Row
-        return db
 
     def issue(self, worker: str, capability: str, ttl_s: float) -> tuple[str, TokenRecord]:
         if capability not in CAPABILITIES:
@@ -97,7 +89,7 @@ class TokenStore:
             "typ": "worker",
         }
         token = jwt.encode(claims, self.secret, algorithm="HS256")
-        with self._db() as db:
+        with self.db.transaction() as db:
             db.execute(
                 "INSERT INTO worker_tokens (id, worker, capability, issued_at, expires_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -135,21 +127,19 @@ class TokenStore:
         return claims
 
     def touch(self, token_id: str) -> None:
-        with self._db() as db:
+        with self.db.transaction() as db:
             db.execute("UPDATE worker_tokens SET last_used_at=? WHERE id=?", (time.time(), token_id))
 
     def get(self, token_id: str) -> TokenRecord | None:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM worker_tokens WHERE id=?", (token_id,)).fetchone()
+        row = self.db.connect().execute("SELECT * FROM worker_tokens WHERE id=?", (token_id,)).fetchone()
         return TokenRecord(**dict(row)) if row else None
 
     def list(self) -> list[TokenRecord]:
-        with self._db() as db:
-            rows = db.execute("SELECT * FROM worker_tokens ORDER BY issued_at DESC").fetchall()
+        rows = self.db.connect().execute("SELECT * FROM worker_tokens ORDER BY issued_at DESC").fetchall()
         return [TokenRecord(**dict(row)) for row in rows]
 
     def revoke(self, token_id: str) -> TokenRecord:
-        with self._db() as db:
+        with self.db.transaction() as db:
             changed = db.execute(
                 "UPDATE worker_tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
                 (time.time(), token_id),
@@ -162,5 +152,5 @@ class TokenStore:
         return record
 
     def set_broker_user(self, token_id: str, user: str) -> None:
-        with self._db() as db:
+        with self.db.transaction() as db:
             db.execute("UPDATE worker_tokens SET broker_user=? WHERE id=?", (user, token_id))

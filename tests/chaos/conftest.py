@@ -17,7 +17,7 @@ import httpx
 import pika
 import pytest
 
-from tests.conftest import BIN, ROOT, Stack, free_port, looped_speech, stack_env
+from tests.conftest import Stack, free_port, looped_speech, stack_env
 
 RABBITMQ_BIN = Path(os.environ.get("MORAG_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 
@@ -68,15 +68,6 @@ def submit(stack: Stack, path: Path, **form: str) -> dict[str, Any]:
 
 def events(task_dict: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [e for e in task_dict["events"] if e["event"] == name]
-
-
-def start_worker(
-    stack: Stack, name: str, capability: str, *modules: str, threads: int = 1, **env: str
-) -> None:
-    """A worker as an operator starts it, plus test-only ``modules`` (importable from the checkout)."""
-    args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", *modules, "--queues", capability]
-    args += ["--processes", "1", "--threads", str(threads)]
-    stack.spawn(name, args, **{"MORAG_WORKER_NAME": name, "PYTHONPATH": str(ROOT), **env})
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import events, start_worker, submit, task, wait_consumers, wait_for
+from tests.chaos.conftest import events, submit, task, wait_consumers, wait_for
 from tests.conftest import Stack, queue_depth
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -65,7 +65,7 @@ def test_poison_file_is_dead_lettered_and_others_finish(stack: Stack, tmp_path: 
     stack.start_server()
     workers = ("cpu-a", "cpu-b")
     for name in workers:
-        start_worker(stack, name, "cpu", "tests.chaos.crashing")
+        stack.start_worker("cpu", name, modules=("tests.chaos.crashing",))
     wait_consumers(stack, "cpu", 2)
 
     docs = tmp_path / "docs"
@@ -89,7 +89,7 @@ def test_poison_file_is_dead_lettered_and_others_finish(stack: Stack, tmp_path: 
             for name in workers:
                 if stack.processes[name].poll() is not None:
                     crashes += 1
-                    start_worker(stack, name, "cpu", "tests.chaos.crashing")
+                    stack.start_worker("cpu", name, modules=("tests.chaos.crashing",))
             return check()
 
         return step
@@ -126,14 +126,14 @@ def test_redelivered_after_completion_is_not_run_again(stack: Stack, tmp_path: P
     """The worker dies after the task's outputs and completion, before its ack: the next
     delivery finds the outputs complete and only reports them."""
     stack.start_server()
-    start_worker(stack, "cpu-a", "cpu", "tests.chaos.crashing")
+    stack.start_worker("cpu", "cpu-a", modules=("tests.chaos.crashing",))
     wait_consumers(stack, "cpu")
     doc = tmp_path / "dies-before-ack.md"
     doc.write_text("# Finished, but never acknowledged\n")
     task_id = submit(stack, doc)["id"]
 
     wait_for("the worker to die", lambda: stack.processes["cpu-a"].poll() is not None, stack=stack)
-    start_worker(stack, "cpu-b", "cpu", "tests.chaos.crashing")
+    stack.start_worker("cpu", "cpu-b", modules=("tests.chaos.crashing",))
     reused = wait_for(
         "the redelivery to be handled", lambda: events(t := task(stack, task_id), "completion ignored") and t
     )

@@ -41,7 +41,6 @@ def test_worker_user_consumes_only_its_queues(stack: Stack, samples: Path) -> No
     assert "ACCESS_REFUSED" in refused(url, lambda ch: ch.basic_get("control"))
     assert "ACCESS_REFUSED" in refused(url, lambda ch: ch.queue_declare("anything-else"))
 
-    bundle["MORAG_FILE_ACCESS"] = "shared"
     stack.start_worker("gpu", name="gpu-box-7", **bundle)
     stack.wait_consumers("gpu")
     done = stack.cli("submit", "--json", str(samples / "speech.mp3"))

@@ -51,9 +51,7 @@ def secure(stack: Stack) -> Stack:
 
 
 def test_enrolled_worker_completes_tasks(secure: Stack, samples: Path) -> None:
-    bundle = enroll(secure, "gpu-box-1", "gpu")
-    bundle["MORAG_FILE_ACCESS"] = "shared"  # same host as the server in this test
-    secure.start_worker("gpu", name="gpu-box-1", **bundle)
+    secure.start_worker("gpu", name="gpu-box-1")  # enrolled: a token, files over SFTP
     secure.wait_consumers("gpu")
     proc = secure.cli("submit", "--json", str(samples / "speech.mp3"))
     assert proc.returncode == 0, proc.stderr + secure.all_logs()
@@ -64,7 +62,7 @@ def test_enrolled_worker_completes_tasks(secure: Stack, samples: Path) -> None:
 
 
 def test_unenrolled_worker_is_ignored(secure: Stack, samples: Path) -> None:
-    secure.start_worker("gpu", name="rogue")  # no token
+    secure.start_worker("gpu", name="rogue", enroll=False, MORAG_FILE_ACCESS="shared")  # no token
     secure.wait_consumers("gpu")
     proc = secure.cli("submit", "--no-wait", str(samples / "speech.mp3"))
     task_id = proc.stdout.strip()

@@ -19,7 +19,13 @@ from pipeline.services import build_services
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, stub_broker) -> Iterator[tuple[TestClient, object]]:
     settings = use_settings(
-        Settings(data_dir=tmp_path_factory.mktemp("data"), max_upload_mb=1, max_document_mb=1, dev_mode=True)
+        Settings(
+            data_dir=tmp_path_factory.mktemp("data"),
+            max_upload_mb=1,
+            max_document_mb=1,
+            dev_mode=True,
+            file_access="shared",
+        )
     )
     broker = stub_broker
     services = build_services(settings)

@@ -38,7 +38,12 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> object:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(
-        data_dir=tmp_path, heartbeat_interval=0.05, max_retries=1, min_backoff_ms=10, max_backoff_ms=20
+        data_dir=tmp_path,
+        file_access="shared",
+        heartbeat_interval=0.05,
+        max_retries=1,
+        min_backoff_ms=10,
+        max_backoff_ms=20,
     )
 
 
