@@ -13,13 +13,16 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -35,6 +38,24 @@ SPOKEN_WORDS = ("quick", "lazy", "remote workers", "graphics card")
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], T | None],
+    timeout: float = 120,
+    stack: Stack | None = None,
+    interval: float = 0.2,
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` (and the logs) otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    logs = stack.all_logs() if stack else ""
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def free_port() -> int:

@@ -170,7 +170,7 @@ class Heartbeat(Middleware):
                 "models": loaded_models(),
                 "current": sorted(set(self._in_flight.values())),
                 **self._counts,
-                "speed": {**{k: round(v, 4) for k, v in self._speed.items()}, "samples": self._samples},
+                "speed": {**{k: float(f"{v:.4g}") for k, v in self._speed.items()}, "samples": self._samples},
                 "draining": self._draining,
                 "version": __version__,
                 "booted_at": self._boot,

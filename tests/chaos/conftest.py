@@ -6,9 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,23 +16,11 @@ import httpx
 import pika
 import pytest
 
-from tests.conftest import Stack, free_port, looped_speech, stack_env
+from tests.conftest import Stack, free_port, looped_speech, stack_env, wait_for  # noqa: F401 (re-exported)
 
 RABBITMQ_BIN = Path(os.environ.get("MORAG_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 
 T = TypeVar("T")
-
-
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 120, stack: Stack | None = None) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` (and the logs) otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    logs = stack.all_logs() if stack else ""
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def consumers(amqp_url: str, queue: str) -> int:

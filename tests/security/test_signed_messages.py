@@ -13,7 +13,7 @@ import pytest
 from pipeline.brokers.rabbitmq import build_rabbitmq_broker
 from pipeline.config import Settings
 from pipeline.security import signatures
-from tests.conftest import SPOKEN_WORDS, Stack
+from tests.conftest import SPOKEN_WORDS, Stack, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -27,16 +27,6 @@ def enroll(stack: Stack, worker: str, capability: str) -> dict[str, str]:
 def audit_events(stack: Stack) -> list[dict]:
     path = stack.data_dir / "audit.log"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
@@ -66,7 +56,9 @@ def test_unenrolled_worker_is_ignored(secure: Stack, samples: Path) -> None:
     secure.wait_consumers("gpu")
     proc = secure.cli("submit", "--no-wait", str(samples / "speech.mp3"))
     task_id = proc.stdout.strip()
-    rejected = wait_for(lambda: [e for e in audit_events(secure) if e["event"] == "message.rejected"])
+    rejected = wait_for(
+        "a rejection", lambda: [e for e in audit_events(secure) if e["event"] == "message.rejected"]
+    )
     assert rejected[0]["reason"] == "unsigned message" and rejected[0]["worker"] == "rogue"
     headers = {"Authorization": f"Bearer {secure.env['MORAG_API_KEY']}"}
     time.sleep(2)
@@ -116,11 +108,12 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
     publish(settings, "worker_heartbeat", {signatures.OPTION: other_block}, **beat)
 
     reasons = wait_for(
+        "seven rejections",
         lambda: (
             (r := [e["reason"] for e in audit_events(secure) if e["event"] == "message.rejected"])
             and len(r) >= 7
             and r
-        )
+        ),
     )
     assert any(r.startswith("replayed message") for r in reasons)
     assert any(r.startswith("bad signature") for r in reasons)  # forged key, and altered
@@ -136,7 +129,10 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
     revoke = secure.cli("token", "revoke", token_id)
     assert revoke.returncode == 0, revoke.stderr
     publish(settings, "task_started", signed(), **args)
-    wait_for(lambda: any("was revoked" in e.get("reason", "") for e in audit_events(secure)))
+    wait_for(
+        "the revocation to bite",
+        lambda: any("was revoked" in e.get("reason", "") for e in audit_events(secure)),
+    )
 
 
 def _jti(token: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import dramatiq
@@ -19,20 +19,11 @@ from dramatiq.middleware import CurrentMessage
 from pipeline.brokers.stub import build_stub_broker
 from pipeline.config import Settings
 from pipeline.errors import GpuError
+from tests.conftest import wait_for
 
 
 def control_messages(broker) -> list[Message]:
     return [Message.decode(body) for body in list(broker.queues["control"].queue)]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
@@ -77,12 +68,16 @@ def test_a_gpu_worker_beats_with_its_task_and_says_goodbye(broker) -> None:
     try:
         slow.send(job={"task_id": "t1", "kind": "transcribe", "media": {"duration": 10.0}})
         assert started.wait(5)
-        [busy, *_] = wait_for(lambda: beats(broker, current=["t1"]))
+        [busy, *_] = wait_for(
+            "a beat with the task", lambda: beats(broker, current=["t1"]), 10, interval=0.02
+        )
         assert busy["capability"] == "gpu" and busy["queues"] == ["gpu"]
         assert busy["hardware"]["cpu_cores"] >= 1 and "gpus" in busy["hardware"]
         assert busy["version"] and busy["host"] and busy["session"]
         release.set()
-        [done, *_] = wait_for(lambda: beats(broker, done=1, current=[]))
+        [done, *_] = wait_for(
+            "a beat counting it done", lambda: beats(broker, done=1, current=[]), 10, interval=0.02
+        )
         assert done["failed"] == 0
         assert done["speed"]["samples"] == 1 and done["speed"]["realtime_factor"] > 0
     finally:
@@ -122,9 +117,14 @@ def test_a_gpu_failure_moves_the_task_to_cpu_without_retry_or_failure(broker) ->
         job = {"task_id": "t2", "route": {"queue": "gpu", "gpu": "prefer"}}
         actor.send(job=job)
         broker.join("gpu")
-        wait_for(lambda: calls == ["gpu", "cpu"])
+        wait_for("gpu then cpu", lambda: calls == ["gpu", "cpu"], 10, interval=0.02)
         broker.join("cpu")
-        wait_for(lambda: beats(broker, skipped=1, done=1, failed=0))  # the GPU attempt: handed on, not failed
+        wait_for(
+            "a beat counting it handed on",
+            lambda: beats(broker, skipped=1, done=1, failed=0),
+            10,
+            interval=0.02,
+        )  # the GPU attempt: handed on, not failed
     finally:
         worker.stop()
     events = {m.actor_name: m.kwargs for m in control_messages(broker)}
@@ -143,7 +143,12 @@ def test_a_task_that_requires_the_gpu_is_retried_there_and_fails(broker) -> None
     worker.start()
     try:
         actor.send(job={"task_id": "t3", "route": {"queue": "gpu", "gpu": "require"}})
-        wait_for(lambda: any(m.actor_name == "task_failed" for m in control_messages(broker)))
+        wait_for(
+            "a task_failed report",
+            lambda: any(m.actor_name == "task_failed" for m in control_messages(broker)),
+            10,
+            interval=0.02,
+        )
     finally:
         worker.stop()
     assert calls == ["gpu", "gpu"]
