@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline.processors import whisper
-from tests.conftest import SAMPLES, Stack, free_port, fresh_vhost, stack_env
+from tests.conftest import SAMPLES, fresh_vhost, open_stack
 
 
 def direct(path: Path, rounds: int) -> tuple[float, list[float]]:
@@ -42,30 +42,20 @@ def direct(path: Path, rounds: int) -> tuple[float, list[float]]:
 
 
 def pipeline_runs(path: Path, rounds: int) -> list[float]:
-    with fresh_vhost() as url, tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / "logs").mkdir()
-        (folder / "data").mkdir()
-        port = free_port()
-        stack = Stack(
-            stack_env(folder, url, port), folder / "data", folder / "logs", url=f"http://127.0.0.1:{port}"
-        )
+    with fresh_vhost() as url, tempfile.TemporaryDirectory() as tmp, open_stack(Path(tmp), url) as stack:
         stack.env["MORAG_PROGRESS_INTERVAL_S"] = "1.0"
-        try:
-            stack.start_server()
-            stack.start_worker("gpu")
-            stack.wait_consumers("gpu")
-            stack.cli("submit", str(path))  # warm the worker's model
-            times = []
-            for _ in range(rounds):
-                started = time.perf_counter()
-                proc = stack.cli("submit", str(path))
-                times.append(time.perf_counter() - started)
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr)
-            return times
-        finally:
-            stack.stop_all()
+        stack.start_server()
+        stack.start_worker("gpu")
+        stack.wait_consumers("gpu")
+        stack.cli("submit", str(path))  # warm the worker's model
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            proc = stack.cli("submit", str(path))
+            times.append(time.perf_counter() - started)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr)
+        return times
 
 
 def main() -> None:

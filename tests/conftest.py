@@ -266,20 +266,31 @@ def stack_env(tmp: Path, broker_url: str, port: int) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def stack(tmp_path: Path, vhost: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """A server on a fresh vhost and data dir; the test starts the workers it needs."""
+@contextmanager
+def open_stack(
+    folder: Path, broker_url: str, request: pytest.FixtureRequest | None = None
+) -> Iterator[Stack]:
+    """A Stack in ``folder`` on ``broker_url``; everything it started is stopped afterwards,
+    and its logs are shown when the test failed."""
     port = free_port()
-    logs = tmp_path / "logs"
+    logs = folder / "logs"
     logs.mkdir()
-    (tmp_path / "data").mkdir()
-    s = Stack(stack_env(tmp_path, vhost, port), tmp_path / "data", logs, url=f"http://127.0.0.1:{port}")
+    (folder / "data").mkdir()
+    s = Stack(stack_env(folder, broker_url, port), folder / "data", logs, url=f"http://127.0.0.1:{port}")
     try:
         yield s
     finally:
         s.stop_all()
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        node = request.node if request is not None else None
+        if getattr(node, "rep_call", None) is not None and node.rep_call.failed:
             sys.stderr.write(s.all_logs())
+
+
+@pytest.fixture
+def stack(tmp_path: Path, vhost: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """A server on a fresh vhost and data dir; the test starts the workers it needs."""
+    with open_stack(tmp_path, vhost, request) as s:
+        yield s
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import httpx
 import pika
 import pytest
 
-from tests.conftest import Stack, free_port, looped_speech, stack_env, wait_for  # noqa: F401 (re-exported)
+from tests.conftest import Stack, free_port, looped_speech, open_stack, wait_for  # noqa: F401 (re-exported)
 
 RABBITMQ_BIN = Path(os.environ.get("MORAG_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 
@@ -130,15 +129,5 @@ def private_stack(
     tmp_path: Path, private_rabbitmq: PrivateRabbitmq, request: pytest.FixtureRequest
 ) -> Iterator[Stack]:
     """Like ``stack``, on the private node."""
-    port = free_port()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    (tmp_path / "data").mkdir()
-    env = stack_env(tmp_path, private_rabbitmq.url, port)
-    s = Stack(env, tmp_path / "data", logs, url=f"http://127.0.0.1:{port}")
-    try:
+    with open_stack(tmp_path, private_rabbitmq.url, request) as s:
         yield s
-    finally:
-        s.stop_all()
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            sys.stderr.write(s.all_logs())
