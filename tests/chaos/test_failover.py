@@ -134,6 +134,10 @@ def test_a_hung_gpu_worker_is_detected_and_its_tasks_recovered(
     start(stack)
     held = submit(stack, long_audio)["id"]
     sweeping_until(stack, "the long task on the GPU worker", lambda: task(stack, held)["state"] == "running")
+    # The worker's last heartbeat before it hangs must name the task it holds.
+    sweeping_until(
+        stack, "a heartbeat naming the task", lambda: workers(stack)["gpu-worker"]["current"] == [held]
+    )
     waiting = [submit(stack, samples / "speech.mp3")["id"] for _ in range(3)]
     assert {task(stack, tid)["route"]["queue"] for tid in waiting} == {"gpu"}
 
