@@ -1,21 +1,24 @@
 """A RabbitMQ user per worker, limited to its queues, through the management HTTP API.
 
-RabbitMQ checks configure and read permissions per queue and write
-permission per exchange. A worker's user may declare and consume only its
-capability's queues (``gpu``, ``gpu.DQ``, ``gpu.XQ``) and the cancellation
-stream ``morag.cancellations``, and declare ``control``;
-it publishes through the default exchange, which RabbitMQ cannot narrow to one
-queue: what it could publish elsewhere is refused by signatures and transfer
-grants, not by the broker (see docs/security.md).
+RabbitMQ checks configure and read permissions per queue, write permission per
+exchange, and, on topic exchanges, topic permissions per routing key. A
+worker's user may consume only its capability's queues and the cancellation
+stream, and may publish only through the ``morag`` topic exchange with the
+routing keys of the queues it needs: ``control`` for its reports, its own
+queues for redeliveries, retries and dead-letter reasons, and ``cpu`` for a GPU
+worker's fallback. The default exchange, which reaches every queue, is closed to it.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import urllib.parse
 
 import httpx
 
+from pipeline.brokers.cancellations import STREAM
+from pipeline.brokers.rabbitmq import EXCHANGE
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.security.tokens import TokenRecord
@@ -26,16 +29,29 @@ class BrokerAdminError(PipelineError):
 
 
 def permissions(capability: str) -> dict[str, str]:
-    """Consume its own queues; declare control (and, for GPU workers, cpu, where the GPU
-    fallback moves a task); read the cancellation stream (pipeline.brokers.cancellations)."""
+    """Vhost permissions: declare and consume its own queues, declare (not consume) the
+    queues it publishes to, read the cancellation stream, publish through ``morag`` only.
+
+    The default exchange, which reaches every queue, is closed to it; which routing keys
+    it may publish with on ``morag`` is narrowed by ``topic_permissions``. It binds
+    nothing: the server declares the exchange and its bindings at start.
+    """
     own = rf"{capability}(\.DQ|\.XQ)?"
-    cancellations = r"morag\.cancellations"
+    cancellations = re.escape(STREAM)
     declared = "control|cpu" if capability == "gpu" else "control"
     return {
         "configure": rf"^({own}|({declared})(\.DQ|\.XQ)?|{cancellations})$",
-        "write": r"^amq\.default$",
+        "write": rf"^{EXCHANGE}$",
         "read": rf"^({own}|{cancellations})$",
     }
+
+
+def topic_permissions(capability: str) -> dict[str, str]:
+    """The routing keys it may publish with on ``morag``: its reports to ``control``; its own
+    queue, delay queue and dead letters (redeliveries, retries, dead-letter reasons); and,
+    for a GPU worker, ``cpu``, where the GPU fallback moves a task."""
+    targets = rf"control|{capability}(\.DQ|\.XQ)?" + ("|cpu" if capability == "gpu" else "")
+    return {"exchange": EXCHANGE, "write": rf"^({targets})$", "read": "^$"}
 
 
 def _admin(settings: Settings) -> tuple[httpx.Client, str, urllib.parse.SplitResult]:
@@ -66,6 +82,12 @@ def create_worker_user(settings: Settings, record: TokenRecord, broker_url: str)
             _check(
                 client.put(f"/api/permissions/{vhost}/{user}", json=permissions(record.capability)),
                 "set the user's permissions",
+            )
+            _check(
+                client.put(
+                    f"/api/topic-permissions/{vhost}/{user}", json=topic_permissions(record.capability)
+                ),
+                "set the user's topic permissions",
             )
     except httpx.HTTPError as exc:
         raise BrokerAdminError(f"cannot reach RabbitMQ's management API: {exc}") from None

@@ -20,6 +20,19 @@ def issue(stack: Stack, worker: str, capability: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in proc.stdout.splitlines())
 
 
+def publish(channel, exchange: str, routing_key: str) -> None:  # type: ignore[no-untyped-def]
+    channel.confirm_delivery()
+    channel.basic_publish(exchange, routing_key, b"{}", pika.BasicProperties(delivery_mode=2))
+
+
+def published(url: str, routing_key: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        publish(connection.channel(), "morag", routing_key)
+    finally:
+        connection.close()
+
+
 def refused(url: str, action) -> str:  # type: ignore[no-untyped-def]
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -40,6 +53,13 @@ def test_worker_user_consumes_only_its_queues(stack: Stack, samples: Path) -> No
     assert "ACCESS_REFUSED" in refused(url, lambda ch: ch.basic_get("cpu"))
     assert "ACCESS_REFUSED" in refused(url, lambda ch: ch.basic_get("control"))
     assert "ACCESS_REFUSED" in refused(url, lambda ch: ch.queue_declare("anything-else"))
+
+    # Publishing: only through the morag exchange, only to the queues it needs.
+    assert "ACCESS_REFUSED" in refused(url, lambda ch: publish(ch, "", "control"))  # default exchange
+    assert "ACCESS_REFUSED" in refused(url, lambda ch: publish(ch, "morag", "cpu.DQ"))
+    assert "ACCESS_REFUSED" in refused(url, lambda ch: publish(ch, "morag", "liveness"))
+    for allowed in ("control", "gpu.DQ", "cpu"):  # reports, its own retries, the GPU fallback
+        published(url, allowed)
 
     stack.start_worker("gpu", name="gpu-box-7", **bundle)
     stack.wait_consumers("gpu")
