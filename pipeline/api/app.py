@@ -129,7 +129,7 @@ def create_app(
     def list_tasks(
         state: State | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     ) -> dict[str, Any]:
         tasks = services.store.list(state=state, limit=limit, offset=offset)
         return {"tasks": [t.to_dict() for t in tasks], "counts": services.store.counts()}

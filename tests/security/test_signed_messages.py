@@ -64,6 +64,9 @@ def test_unenrolled_worker_is_ignored(secure: Stack, samples: Path) -> None:
     time.sleep(2)
     task = httpx.get(f"{secure.url}/api/v1/tasks/{task_id}", headers=headers).json()
     assert task["state"] == "queued" and task["worker"] is None
+    # Its heartbeats were refused too: the registry never counts it, so nothing is routed to it.
+    listed = httpx.get(f"{secure.url}/api/v1/workers", headers=headers).json()["workers"]
+    assert "rogue" not in [w["id"] for w in listed]
 
 
 def publish(settings: Settings, actor: str, options: dict, **kwargs: object) -> None:
