@@ -37,6 +37,7 @@ from pipeline.errors import TaskNotFound
 from pipeline.logs import get_logger
 from pipeline.registry import TASK_QUEUES, QueueView, Registry, Transition, WorkerState
 from pipeline.routing import Capacity, QueueLoad
+from pipeline.security.audit import audit
 from pipeline.store import FINAL_STATES, TaskStore
 
 logger = get_logger(__name__)
@@ -173,6 +174,8 @@ class Sweeper:
         moves = [(m.task_id, source, target, m.reason) for m in scan.moved if m.task_id]
         if moves:
             self.store.reroute(moves, by="sweep")
+            for task_id, _, _, reason in moves:
+                audit("task.rerouted", task=task_id, source=source, target=target, reason=reason, by="sweep")
         for failed in scan.failed:
             if failed.task_id:
                 self.store.mark_failed(failed.task_id, failed.reason, None)

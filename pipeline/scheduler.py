@@ -125,6 +125,9 @@ def main(argv: list[str]) -> int:
     from periodiq import Scheduler
 
     from pipeline.actors.liveness import SWEEP_QUEUE, liveness_sweep
+    from pipeline.security.audit import open_audit_log
+
+    open_audit_log(settings.data_dir / "audit.log", settings.audit_max_bytes, settings.audit_backups)
     from pipeline.brokers import current_broker
 
     broker = current_broker()

@@ -16,6 +16,7 @@ from dramatiq import Broker
 
 from pipeline.logs import get_logger
 from pipeline.routing import WorkerView, as_capacity, choose_route, classify
+from pipeline.security.audit import audit
 from pipeline.security.grants import issue_grant
 from pipeline.services import Services
 from pipeline.store import State, Task, new_task_id
@@ -114,6 +115,14 @@ def submit(
     if route.fallback:
         detail = {"from": "gpu", "to": route.queue, "reason": route.fallback, "by": "submit"}
         services.store.add_event(task_id, "rerouted", detail)
+        audit(
+            "task.rerouted",
+            task=task_id,
+            source="gpu",
+            target=route.queue,
+            reason=route.fallback,
+            by="submit",
+        )
     try:
         message_id = publish(broker, task, grant_for(services, task.id, ref.path))
     except Exception as exc:

@@ -22,6 +22,7 @@ from pipeline.config import get_settings
 from pipeline.liveness import Sweeper
 from pipeline.logs import get_logger
 from pipeline.registry import BadHeartbeat, get_registry
+from pipeline.security.audit import audit
 from pipeline.services import get_services
 
 broker = current_broker()
@@ -74,6 +75,7 @@ def task_rerouted(task_id: str, source: str, target: str, reason: str, worker: s
     """A worker moved the task's message to another queue (a GPU failure sends it to ``cpu``)."""
     if get_services().store.reroute([(task_id, source, target, reason)], by=worker):
         logger.info("task rerouted", extra={"task_id": task_id, "worker": worker, "to": target})
+        audit("task.rerouted", task=task_id, source=source, target=target, reason=reason, by=worker)
 
 
 _sweepers: dict[int, Sweeper] = {}

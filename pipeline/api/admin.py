@@ -9,7 +9,7 @@ from typing import Any
 import pika
 from dramatiq import Broker
 from dramatiq.errors import BrokerConnectionError
-from fastapi import APIRouter, HTTPException, params
+from fastapi import APIRouter, HTTPException, Request, params
 from pydantic import BaseModel, Field
 
 from pipeline.brokers import QUEUES
@@ -18,6 +18,7 @@ from pipeline.brokers.cancellations import publish_cancel
 from pipeline.brokers.rabbitmq import connection_parameters, queue_stats
 from pipeline.errors import TaskNotFound
 from pipeline.logs import get_logger
+from pipeline.security.audit import audit
 from pipeline.services import Services
 from pipeline.submission import grant_for
 
@@ -33,6 +34,11 @@ class Selection(BaseModel):
 
 class CancelRequest(BaseModel):
     reason: str = "canceled by the user"
+
+
+def _who(request: Request) -> str | None:
+    principal = getattr(request.state, "principal", None)
+    return principal.name if principal else None
 
 
 def admin_router(
@@ -83,19 +89,24 @@ def admin_router(
         return {"letters": [letter.to_dict() for letter in letters]}
 
     @router.post("/dead/retry", tags=["dead letters"], dependencies=list(admin))
-    def retry_dead(selection: Selection) -> dict[str, Any]:
+    def retry_dead(selection: Selection, request: Request) -> dict[str, Any]:
         """Send dead letters back to their queues; their tasks go back to queued, history kept."""
         with rabbitmq() as parameters:
-            return dead.retry(
+            outcome = dead.retry(
                 parameters, broker, store, queues_of(selection.queue), selection.ids,
                 regrant=lambda task_id, path: grant_for(services, task_id, path),
             )  # fmt: skip
+        audit("deadletter.retry", by=_who(request), queue=selection.queue, ids=selection.ids,
+              retried=[x.get("message_id") for x in outcome["retried"]])  # fmt: skip
+        return outcome
 
     @router.post("/dead/purge", tags=["dead letters"], dependencies=list(admin))
-    def purge_dead(selection: Selection) -> dict[str, Any]:
+    def purge_dead(selection: Selection, request: Request) -> dict[str, Any]:
         """Drop dead letters for good."""
         with rabbitmq() as parameters:
-            return {"purged": dead.purge(parameters, queues_of(selection.queue), selection.ids)}
+            purged = dead.purge(parameters, queues_of(selection.queue), selection.ids)
+        audit("deadletter.purge", by=_who(request), queue=selection.queue, ids=selection.ids, purged=purged)
+        return {"purged": purged}
 
     @router.post(
         "/tasks/{task_id}/cancel",

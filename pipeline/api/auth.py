@@ -51,6 +51,7 @@ class Authenticator:
 
         def dependency(request: Request) -> Principal:
             principal = self.authenticate(request)
+            request.state.principal = principal  # for endpoints that audit who acted
             if not allows(principal.role, role):
                 audit("auth.forbidden", key=principal.key_id, role=principal.role, needed=role,
                       path=request.url.path)  # fmt: skip

@@ -210,6 +210,7 @@ class TokenLogins:
             audit("sftp.login_refused", worker=username, reason=f"token of {claims['sub']}")
             return None
         self.tokens.touch(claims["jti"])
+        audit("token.used", token=claims["jti"], worker=username, via="sftp")
         return Principal(username, SessionGrants(self.secret))
 
     def check_public_key(self, username: str, key: paramiko.PKey) -> Principal | None:

@@ -64,6 +64,8 @@ def test_dead_letter_retry_after_a_fix(stack: Stack, samples: Path) -> None:
     assert "quick" in httpx.get(f"{stack.url}/api/v1/tasks/{first}/result").text.lower()
     assert queue_depth(url, "gpu.XQ") == 0
     assert task(stack, second)["state"] == "failed"  # purged, not retried
+    audited = [json.loads(line)["event"] for line in (stack.data_dir / "audit.log").read_text().splitlines()]
+    assert "deadletter.retry" in audited and "deadletter.purge" in audited
 
     nothing = stack.cli("dead", "retry")
     assert nothing.returncode == 0 and nothing.stdout.strip() == "no dead letters to retry"

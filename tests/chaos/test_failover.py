@@ -9,6 +9,7 @@ these tasks to ``cpu`` at submit: they go there only by failover.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -122,6 +123,9 @@ def test_stopping_every_gpu_worker_moves_waiting_tasks_to_cpu(stack: Stack, samp
         assert len(events(t, "done")) == 1
     for t in on_gpu:
         assert events(t, "rerouted") == []
+    audited = [json.loads(line) for line in (stack.data_dir / "audit.log").read_text().splitlines()]
+    moved = {e["task"] for e in audited if e["event"] == "task.rerouted" and e["by"] == "sweep"}
+    assert moved == {t["id"] for t in on_cpu}
     # What `morag-pipeline status` shows a user.
     shown = stack.cli("status", on_cpu[0]["id"])
     assert "rerouted" in shown.stdout and "no live gpu worker for" in shown.stdout, shown.stdout
