@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -157,7 +158,10 @@ class Stack:
             if self.processes["server"].poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log('server')}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify).status_code == 200:
+                verify = (
+                    ssl.create_default_context(cafile=self.verify) if isinstance(self.verify, str) else True
+                )
+                if httpx.get(f"{self.url}/healthz", timeout=1, verify=verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -371,6 +375,16 @@ def corrupt_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def has(binary: str) -> bool:
     return shutil.which(binary) is not None
+
+
+def make_silent_video(path: Path) -> Path:
+    """A one-second video with no audio track."""
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=5", "-t", "1",
+         "-pix_fmt", "yuv420p", "-y", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
 
 
 def make_pdf(lines: list[str]) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ class ApiClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        verify: str | bool = str(ca_file) if ca_file else True
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, verify=verify)
 
     @classmethod

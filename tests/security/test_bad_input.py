@@ -7,7 +7,6 @@ in tests/transfer/test_grants.py and tests/transfer/.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from pipeline.config import Settings, use_settings
 from pipeline.security.ratelimit import FailureLimiter
 from pipeline.security.tokens import AuthError
 from pipeline.services import Services, build_services
-from tests.conftest import SAMPLES, Stack, make_pdf, queue_depth
+from tests.conftest import SAMPLES, Stack, make_pdf, make_silent_video, queue_depth
 
 SECRET = "b" * 48
 MIB = 1024 * 1024
@@ -47,13 +46,7 @@ def client(services: Services, stub_broker) -> Iterator[TestClient]:  # type: ig
 
 
 def silent_video(folder: Path) -> bytes:
-    path = folder / "silent.mp4"
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=5", "-t", "1",
-         "-pix_fmt", "yuv420p", "-y", str(path)],
-        check=True,
-    )  # fmt: skip
-    return path.read_bytes()
+    return make_silent_video(folder / "silent.mp4").read_bytes()
 
 
 def damaged_zip() -> bytes:

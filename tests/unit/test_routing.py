@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import Settings
 from pipeline.errors import BadInput, UnsupportedType
 from pipeline.routing import choose_route, classify
+from tests.conftest import make_silent_video
 
 
 @pytest.mark.parametrize(
@@ -83,14 +84,7 @@ def test_zip_that_is_not_office(tmp_path: Path) -> None:
 
 
 def test_video_without_audio_refused(tmp_path: Path) -> None:
-    import subprocess
-
-    path = tmp_path / "silent.mp4"
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=5", "-t", "1",
-         "-pix_fmt", "yuv420p", "-y", str(path)],
-        check=True,
-    )  # fmt: skip
+    path = make_silent_video(tmp_path / "silent.mp4")
     with pytest.raises(BadInput, match="no audio track"):
         classify(path, "silent.mp4")
 
