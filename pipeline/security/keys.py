@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
@@ -35,7 +34,3 @@ def server_secret(settings: Settings) -> bytes:
 def derive(secret: bytes, purpose: str, ident: str) -> str:
     """A key for one purpose and one identity, recomputable by the server alone."""
     return hmac.new(secret, f"{purpose}:{ident}".encode(), hashlib.sha256).hexdigest()
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(48)
