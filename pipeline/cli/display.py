@@ -75,6 +75,14 @@ def follow(
     return [results[tid] for tid in task_ids]
 
 
+def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """Print ``data`` as JSON for scripts, or hand it to ``render`` for people."""
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        render(data)
+
+
 def main_format(task: TaskDict) -> str:
     formats = {o["format"] for o in task.get("outputs", [])}
     return "txt" if "txt" in formats else "md"

@@ -94,10 +94,7 @@ def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
         listing = client.dead(queue)
         if ids:
             listing["letters"] = [x for x in listing["letters"] if {x["message_id"], x["task_id"]} & set(ids)]
-        if args.json:
-            print(json.dumps(listing, indent=2))
-        else:
-            _show_letters(listing["letters"], listing["counts"])
+        display.emit(listing, args.json, lambda x: _show_letters(x["letters"], x["counts"]))
         return 0
 
     if args.action == "show":
@@ -107,16 +104,7 @@ def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
         for i in ids:
             for letter in client.dead_letter(i, queue)["letters"]:
                 found[letter["queue"], letter["message_id"]] = letter
-        letters = list(found.values())
-        if args.json:
-            print(json.dumps(letters, indent=2))
-        elif not letters:
-            display.out.print("no dead letters")
-        for n, letter in enumerate(letters):
-            if not args.json:
-                if n:
-                    display.out.print()
-                _show_full(letter)
+        display.emit(list(found.values()), args.json, _show_all)
         return 0
 
     answer = client.dead_action(args.action, queue, ids or None)
@@ -136,6 +124,17 @@ def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
     if not answer["retried"] and not answer["skipped"]:
         display.out.print("no dead letters to retry")
     return 1 if answer["skipped"] else 0
+
+
+def _show_all(letters: list[dict[str, Any]]) -> None:
+    from pipeline.cli import display
+
+    if not letters:
+        display.out.print("no dead letters")
+    for n, letter in enumerate(letters):
+        if n:
+            display.out.print()
+        _show_full(letter)
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:

@@ -152,11 +152,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli import display
     from pipeline.cli.client import ApiClient
 
-    task = ApiClient.from_settings(settings).task(args.task_id)
-    if args.json:
-        print(json.dumps(task, indent=2))
-    else:
-        display.show_status(task)
+    display.emit(ApiClient.from_settings(settings).task(args.task_id), args.json, display.show_status)
     return 0
 
 
@@ -176,10 +172,7 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli.client import ApiClient
 
     listing = ApiClient.from_settings(settings).tasks(args.state, args.limit)
-    if args.json:
-        print(json.dumps(listing, indent=2))
-    else:
-        display.show_tasks(listing["tasks"], listing["counts"])
+    display.emit(listing, args.json, lambda x: display.show_tasks(x["tasks"], x["counts"]))
     return 0
 
 

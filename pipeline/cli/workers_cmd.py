@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import datetime
 from typing import Any
 
@@ -131,17 +130,9 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
         client.sweep()
         display.err.print("sweep requested")
     if args.worker_id:
-        worker = client.worker(args.worker_id)
-        if args.json:
-            print(json.dumps(worker, indent=2))
-        else:
-            show_worker(worker)
-        return 0
-    listing = client.workers(args.state)
-    if args.json:
-        print(json.dumps(listing, indent=2))
+        display.emit(client.worker(args.worker_id), args.json, show_worker)
     else:
-        show_workers(listing)
+        display.emit(client.workers(args.state), args.json, show_workers)
     return 0
 
 
