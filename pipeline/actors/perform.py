@@ -41,11 +41,12 @@ def perform(job: dict[str, Any]) -> None:
     log = {"task_id": task_id, "worker": worker_id(), "queue": queue, "attempt": attempt}
     logger.info("task started", extra=log)
     reporter.started(task_id, attempt)
+    transport = _transport()
     try:
         outputs, result = run_job(
             job,
             settings=get_settings(),
-            transport=_transport(),
+            transport=transport,
             events=reporter,
             should_stop=lambda: is_canceled(task_id),
         )
@@ -54,6 +55,9 @@ def perform(job: dict[str, Any]) -> None:
         logger.info("task stopped: canceled", extra=log)
         reporter.note(task_id, "stopped", {"reason": str(exc)})
         return
+    finally:
+        # Done, failed or to be retried, this attempt is over: a later delivery carries the grant again.
+        transport.forget(task_id)
     if result.get("reused"):
         logger.info("outputs already complete: not run again", extra=log)
     else:

@@ -3,21 +3,42 @@
 The server signs a grant into every task message: the task's input files to
 read, its output folder to read and write, and an expiry. A worker presents
 the grants of the tasks it holds on its SFTP session; the SFTP server lets it
-touch nothing else, and nothing once a grant has expired.
+touch nothing else.
+
+Only the server holds the secret that signs grants, so a worker cannot renew
+one. Instead the server's ``GrantCheck`` keeps a grant open for as long as its
+task is open: a grant whose task the store holds as queued or running is
+honoured whatever its age (a task may wait in a backlog longer than any
+expiry), and a grant whose task is done, failed or canceled is closed at
+once, on presentation and on every later use. The grant's own expiry
+(``MORAG_GRANT_TTL_S``) decides only for tasks the store does not know.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
+from pipeline.logs import get_logger
 from pipeline.security.tokens import ISSUER, AuthError
 
+logger = get_logger(__name__)
+
 GRANT_TYPE = "grant"
+#: Task states in which a grant is closed (the values of ``pipeline.store.FINAL_STATES``).
+CLOSED_STATES = frozenset({"done", "failed", "canceled"})
+#: Seconds a task state found open is reused.
+STATE_CACHE_S = 2.0
+#: Task states kept in that cache at most.
+STATE_CACHE_SIZE = 10_000
+
+#: The state of a task by its id, or None when the store does not know it.
+TaskStateLookup = Callable[[str], str | None]
 
 
 def output_folder(task_id: str) -> str:
@@ -38,65 +59,185 @@ def issue_grant(secret: bytes, task_id: str, inputs: list[str], ttl_s: float) ->
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+class GrantRefused(AuthError):
+    """The server will not honour a grant (expired, closed, forged or malformed).
+
+    Parameters:
+      reason: the one-line reason, sent to the worker.
+      retryable: True when presenting the same grant later may succeed
+        (the task's state could not be read just now).
+    """
+
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
 @dataclass(frozen=True)
 class TaskGrant:
-    """A verified grant."""
+    """A grant whose signature was verified (its expiry is ``GrantCheck``'s business)."""
 
     task: str
     read: tuple[str, ...]
     write: str
     expires_at: float
 
-    def allows(self, path: str, *, write: bool) -> bool:
-        if time.time() >= self.expires_at:
-            return False
+    @property
+    def expired(self) -> bool:
+        return time.time() >= self.expires_at
+
+    def covers(self, path: str, *, write: bool) -> bool:
+        """Whether ``path`` is one of the task's paths (for writing: inside its output folder)."""
         inside_output = path == self.write or path.startswith(self.write + "/")
         if write:
             return inside_output
         # Reading: the inputs, the output folder, and the task folder holding them.
         return inside_output or path in self.read or path == f"tasks/{self.task}"
 
+    def allows(self, path: str, *, write: bool) -> bool:
+        """``covers``, until the grant expires (the rule where no task store is consulted)."""
+        return not self.expired and self.covers(path, write=write)
 
-def verify_grant(secret: bytes, token: str) -> TaskGrant:
-    """The grant a token carries; AuthError when forged, expired or not a grant."""
+
+def verify_grant(secret: bytes, token: str, *, check_expiry: bool = True) -> TaskGrant:
+    """The grant a token carries; GrantRefused when forged, malformed or (with ``check_expiry``) expired."""
     try:
         claims: dict[str, Any] = jwt.decode(
             token, secret, algorithms=["HS256"], issuer=ISSUER,
-            options={"require": ["exp", "task", "read", "write"]},
+            options={"require": ["exp", "task", "read", "write"], "verify_exp": check_expiry},
         )  # fmt: skip
     except jwt.ExpiredSignatureError:
-        raise AuthError("transfer grant expired") from None
+        raise GrantRefused("transfer grant expired") from None
     except jwt.InvalidTokenError as exc:
-        raise AuthError(f"invalid transfer grant: {exc}") from None
+        raise GrantRefused(f"invalid transfer grant: {exc}") from None
     if claims.get("typ") != GRANT_TYPE:
-        raise AuthError("not a transfer grant")
+        raise GrantRefused("not a transfer grant")
     task = str(claims["task"])
     if claims["write"] != output_folder(task) or not all(
         isinstance(p, str) and p.startswith(f"tasks/{task}/input/") for p in claims["read"]
     ):
-        raise AuthError("transfer grant names paths outside its task")
+        raise GrantRefused("transfer grant names paths outside its task")
     return TaskGrant(task, tuple(claims["read"]), claims["write"], float(claims["exp"]))
 
 
-class SessionGrants:
-    """The grants a worker presented on one SFTP session; allows what any of them allows.
+class GrantCheck:
+    """Decides whether a grant opens its task now: signed by the server, and its task still open.
+
+    A grant of a task the store holds as queued or running is open whatever
+    its age; a grant of a done, failed or canceled task is closed; a grant of
+    a task the store does not know (or with no store at all) is open until it
+    expires. An open state is reused for ``STATE_CACHE_S`` seconds (a worker
+    opens a few files a second); a closed one is read again each time, since a
+    dead-letter retry may queue the task again.
 
     Parameters:
-      secret: the server secret grants are verified with.
+      secret: the server secret grants are signed with.
+      task_state: the state of a task by id (None when unknown), or None to go by expiry alone.
     """
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, task_state: TaskStateLookup | None = None) -> None:
         self.secret = secret
+        self.task_state = task_state
+        self._states: dict[str, tuple[float, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, token: str) -> TaskGrant:
+        """The grant ``token`` carries, if it opens its task now; GrantRefused with the reason otherwise."""
+        grant = verify_grant(self.secret, token, check_expiry=self.task_state is None)
+        self.check(grant)
+        return grant
+
+    def check(self, grant: TaskGrant) -> None:
+        """Return if ``grant`` still opens its task; GrantRefused with the reason otherwise."""
+        if self.task_state is None:
+            if grant.expired:
+                raise GrantRefused("transfer grant expired")
+            return
+        state = self._state(grant.task)
+        if state in CLOSED_STATES:
+            raise GrantRefused(f"task {grant.task} has ended ({state}): its transfer grant is closed")
+        if state is None and grant.expired:
+            raise GrantRefused(f"transfer grant expired (task {grant.task} is unknown to the server)")
+
+    def _state(self, task_id: str) -> str | None:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._states.get(task_id)
+        if cached is not None and now - cached[0] < STATE_CACHE_S:
+            return cached[1]
+        assert self.task_state is not None
+        try:
+            state = self.task_state(task_id)
+        except Exception as exc:  # the store is busy or down: the worker tries again later
+            logger.warning(
+                "cannot read a task's state for its grant", extra={"task_id": task_id, "error": str(exc)}
+            )
+            raise GrantRefused(f"cannot check task {task_id} now; try again", retryable=True) from None
+        found = None if state is None else str(state)
+        if found not in CLOSED_STATES:  # a closed task may be queued again (a dead-letter retry)
+            with self._lock:
+                if len(self._states) >= STATE_CACHE_SIZE:
+                    self._states = {k: v for k, v in self._states.items() if now - v[0] < STATE_CACHE_S}
+                self._states[task_id] = (now, found)
+        return found
+
+
+class SessionGrants:
+    """The grants a worker presented on one SFTP session; allows what any open one allows.
+
+    Every use checks the grant again: a grant whose task ended since it was
+    presented is dropped from the session.
+
+    Parameters:
+      check: decides whether a grant opens its task now.
+      owner: who presented them (the worker's name, for logs).
+    """
+
+    def __init__(self, check: GrantCheck, owner: str = "") -> None:
+        self.check = check
+        self.owner = owner
         self._grants: dict[str, TaskGrant] = {}
         self._lock = threading.Lock()
 
     def add(self, token: str) -> TaskGrant:
-        grant = verify_grant(self.secret, token)
+        """Verify and keep a grant; GrantRefused with the reason when it does not open its task."""
+        grant = self.check.verify(token)
         with self._lock:
             self._grants[grant.task] = grant
         return grant
 
+    def release(self, task_id: str) -> bool:
+        """Forget the grant of ``task_id`` (the worker is done with it); whether one was held."""
+        with self._lock:
+            return self._grants.pop(task_id, None) is not None
+
+    def tasks(self) -> list[str]:
+        """The tasks this session holds grants for."""
+        with self._lock:
+            return list(self._grants)
+
     def allows(self, path: str, *, write: bool) -> bool:
         with self._lock:
             grants = list(self._grants.values())
-        return any(g.allows(path, write=write) for g in grants)
+        for grant in grants:
+            if not grant.covers(path, write=write):
+                continue
+            try:
+                self.check.check(grant)
+            except GrantRefused as exc:
+                if exc.retryable and not grant.expired:
+                    return True  # the store cannot say now: the grant's own expiry decides
+                if not exc.retryable:
+                    self._drop(grant, str(exc))
+                continue
+            return True
+        return False
+
+    def _drop(self, grant: TaskGrant, reason: str) -> None:
+        with self._lock:
+            if self._grants.get(grant.task) is not grant:
+                return
+            del self._grants[grant.task]
+        logger.info(
+            "sftp grant closed", extra={"worker": self.owner, "task_id": grant.task, "reason": reason}
+        )

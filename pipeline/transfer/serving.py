@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pipeline.config import Settings
+from pipeline.errors import TaskNotFound
 from pipeline.logs import get_logger
+from pipeline.security.grants import TaskStateLookup
 from pipeline.security.tokens import TokenStore
 from pipeline.store import TaskStore
 from pipeline.transfer.local import LocalStore
@@ -32,14 +34,30 @@ class FileServices:
             self.sftp.stop()
 
 
+def task_state_of(tasks: TaskStore) -> TaskStateLookup:
+    """How the SFTP server reads a task's state, to keep its transfer grants open while it is."""
+
+    def state(task_id: str) -> str | None:
+        try:
+            return str(tasks.get(task_id, events=False).state)
+        except TaskNotFound:
+            return None
+
+    return state
+
+
 def start_file_services(
     settings: Settings, tasks: TaskStore, files: LocalStore, tokens: TokenStore | None = None
 ) -> FileServices:
     """Start the embedded SFTP server (unless ``sftp_embedded`` is off) and the retention sweeper.
 
-    With ``tokens``, enrolled workers log in to SFTP with their tokens.
+    With ``tokens``, enrolled workers log in to SFTP with their tokens, and a
+    task's transfer grant opens its files for as long as ``tasks`` holds the
+    task queued or running.
     """
-    sftp = start_sftp_server(settings, files.root, tokens) if settings.sftp_embedded else None
+    sftp = None
+    if settings.sftp_embedded:
+        sftp = start_sftp_server(settings, files.root, tokens, task_state_of(tasks))
     if sftp is None:
         logger.info("embedded sftp server off: workers use the configured SFTP server or a shared store")
     retention = None

@@ -51,7 +51,7 @@ from pipeline.config import Settings
 from pipeline.errors import AccessRefused, BadInput, ChecksumMismatch, TransferError
 from pipeline.logs import get_logger
 from pipeline.transfer.checksums import FileRef
-from pipeline.transfer.sftp_server import GRANT_EXTENSION
+from pipeline.transfer.sftp_server import GRANT_EXTENSION, GRANT_RELEASE_EXTENSION
 
 logger = get_logger(__name__)
 
@@ -81,7 +81,8 @@ READ, WRITE, CREATE, TRUNCATE = 0x01, 0x02, 0x08, 0x10
 T = TypeVar("T")
 
 
-#: Transfer grants kept to present again after a reconnect (one per task in hand).
+#: Transfer grants held at most: those of tasks authorized and not yet
+#: forgotten (a worker thread holds one, its current task's).
 MAX_GRANTS = 16
 
 
@@ -113,6 +114,10 @@ class _Unsupported(Exception):
 
 class _SizeChanged(Exception):
     """The remote file's size differs from the reference."""
+
+
+class _Failed(OSError):
+    """The server answered a request with a failure (it may succeed when asked again)."""
 
 
 #: Errors after which the connection is dropped and the transfer resumed on a new one.
@@ -188,6 +193,8 @@ class SftpSession:
         self.transport = transport
         self.sftp = sftp
         self._replies: dict[int, tuple[int, paramiko.Message]] = {}
+        #: Whether the server takes transfer grants (OpenSSH's does not: it confines by chroot).
+        self.takes_grants = True
 
     @property
     def active(self) -> bool:
@@ -321,8 +328,23 @@ class SftpSession:
         return msg.get_remainder().hex()
 
     def present_grant(self, grant: str) -> None:
-        """Hand the server a task's transfer grant (``grant@morag-pipeline``)."""
-        self.reply(self.send(CMD_EXTENDED, GRANT_EXTENSION, grant))
+        """Hand the server a task's transfer grant (``grant@morag-pipeline``).
+
+        Raises ``_Denied`` with the server's reason when it refuses the grant,
+        ``OSError`` when it cannot decide now. A server without grants
+        (OpenSSH) is remembered as such and sent none again.
+        """
+        if not self.takes_grants:
+            return
+        try:
+            self.reply(self.send(CMD_EXTENDED, GRANT_EXTENSION, grant))
+        except _Unsupported:
+            self.takes_grants = False
+
+    def release_grant(self, task_id: str) -> None:
+        """Tell the server this worker is done with a task (``grant-release@morag-pipeline``)."""
+        if self.takes_grants:
+            self.reply(self.send(CMD_EXTENDED, GRANT_RELEASE_EXTENSION, task_id))
 
     def mkdirs(self, folder: str) -> None:
         """Create ``folder`` and its parents where missing."""
@@ -349,7 +371,7 @@ def _raise_status(msg: paramiko.Message) -> None:
         raise _Denied(text)
     if code == SFTP_OP_UNSUPPORTED:
         raise _Unsupported(text)
-    raise OSError(f"SFTP server: {text or 'failure'}")
+    raise _Failed(f"SFTP server: {text or 'failure'}")
 
 
 def connect(settings: Settings, check: HostKeyCheck | None = None) -> SftpSession:
@@ -486,7 +508,8 @@ class SftpTransport:
         self.root = settings.sftp_root
         self.sleep = sleep
         self._session: SftpSession | None = None
-        self._grants: dict[str, str] = {}
+        self._grants: dict[str, str] = {}  # task id -> grant, of the tasks held, oldest first
+        self._current: str | None = None  # the task authorized last and not yet forgotten
         self.worker = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
 
     @classmethod
@@ -499,28 +522,72 @@ class SftpTransport:
             self.drop()
             session = connect(self.settings, self.check)
             try:
-                for task_id, grant in self._grants.items():  # a new connection knows none of them
-                    self._present(session, task_id, grant)
+                self._present_held(session)  # a new connection knows none of them
             except BaseException:
                 session.close()
                 raise
             self._session = session
         return self._session
 
+    # Transfer grants.
     def authorize(self, task_id: str, grant: str) -> None:
-        """Present a task's transfer grant; kept (the latest few) and presented again after a reconnect."""
+        """Present the grant of the task about to run; held, and presented again after a reconnect.
+
+        Raises ``AccessRefused`` with the server's reason when the server will
+        never honour it (its task ended elsewhere, or the grant is forged or
+        expired for a task the server does not know). When the server cannot
+        decide now the connection is dropped, and the next transfer presents
+        the grant again as it reconnects, with its retries.
+        """
         self._grants.pop(task_id, None)
         self._grants[task_id] = grant
+        self._current = task_id
         while len(self._grants) > MAX_GRANTS:
-            self._grants.pop(next(iter(self._grants)))
+            oldest = next(t for t in self._grants if t != task_id)
+            self._grants.pop(oldest)
         if self._session is not None and self._session.active:
-            self._present(self._session, task_id, grant)
+            try:
+                self._present(self._session, task_id, grant)
+            except TRANSIENT as exc:
+                logger.warning(
+                    "sftp grant not taken yet, presenting it again on a new connection",
+                    extra={"task_id": task_id, "worker": self.worker, "error": _describe(exc)},
+                )
+                self.drop()
 
-    @staticmethod
-    def _present(session: SftpSession, task_id: str, grant: str) -> None:
+    def forget(self, task_id: str) -> None:
+        """The task ended on this worker: its grant is never presented again, and the server drops it."""
+        if self._grants.pop(task_id, None) is None:
+            return
+        if self._current == task_id:
+            self._current = None
+        if self._session is not None and self._session.active:
+            try:
+                self._session.release_grant(task_id)
+            except (_Denied, _Unsupported, *TRANSIENT):
+                self.drop()  # a new connection presents only the grants still held
+
+    def _present_held(self, session: SftpSession) -> None:
+        """Present every grant held: the current task's must be taken; a refused older one is forgotten."""
+        for task_id, grant in list(self._grants.items()):
+            if task_id == self._current:
+                continue
+            try:
+                session.present_grant(grant)
+            except (_Denied, _Failed) as exc:
+                self._grants.pop(task_id, None)
+                logger.warning(
+                    "sftp server refused an old transfer grant: forgotten",
+                    extra={"task_id": task_id, "worker": self.worker, "reason": str(exc)},
+                )
+        if self._current is not None:
+            self._present(session, self._current, self._grants[self._current])
+
+    def _present(self, session: SftpSession, task_id: str, grant: str) -> None:
         try:
             session.present_grant(grant)
         except _Denied as exc:
+            self._grants.pop(task_id, None)
             raise AccessRefused(f"the SFTP server refused the grant of task {task_id}: {exc}") from None
 
     def drop(self) -> None:

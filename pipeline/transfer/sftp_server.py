@@ -4,14 +4,17 @@
 server serves the store instead. Clients see the store root as ``/``; no path
 they send, whatever ``..``, absolute path or symlink it holds, reaches outside
 it. Every request is also checked against the ``Grant`` of the authenticated
-``Principal``: today a worker may touch the whole store, and a per-task grant
-(a worker reads only its task's inputs and writes only its outputs) slots in
-through ``Authenticator`` without touching the file handling here.
+``Principal``: the shared worker account reaches the whole store, an enrolled
+worker (``TokenLogins``) only the tasks whose transfer grants it presented on
+its session, for as long as those tasks are open (``pipeline.security.grants``).
 
-Besides plain SFTP v3 the server answers two extensions: ``check-file`` with
+Besides plain SFTP v3 the server answers four extensions: ``check-file`` with
 the ``sha256`` algorithm (the client asks the server to hash what it holds, so
-an upload is verified by the server, not by the client's word) and
-``posix-rename@openssh.com`` (an atomic rename that replaces the target).
+an upload is verified by the server, not by the client's word),
+``posix-rename@openssh.com`` (an atomic rename that replaces the target),
+``grant@morag-pipeline`` (present a task's transfer grant) and
+``grant-release@morag-pipeline`` (the worker is done with a task: forget its
+grant).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.logs import get_logger
 from pipeline.security.audit import audit
-from pipeline.security.grants import SessionGrants
+from pipeline.security.grants import GrantCheck, GrantRefused, SessionGrants, TaskStateLookup
 from pipeline.security.tokens import AuthError, TokenStore
 
 logger = get_logger(__name__)
@@ -84,6 +87,8 @@ HANDSHAKE_TIMEOUT = 30.0
 HOST_KEY_NAME = "sftp_host_ed25519_key"
 #: The SFTP extension a worker presents a task's transfer grant with.
 GRANT_EXTENSION = "grant@morag-pipeline"
+#: The SFTP extension a worker forgets a task's grant with, by task id.
+GRANT_RELEASE_EXTENSION = "grant-release@morag-pipeline"
 
 #: The head of an SSH_FXP_DATA reply: packet length, type, request id, data length.
 _DATA_HEADER = struct.Struct(">IBII")
@@ -179,20 +184,31 @@ class TokenLogins:
     The username must be the token's worker name. The session starts with no
     access at all; each task's transfer grant, sent with the
     ``grant@morag-pipeline`` extension, opens that task's input for reading
-    and its output folder for reading and writing, until the grant expires.
-    Logins that are not tokens go to ``fallback`` (the configured shared
-    account, whole-store access), when there is one.
+    and its output folder for reading and writing, for as long as ``GrantCheck``
+    holds it open (while the task is queued or running; by its expiry for a
+    task the store does not know). Logins that are not tokens go to
+    ``fallback`` (the configured shared account, whole-store access), when
+    there is one.
 
     Parameters:
       tokens: the server's worker tokens (verified on every login, so revocation holds).
       secret: the server secret, which signs grants.
       fallback: the shared worker account, or None.
+      task_state: the state of a task by id (None when unknown), or None to
+        honour grants by their expiry alone.
     """
 
-    def __init__(self, tokens: TokenStore, secret: bytes, fallback: WorkerCredentials | None = None) -> None:
+    def __init__(
+        self,
+        tokens: TokenStore,
+        secret: bytes,
+        fallback: WorkerCredentials | None = None,
+        task_state: TaskStateLookup | None = None,
+    ) -> None:
         self.tokens = tokens
         self.secret = secret
         self.fallback = fallback
+        self.grants = GrantCheck(secret, task_state)
 
     def methods(self, username: str) -> list[str]:
         extra = self.fallback.methods(username) if self.fallback else []
@@ -211,7 +227,7 @@ class TokenLogins:
             return None
         self.tokens.touch(claims["jti"])
         audit("token.used", token=claims["jti"], worker=username, via="sftp")
-        return Principal(username, SessionGrants(self.secret))
+        return Principal(username, SessionGrants(self.grants, username))
 
     def check_public_key(self, username: str, key: paramiko.PKey) -> Principal | None:
         return self.fallback.check_public_key(username, key) if self.fallback else None
@@ -599,7 +615,12 @@ class StoreSftpServer(paramiko.SFTPServer):
             raise SFTPError("client did not start with SSH_FXP_INIT")
         reply = paramiko.Message()
         reply.add_int(SFTP_VERSION)
-        extensions = (("check-file", "sha256"), ("posix-rename@openssh.com", "1"), (GRANT_EXTENSION, "1"))
+        extensions = (
+            ("check-file", "sha256"),
+            ("posix-rename@openssh.com", "1"),
+            (GRANT_EXTENSION, "1"),
+            (GRANT_RELEASE_EXTENSION, "1"),
+        )
         for name, value in extensions:
             reply.add_string(name)
             reply.add_string(value)
@@ -618,6 +639,9 @@ class StoreSftpServer(paramiko.SFTPServer):
                 return
             if name == GRANT_EXTENSION:
                 self._add_grant(request_number, msg)
+                return
+            if name == GRANT_RELEASE_EXTENSION:
+                self._release_grant(request_number, msg)
                 return
             msg.packet.seek(start)
         super()._process(t, request_number, msg)
@@ -652,7 +676,12 @@ class StoreSftpServer(paramiko.SFTPServer):
         self._write_all(memoryview(reply)[: _DATA_HEADER.size + size])
 
     def _add_grant(self, request_number: int, msg: paramiko.Message) -> None:
-        """``grant@morag-pipeline``: the client presents a task's transfer grant."""
+        """``grant@morag-pipeline``: the client presents a task's transfer grant.
+
+        A refusal says why: ``permission denied`` when the grant will never
+        open its task (forged, its task ended, expired), ``failure`` when the
+        task's state cannot be read just now and the client may try again.
+        """
         token = msg.get_text()
         session: SshSession = self.server.session
         grants = session.principal.grant if session.principal else None
@@ -661,12 +690,24 @@ class StoreSftpServer(paramiko.SFTPServer):
             return
         try:
             grant = grants.add(token)
-        except AuthError as exc:
+        except GrantRefused as exc:
+            if exc.retryable:
+                self._send_status(request_number, SFTP_FAILURE, str(exc))
+                return
             audit("sftp.grant_refused", worker=session.username, reason=str(exc))
             self._send_status(request_number, SFTP_PERMISSION_DENIED, str(exc))
             return
         logger.info("sftp grant", extra={"worker": session.username, "task_id": grant.task})
         self._send_status(request_number, SFTP_OK, "granted")
+
+    def _release_grant(self, request_number: int, msg: paramiko.Message) -> None:
+        """``grant-release@morag-pipeline``: the client is done with a task; its grant is forgotten."""
+        task_id = msg.get_text()
+        session: SshSession = self.server.session
+        grants = session.principal.grant if session.principal else None
+        if isinstance(grants, SessionGrants) and grants.release(task_id):
+            logger.info("sftp grant released", extra={"worker": session.username, "task_id": task_id})
+        self._send_status(request_number, SFTP_OK, "released")
 
     def _check_file_sha256(self, request_number: int, msg: paramiko.Message) -> None:
         handle = msg.get_binary()
@@ -854,19 +895,26 @@ class SftpServer:
             transport.close()
 
 
-def start_sftp_server(settings: Settings, root: Path, tokens: TokenStore | None = None) -> SftpServer:
+def start_sftp_server(
+    settings: Settings,
+    root: Path,
+    tokens: TokenStore | None = None,
+    task_state: TaskStateLookup | None = None,
+) -> SftpServer:
     """Start the embedded SFTP server the settings describe, serving ``root``.
 
     With ``tokens``, enrolled workers log in with their tokens and reach only
     the tasks whose grants they present; the shared account of the settings,
-    if configured, still reaches the whole store.
+    if configured, still reaches the whole store. With ``task_state`` a grant
+    stays open while its task is queued or running, whatever its age, and
+    closes when the task ends.
     """
     key = load_host_key(host_key_path(settings))
     credentials = WorkerCredentials.from_settings(settings)
     shared = credentials if credentials.methods(settings.sftp_username) else None
     authenticator: Authenticator
     if tokens is not None:
-        authenticator = TokenLogins(tokens, tokens.secret, shared)
+        authenticator = TokenLogins(tokens, tokens.secret, shared, task_state)
     elif shared is not None:
         authenticator = shared
     else:

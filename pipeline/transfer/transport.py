@@ -36,6 +36,9 @@ class Transport(Protocol):
     def authorize(self, task_id: str, grant: str) -> None:
         """Present the task's transfer grant before touching its files (SFTP only)."""
 
+    def forget(self, task_id: str) -> None:
+        """The task ended on this worker: its grant is dropped, never presented again (SFTP only)."""
+
     def close(self) -> None: ...
 
 
@@ -67,6 +70,9 @@ class SharedTransport:
 
     def authorize(self, task_id: str, grant: str) -> None:
         """Nothing to present: this worker shares the server's disk."""
+
+    def forget(self, task_id: str) -> None:
+        """Nothing was presented."""
 
     def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
         try:
