@@ -7,6 +7,7 @@ queue, and a throwaway data directory.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import shutil
 import tempfile
 import time
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dramatiq import Worker
+from pydantic import SecretStr
 
 from pipeline.brokers import install
 from pipeline.brokers.stub import build_stub_broker
@@ -29,12 +31,16 @@ def embedded_pipeline(settings: Settings) -> Iterator[tuple[Services, object]]:
     """A stub broker with a worker on every queue, over a temporary data directory."""
     data_dir = Path(tempfile.mkdtemp(prefix="morag-run-"))
     try:
-        # In-process only, nothing listens: development mode needs no secret.
-        settings = use_settings(
-            settings.model_copy(
-                update={"data_dir": data_dir, "dev_mode": True, "file_access": FileAccess.shared}
-            )
-        )
+        # In-process only, nothing listens: a throwaway secret signs the reports
+        # the in-process worker sends its in-process server, as on a server's host.
+        secret = SecretStr(secrets.token_urlsafe(48))
+        update = {
+            "data_dir": data_dir,
+            "secret_key": secret,
+            "dev_mode": False,
+            "file_access": FileAccess.shared,
+        }
+        settings = use_settings(settings.model_copy(update=update))
         broker = install(build_stub_broker(settings))
         import pipeline.actors.control  # noqa: F401
         import pipeline.actors.cpu  # noqa: F401

@@ -10,11 +10,10 @@ import threading
 import time
 from typing import Any
 
-import dramatiq
 from dramatiq import Broker
 from dramatiq.errors import BrokerConnectionError
 
-from pipeline.identity import worker_id
+from pipeline import control
 from pipeline.logs import get_logger
 
 logger = get_logger(__name__)
@@ -47,11 +46,7 @@ class Reporter:
         self._lock = threading.Lock()
 
     def _send(self, actor_name: str, *, outcome: bool = False, **kwargs: Any) -> None:
-        kwargs.setdefault("worker", worker_id())
-        kwargs["ts"] = time.time()
-        message = dramatiq.Message(
-            queue_name="control", actor_name=actor_name, args=(), kwargs=kwargs, options={}
-        )
+        message = control.report(actor_name, **kwargs)
         deadline = time.monotonic() + (self.persist if outcome else 0.0)
         pause = 0.5
         while True:
@@ -73,7 +68,7 @@ class Reporter:
     def started(self, task_id: str, attempt: int) -> None:
         with self._lock:
             self._started[task_id] = time.monotonic()
-        self._send("task_started", task_id=task_id, attempt=attempt)
+        self._send(control.TASK_STARTED, task_id=task_id, attempt=attempt)
 
     def progress(self, task_id: str, stage: str, percent: float) -> None:
         now = time.monotonic()
@@ -86,24 +81,24 @@ class Reporter:
         eta = None
         if 0 < percent < 100:
             eta = round((now - began) * (100 - percent) / percent, 1)
-        self._send("task_progress", task_id=task_id, stage=stage, percent=round(percent, 1), eta_s=eta)
+        self._send(control.TASK_PROGRESS, task_id=task_id, stage=stage, percent=round(percent, 1), eta_s=eta)
 
     def completed(self, task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any]) -> None:
         self._forget(task_id)
-        self._send("task_completed", outcome=True, task_id=task_id, outputs=outputs, result=result)
+        self._send(control.TASK_COMPLETED, outcome=True, task_id=task_id, outputs=outputs, result=result)
 
     def retrying(self, task_id: str, reason: str, attempts: int) -> None:
         self._forget(task_id)
-        self._send_quietly("task_retrying", task_id=task_id, reason=reason, attempts=attempts)
+        self._send_quietly(control.TASK_RETRYING, task_id=task_id, reason=reason, attempts=attempts)
 
     def failed(self, task_id: str, reason: str, attempts: int) -> None:
         self._forget(task_id)
-        self._send_quietly("task_failed", task_id=task_id, reason=reason, attempts=attempts)
+        self._send_quietly(control.TASK_FAILED, task_id=task_id, reason=reason, attempts=attempts)
 
     def note(self, task_id: str, event: str, detail: dict[str, Any]) -> None:
         """An event for the task's history: redelivered, skipped, stopped, reused."""
         self._forget(task_id)
-        self._send("task_note", task_id=task_id, event=event, detail=detail)
+        self._send(control.TASK_NOTE, task_id=task_id, event=event, detail=detail)
 
     def _send_quietly(self, actor_name: str, **kwargs: Any) -> None:
         """An outcome sent from middleware, which must not raise: logged when it cannot be sent."""

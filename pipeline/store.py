@@ -60,7 +60,18 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_task ON events(task_id, id);
+CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL);
 """
+
+#: Columns added after the first release, with what existing rows get.
+_ADDED_COLUMNS = {
+    # The outbox: NULL until the task's message is published (existing tasks were).
+    "published_at": "REAL",
+    "deliveries": "INTEGER NOT NULL DEFAULT 0",
+}
+
+#: How long the nonce of an applied message is remembered (a replay within it is a no-op).
+NONCE_RETENTION_S = 7 * 24 * 3600.0
 
 _JSON_COLUMNS = ("input", "options", "route", "progress", "outputs", "result")
 
@@ -86,6 +97,8 @@ class Task:
     updated_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    published_at: float | None = None
+    deliveries: int = 0  # messages published for the task: the first, reconciler's re-deliveries
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +119,40 @@ class TaskStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = Database(path, _SCHEMA)
+        self._claims = 0
+        with self.db.transaction() as db:
+            have = {row["name"] for row in db.execute("PRAGMA table_info(tasks)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
+                    if column == "published_at":
+                        db.execute("UPDATE tasks SET published_at=created_at")
+
+    # Replays. A message's nonce is recorded in the transaction of its effect, so
+    # a handler that failed leaves no record and its retry is applied.
+    def seen(self, nonce: str) -> bool:
+        """Whether a message with this nonce was applied."""
+        row = self.db.connect().execute("SELECT 1 FROM seen_nonces WHERE nonce=?", (nonce,)).fetchone()
+        return row is not None
+
+    def remember(self, nonce: str) -> bool:
+        """Record a nonce on its own (messages with no effect in this store); False if seen before."""
+        with self.db.transaction() as db:
+            return self._claim(db, nonce)
+
+    def _claim(self, db: sqlite3.Connection, nonce: str | None) -> bool:
+        """Record ``nonce`` in the caller's transaction; False when it was applied before."""
+        if nonce is None:
+            return True
+        now = time.time()
+        try:
+            db.execute("INSERT INTO seen_nonces (nonce, ts) VALUES (?, ?)", (nonce, now))
+        except sqlite3.IntegrityError:
+            return False
+        self._claims += 1
+        if self._claims % 500 == 0:
+            db.execute("DELETE FROM seen_nonces WHERE ts < ?", (now - NONCE_RETENTION_S,))
+        return True
 
     # Writing.
     def create(self, task: Task) -> Task:
@@ -130,10 +177,12 @@ class TaskStore:
             _add_event(db, task.id, now, "submitted", {"route": task.route})
         return task
 
-    def mark_running(self, task_id: str, worker: str, attempt: int) -> bool:
+    def mark_running(self, task_id: str, worker: str, attempt: int, nonce: str | None = None) -> bool:
         """Record that a worker started the task; False if the task already ended."""
         now = time.time()
         with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return False
             changed = db.execute(
                 "UPDATE tasks SET state=?, worker=?, attempts=?, updated_at=?,"
                 " started_at=COALESCE(started_at, ?), progress='{}', error=NULL"
@@ -144,19 +193,28 @@ class TaskStore:
                 _add_event(db, task_id, now, "started", {"worker": worker, "attempt": attempt})
         return bool(changed)
 
-    def set_progress(self, task_id: str, progress: dict[str, Any]) -> None:
+    def set_progress(self, task_id: str, progress: dict[str, Any], nonce: str | None = None) -> None:
         with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return
             db.execute(
                 "UPDATE tasks SET progress=?, updated_at=? WHERE id=? AND state=?",
                 (json.dumps(progress), time.time(), task_id, State.running),
             )
 
     def mark_done(
-        self, task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any], worker: str
+        self,
+        task_id: str,
+        outputs: list[dict[str, Any]],
+        result: dict[str, Any],
+        worker: str,
+        nonce: str | None = None,
     ) -> bool:
         """Record the outputs; False (and nothing written) if the task already ended."""
         now = time.time()
         with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return False
             changed = db.execute(
                 "UPDATE tasks SET state=?, outputs=?, result=?, worker=?, updated_at=?,"
                 " finished_at=?, progress=? WHERE id=? AND state IN (?, ?)",
@@ -177,9 +235,12 @@ class TaskStore:
                 _add_event(db, task_id, now, "done", {"worker": worker})
         return bool(changed)
 
-    def mark_failed(self, task_id: str, reason: str, worker: str | None) -> bool:
+    def mark_failed(self, task_id: str, reason: str, worker: str | None, nonce: str | None = None) -> bool:
+        """Record the failure and its reason; False (and nothing written) if the task already ended."""
         now = time.time()
         with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return False
             changed = db.execute(
                 "UPDATE tasks SET state=?, error=?, worker=COALESCE(?, worker), updated_at=?,"
                 " finished_at=? WHERE id=? AND state IN (?, ?)",
@@ -231,7 +292,7 @@ class TaskStore:
                 _add_event(db, task_id, now, "requeued", detail)
         return bool(changed)
 
-    def reroute(self, moves: Iterable[tuple[str, str, str, str]], by: str) -> int:
+    def reroute(self, moves: Iterable[tuple[str, str, str, str]], by: str, nonce: str | None = None) -> int:
         """Record tasks whose message moved to another queue: (task id, from, to, reason) each.
 
         The task's route names its new queue and keeps the move; a ``rerouted``
@@ -241,6 +302,8 @@ class TaskStore:
         now = time.time()
         recorded = 0
         with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return 0
             for task_id, source, target, reason in moves:
                 row = db.execute("SELECT state, route FROM tasks WHERE id=?", (task_id,)).fetchone()
                 if row is None or row["state"] in FINAL_STATES:
@@ -257,8 +320,27 @@ class TaskStore:
                 recorded += 1
         return recorded
 
-    def add_event(self, task_id: str, event: str, detail: dict[str, Any] | None = None) -> None:
+    def mark_published(self, task_id: str, message_id: str, queue: str, by: str) -> bool:
+        """Record that the task's message is on ``queue`` (the outbox is cleared); False if it ended."""
+        now = time.time()
         with self.db.transaction() as db:
+            changed = db.execute(
+                "UPDATE tasks SET published_at=?, deliveries=deliveries+1, updated_at=?"
+                " WHERE id=? AND state IN (?, ?)",
+                (now, now, task_id, State.queued, State.running),
+            ).rowcount
+            if changed:
+                _add_event(
+                    db, task_id, now, "published", {"queue": queue, "message_id": message_id, "by": by}
+                )
+        return bool(changed)
+
+    def add_event(
+        self, task_id: str, event: str, detail: dict[str, Any] | None = None, nonce: str | None = None
+    ) -> None:
+        with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return
             _add_event(db, task_id, time.time(), event, detail or {})
 
     # Reading.
@@ -288,6 +370,23 @@ class TaskStore:
                 "SELECT * FROM tasks WHERE state=? ORDER BY created_at DESC LIMIT ? OFFSET ?",
                 (state, limit, offset),
             )
+        return [_to_task(row) for row in rows]
+
+    def unpublished(self, created_before: float) -> list[Task]:
+        """Queued tasks whose message was never published, recorded before ``created_before``."""
+        rows = self.db.connect().execute(
+            "SELECT * FROM tasks WHERE state=? AND published_at IS NULL AND created_at < ?"
+            " ORDER BY created_at",
+            (State.queued, created_before),
+        )
+        return [_to_task(row) for row in rows]
+
+    def silent_running(self, updated_before: float) -> list[Task]:
+        """Running tasks that no report has touched since ``updated_before``."""
+        rows = self.db.connect().execute(
+            "SELECT * FROM tasks WHERE state=? AND updated_at < ? ORDER BY updated_at",
+            (State.running, updated_before),
+        )
         return [_to_task(row) for row in rows]
 
     def counts(self) -> dict[str, int]:

@@ -1,4 +1,11 @@
-"""Actors of the ``control`` queue, consumed by the server: task events from workers."""
+"""Actors of the ``control`` queue, consumed by the server: task events from workers.
+
+Each handler is idempotent and applies its message at least once: the
+message's nonce (``applied_nonce``) is recorded in the transaction of its
+effect, so a handler that fails is retried, and a redelivered message that was
+applied changes nothing. A late report is judged by the task's state, never
+by its age: a completion for a task that ended is recorded and ignored.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,9 @@ import shutil
 from typing import Any
 
 import dramatiq
+from dramatiq.middleware import CurrentMessage
 
+from pipeline import control
 from pipeline.actors import liveness  # noqa: F401  (heartbeats and task moves arrive on control too)
 from pipeline.brokers import current_broker
 from pipeline.errors import BadInput, ChecksumMismatch
@@ -18,23 +27,30 @@ from pipeline.transfer.checksums import FileRef
 broker = current_broker()
 logger = get_logger(__name__)
 
-_options = {"queue_name": "control", "max_retries": 5, "min_backoff": 500}
+_options = {"queue_name": control.QUEUE, "max_retries": 5, "min_backoff": 500}
 
 
-@dramatiq.actor(**_options)
+def applied_nonce() -> str | None:
+    """The nonce of the message being handled, recorded with its effect (None: unsigned, dev mode)."""
+    message = CurrentMessage.get_current_message()
+    return message.options.get("nonce") if message is not None else None
+
+
+@dramatiq.actor(actor_name=control.TASK_STARTED, **_options)
 def task_started(task_id: str, attempt: int, worker: str, ts: float) -> None:
-    if get_services().store.mark_running(task_id, worker, attempt):
+    if get_services().store.mark_running(task_id, worker, attempt, nonce=applied_nonce()):
         logger.info("task running", extra={"task_id": task_id, "worker": worker})
 
 
-@dramatiq.actor(**_options)
+@dramatiq.actor(actor_name=control.TASK_PROGRESS, **_options)
 def task_progress(
     task_id: str, stage: str, percent: float, eta_s: float | None, worker: str, ts: float
 ) -> None:
-    get_services().store.set_progress(task_id, {"stage": stage, "percent": percent, "eta_s": eta_s, "at": ts})
+    progress = {"stage": stage, "percent": percent, "eta_s": eta_s, "at": ts}
+    get_services().store.set_progress(task_id, progress, nonce=applied_nonce())
 
 
-@dramatiq.actor(**_options)
+@dramatiq.actor(actor_name=control.TASK_COMPLETED, **_options)
 def task_completed(
     task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any], worker: str, ts: float
 ) -> None:
@@ -49,7 +65,8 @@ def task_completed(
     log = {"task_id": task_id, "worker": worker}
     state = services.store.get(task_id, events=False).state
     if state in FINAL_STATES:
-        services.store.add_event(task_id, "completion ignored", {"worker": worker, "state": state})
+        detail = {"worker": worker, "state": state}
+        services.store.add_event(task_id, "completion ignored", detail, nonce=applied_nonce())
         if state is State.canceled:
             shutil.rmtree(services.files.resolve(f"tasks/{task_id}/output"), ignore_errors=True)
         logger.info("completion for a finished task ignored", extra={**log, "state": state})
@@ -59,30 +76,33 @@ def task_completed(
             services.files.check(FileRef.from_dict(output))
     except (ChecksumMismatch, BadInput) as exc:
         logger.warning("output failed verification", extra={**log, "error": str(exc)})
-        services.store.mark_failed(task_id, f"output failed verification: {exc}", worker)
+        services.store.mark_failed(
+            task_id, f"output failed verification: {exc}", worker, nonce=applied_nonce()
+        )
         return
-    if services.store.mark_done(task_id, outputs, result, worker):
+    if services.store.mark_done(task_id, outputs, result, worker, nonce=applied_nonce()):
         logger.info("task done", extra=log)
     else:
         logger.warning("completion for a finished task ignored", extra=log)
 
 
-@dramatiq.actor(**_options)
+@dramatiq.actor(actor_name=control.TASK_RETRYING, **_options)
 def task_retrying(task_id: str, reason: str, attempts: int, worker: str, ts: float) -> None:
     services = get_services()
     if services.store.get(task_id, events=False).state in FINAL_STATES:
         return
-    services.store.add_event(task_id, "retrying", {"reason": reason, "attempts": attempts, "worker": worker})
+    detail = {"reason": reason, "attempts": attempts, "worker": worker}
+    services.store.add_event(task_id, "retrying", detail, nonce=applied_nonce())
     services.store.set_progress(task_id, {"stage": "retrying", "percent": 0.0, "reason": reason})
 
 
-@dramatiq.actor(**_options)
+@dramatiq.actor(actor_name=control.TASK_FAILED, **_options)
 def task_failed(task_id: str, reason: str, attempts: int, worker: str, ts: float) -> None:
-    if get_services().store.mark_failed(task_id, reason, worker):
+    if get_services().store.mark_failed(task_id, reason, worker, nonce=applied_nonce()):
         logger.warning("task failed", extra={"task_id": task_id, "worker": worker, "reason": reason})
 
 
-@dramatiq.actor(**_options)
+@dramatiq.actor(actor_name=control.TASK_NOTE, **_options)
 def task_note(task_id: str, event: str, detail: dict[str, Any], worker: str, ts: float) -> None:
     """An event a worker adds to the task's history: redelivered, skipped, stopped, reused."""
-    get_services().store.add_event(task_id, event, {**detail, "worker": worker})
+    get_services().store.add_event(task_id, event, {**detail, "worker": worker}, nonce=applied_nonce())

@@ -73,7 +73,9 @@ def worker_goodbye(worker: str, capability: str, beat: dict[str, Any]) -> None:
 @dramatiq.actor(**_events)
 def task_rerouted(task_id: str, source: str, target: str, reason: str, worker: str, ts: float) -> None:
     """A worker moved the task's message to another queue (a GPU failure sends it to ``cpu``)."""
-    if get_services().store.reroute([(task_id, source, target, reason)], by=worker):
+    from pipeline.actors.control import applied_nonce
+
+    if get_services().store.reroute([(task_id, source, target, reason)], by=worker, nonce=applied_nonce()):
         logger.info("task rerouted", extra={"task_id": task_id, "worker": worker, "to": target})
         audit("task.rerouted", task=task_id, source=source, target=target, reason=reason, by=worker)
 

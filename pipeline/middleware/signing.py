@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import dramatiq
@@ -9,66 +10,113 @@ from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import SkipMessage
 
+from pipeline import control
 from pipeline.config import Settings
+from pipeline.errors import PipelineError, TaskNotFound
 from pipeline.logs import get_logger
 from pipeline.security import signatures
 from pipeline.security.audit import audit
+from pipeline.security.keys import server_secret
 from pipeline.security.tokens import AuthError
 
 logger = get_logger(__name__)
+
+#: What a worker that can sign nothing is told at boot.
+CANNOT_SIGN = (
+    "this worker cannot sign its reports, so the server would drop every result it sends: enroll it"
+    " (`morag-pipeline token issue --worker NAME --capability gpu|cpu --env-file morag.env` on the"
+    " server, the file in the worker's working directory) or, on the server's host, start it with the"
+    " server's MORAG_SECRET_KEY"
+)
+
+
+class Duplicate(PipelineError):
+    """A message whose nonce was applied before: a redelivery, acknowledged as a no-op."""
+
+
+def signer(settings: Settings) -> str | None:
+    """How this process signs ``control`` messages: ``token``, ``host`` (the server's secret) or None."""
+    if settings.worker_token and settings.worker_key:
+        return "token"
+    if settings.secret_key:
+        try:
+            server_secret(settings)
+        except PipelineError:
+            return None
+        return "host"
+    return None
 
 
 class MessageSigning(Middleware):
     """Signs ``control`` messages on workers; verifies them on the server.
 
     A worker holding a token (``MORAG_WORKER_TOKEN`` and ``MORAG_WORKER_KEY``)
-    signs every message it publishes to ``control``. The server, consuming
-    ``control``, verifies each one and drops (acknowledged, audited) any that
-    is unsigned, forged, replayed, too old, from a revoked or wrong-capability
-    token, or names another worker. In development mode unsigned messages are
-    accepted.
+    signs with its token's key; a worker on the server's host, holding the
+    server's ``MORAG_SECRET_KEY`` and no token, signs with a key derived from
+    that secret. A worker process with neither refuses to boot
+    (``CANNOT_SIGN``), rather than take tasks whose results would be dropped;
+    in development mode it sends them unsigned.
+
+    The server, consuming ``control``, verifies each message. One that is
+    unsigned (outside development mode), forged, from a revoked or
+    wrong-capability token, or names another worker is dropped, audited, and
+    noted on its task (``report rejected``), so ``status`` shows why the task
+    did not move. Outcomes (``control.OUTCOMES``) are never refused for their
+    age; their nonce is put in ``options["nonce"]`` for the control actors,
+    which record it in the transaction of their effect. A message whose nonce
+    was applied before is acknowledged as a no-op. Heartbeats older than
+    ``message_max_age_s`` are refused, and their nonce recorded at once.
 
     The verified worker and capability are put in the message's options
     (``verified_worker``, ``verified_capability``) for the control actors.
 
     Parameters:
-      settings: the worker's token and key, or the server's secret and limits.
+      settings: the worker's token and key or the server's secret, and the server's limits.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._verifier: _Verifier | None = None
 
+    def after_process_boot(self, broker: Broker) -> None:
+        """A ``dramatiq`` worker process: refuse to start when nothing it reports could be believed."""
+        if signer(self.settings) is None and not self.settings.dev_mode:
+            sys.stderr.write(f"morag-pipeline: {CANNOT_SIGN}\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
+
     def before_enqueue(self, broker: Broker, message: dramatiq.Message, delay: int) -> None:
-        s = self.settings
-        if message.queue_name != "control" or not (s.worker_token and s.worker_key):
+        if message.queue_name != control.QUEUE:
             return
-        token = s.worker_token.get_secret_value()
-        token_id = _token_id(token)
-        message.options[signatures.OPTION] = signatures.sign(
-            message.actor_name,
-            list(message.args),
-            message.kwargs,
-            token,
-            token_id,
-            s.worker_key.get_secret_value(),
-        )
+        s = self.settings
+        how = signer(s)
+        args, kwargs = list(message.args), message.kwargs
+        if how == "token":
+            assert s.worker_token and s.worker_key
+            token = s.worker_token.get_secret_value()
+            message.options[signatures.OPTION] = signatures.sign(
+                message.actor_name, args, kwargs, token, _token_id(token), s.worker_key.get_secret_value()
+            )
+        elif how == "host":
+            message.options[signatures.OPTION] = signatures.sign_as_host(
+                message.actor_name, args, kwargs, server_secret(s)
+            )
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        if message.queue_name != "control":
+        if message.queue_name != control.QUEUE:
             return
         if self._verifier is None:
             self._verifier = _Verifier(self.settings)
         try:
             self._verifier.verify(message)
-        except AuthError as exc:
-            worker = message.kwargs.get("worker")
-            audit("message.rejected", actor=message.actor_name, worker=worker, reason=str(exc),
-                  message_id=message.message_id)  # fmt: skip
-            logger.warning(
-                "control message rejected",
-                extra={"task_id": message.kwargs.get("task_id"), "worker": worker, "reason": str(exc)},
+        except Duplicate as exc:
+            logger.info(
+                "control message already applied",
+                extra={"task_id": message.kwargs.get("task_id"), "actor": message.actor_name},
             )
+            raise SkipMessage(str(exc)) from None
+        except AuthError as exc:
+            self._verifier.rejected(message, str(exc))
             raise SkipMessage(str(exc)) from None
 
 
@@ -88,8 +136,9 @@ class _Verifier:
         from pipeline.services import get_services
 
         self.settings = settings
-        self.tokens = get_services().tokens
-        self.nonces = signatures.NonceStore(settings.db_path, settings.message_max_age_s)
+        services = get_services()
+        self.tokens = services.tokens
+        self.store = services.store
         self._unsigned_warned = False
 
     def verify(self, message: MessageProxy) -> None:
@@ -100,22 +149,52 @@ class _Verifier:
                     logger.warning("accepting unsigned control messages (development mode)")
                     self._unsigned_warned = True
                 return
-            raise AuthError("unsigned message")
-        if not isinstance(block, dict) or not {"token", "ts", "nonce", "mac"} <= set(block):
+            raise AuthError("unsigned message: the worker holds neither a token nor the server's secret")
+        if not isinstance(block, dict) or not {"ts", "nonce", "mac"} <= set(block):
             raise AuthError("malformed signature block")
-        claims = self.tokens.verify(str(block["token"]))
-        key = self.tokens.signing_key(claims["jti"])
-        signatures.check_mac(
-            message.actor_name, list(message.args), message.kwargs, block, claims["jti"], key
+        actor, args, kwargs = message.actor_name, list(message.args), message.kwargs
+        claimed = str(kwargs.get("worker", ""))
+        capability = kwargs.get("capability")
+        if block.get("host") is True:
+            key = signatures.host_key(self.tokens.secret)
+            signatures.check_mac(actor, args, kwargs, block, signatures.HOST_SIGNER, key)
+            worker, verified_capability = claimed, capability
+        elif "token" in block:
+            claims = self.tokens.verify(str(block["token"]))
+            key = self.tokens.signing_key(claims["jti"])
+            signatures.check_mac(actor, args, kwargs, block, claims["jti"], key)
+            if claimed != claims["sub"] and not claimed.startswith(claims["sub"] + ":"):
+                raise AuthError(f"token of {claims['sub']} used for worker {claimed!r}")
+            if capability is not None and capability != claims["cap"]:
+                raise AuthError(f"token is for {claims['cap']} workers, the message claims {capability}")
+            worker, verified_capability = claims["sub"], claims["cap"]
+        else:
+            raise AuthError("malformed signature block")
+        nonce = str(block["nonce"])
+        if actor in control.OUTCOMES:
+            if self.store.seen(nonce):
+                raise Duplicate("already applied")
+            message.options["nonce"] = nonce
+        else:
+            signatures.check_age(block, self.settings.message_max_age_s)
+            if not self.store.remember(nonce):
+                raise AuthError("replayed message (nonce seen before)")
+        message.options["verified_worker"] = worker
+        message.options["verified_capability"] = verified_capability
+
+    def rejected(self, message: MessageProxy, reason: str) -> None:
+        """Audit and log a refused message, and note it on its task so that ``status`` says why."""
+        worker = message.kwargs.get("worker")
+        task_id = message.kwargs.get("task_id")
+        audit("message.rejected", actor=message.actor_name, worker=worker, reason=reason,
+              message_id=message.message_id)  # fmt: skip
+        logger.warning(
+            "control message rejected", extra={"task_id": task_id, "worker": worker, "reason": reason}
         )
-        signatures.check_age(block, self.settings.message_max_age_s)
-        if not self.nonces.first_time(str(block["nonce"])):
-            raise AuthError("replayed message (nonce seen before)")
-        claimed = str(message.kwargs.get("worker", ""))
-        if claimed != claims["sub"] and not claimed.startswith(claims["sub"] + ":"):
-            raise AuthError(f"token of {claims['sub']} used for worker {claimed!r}")
-        capability = message.kwargs.get("capability")
-        if capability is not None and capability != claims["cap"]:
-            raise AuthError(f"token is for {claims['cap']} workers, the message claims {capability}")
-        message.options["verified_worker"] = claims["sub"]
-        message.options["verified_capability"] = claims["cap"]
+        if isinstance(task_id, str) and message.actor_name in control.OUTCOMES:
+            detail = {"report": message.actor_name, "worker": worker, "reason": reason}
+            try:
+                self.store.get(task_id, events=False)
+            except TaskNotFound:
+                return
+            self.store.add_event(task_id, "report rejected", detail)

@@ -3,9 +3,13 @@
 A worker signs each ``control`` message with the key that came with its
 token: an HMAC-SHA256 over the actor, the arguments, a timestamp, a nonce and
 the token id. The server recomputes the key from the token id, checks the
-token (valid, unrevoked), the HMAC, the age of the message and that the nonce
-was never seen, so a forged, altered, replayed, expired or revoked message is
-refused.
+token (valid, unrevoked), the HMAC and that the nonce was never applied, so a
+forged, altered, replayed or revoked message is refused.
+
+A worker on the server's host holds the server's secret instead of a token
+(the README's plain ``dramatiq pipeline.actors.cpu --queues cpu`` with the
+server's settings); it signs with a key derived from that secret
+(``HOST_SIGNER``), which only the server and its host's workers can compute.
 """
 
 from __future__ import annotations
@@ -14,15 +18,15 @@ import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
-from pipeline.db import Database
+from pipeline.security.keys import derive
 from pipeline.security.tokens import AuthError
 
 OPTION = "morag_auth"
+#: The signer id of messages signed with the server's own secret (a worker on the server's host).
+HOST_SIGNER = "server-host"
 
 
 def _payload(actor: str, args: Any, kwargs: Any, ts: float, nonce: str, token_id: str) -> bytes:
@@ -43,6 +47,22 @@ def sign(
     return {"token": token, "ts": ts, "nonce": nonce, "mac": mac.hexdigest()}
 
 
+def host_key(secret: bytes) -> str:
+    """The key workers holding the server's secret sign with."""
+    return derive(secret, "sign", HOST_SIGNER)
+
+
+def sign_as_host(
+    actor: str, args: Any, kwargs: Any, secret: bytes, now: float | None = None
+) -> dict[str, Any]:
+    """The signature block of a worker that holds the server's secret (no token)."""
+    ts, nonce = time.time() if now is None else now, secrets.token_hex(16)
+    mac = hmac.new(
+        host_key(secret).encode(), _payload(actor, args, kwargs, ts, nonce, HOST_SIGNER), hashlib.sha256
+    )
+    return {"host": True, "ts": ts, "nonce": nonce, "mac": mac.hexdigest()}
+
+
 def check_mac(actor: str, args: Any, kwargs: Any, block: dict[str, Any], token_id: str, key: str) -> None:
     expected = hmac.new(
         key.encode(), _payload(actor, args, kwargs, block["ts"], block["nonce"], token_id), hashlib.sha256
@@ -57,32 +77,3 @@ def check_age(block: dict[str, Any], max_age_s: float) -> None:
         raise AuthError(f"message is {age:.0f}s old (more than {max_age_s:.0f}s): refused as a replay")
     if age < -60:
         raise AuthError("message is dated in the future")
-
-
-class NonceStore:
-    """Nonces seen within the replay window, in the server's database.
-
-    Parameters:
-      db_path: the server's database file.
-      window_s: how long a nonce is remembered (the message age limit).
-    """
-
-    def __init__(self, db_path: Path, window_s: float) -> None:
-        self.db = Database(
-            db_path, "CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL);"
-        )
-        self.window_s = window_s
-        self._added = 0
-
-    def first_time(self, nonce: str) -> bool:
-        """Record the nonce; False when it was seen before."""
-        now = time.time()
-        with self.db.transaction() as db:
-            try:
-                db.execute("INSERT INTO seen_nonces (nonce, ts) VALUES (?, ?)", (nonce, now))
-            except sqlite3.IntegrityError:
-                return False
-            self._added += 1
-            if self._added % 500 == 0:
-                db.execute("DELETE FROM seen_nonces WHERE ts < ?", (now - 2 * self.window_s,))
-        return True
