@@ -13,7 +13,22 @@ from pipeline.errors import PipelineError
 
 
 class ClientError(PipelineError):
-    """The server refused a request or could not be reached."""
+    """The server refused a request or could not be reached.
+
+    Parameters:
+      message: one line for the user.
+      status: the HTTP status of the refusal; None when no answer came (unreachable, TLS, timeout).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def about_the_request(self) -> bool:
+        """The server answered and refused this request for what it carried (4xx other than
+        401/403, or a 5xx for this one request): the next request may well succeed."""
+        return self.status is not None and self.status not in (401, 403)
 
 
 class ApiClient:
@@ -62,7 +77,7 @@ class ApiClient:
                 detail = response.text
             if isinstance(detail, list):  # FastAPI validation errors
                 detail = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
-            raise ClientError(str(detail).strip() or f"HTTP {response.status_code}")
+            raise ClientError(str(detail).strip() or f"HTTP {response.status_code}", response.status_code)
         return response
 
     def submit(self, path: Path, **form: str | None) -> dict[str, Any]:
@@ -85,6 +100,11 @@ class ApiClient:
         if state:
             params["state"] = state
         return self._request("GET", "/api/v1/tasks", params=params).json()
+
+    def workers(self, states: list[str] | None = None) -> dict[str, Any]:
+        """The registry: every worker's record, and how each task queue stands."""
+        params = {"state": states} if states else {}
+        return self._request("GET", "/api/v1/workers", params=params).json()
 
     def result(self, task_id: str, fmt: str | None = None) -> bytes:
         params = {"format": fmt} if fmt else {}

@@ -15,11 +15,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.errors import PipelineError
+
 FINAL = {"done", "failed", "canceled"}
+# States of a file that never became a task: the server refused it, or the CLI stopped before sending it.
+NOT_SENT = {"refused", "unsent"}
 
 TaskDict = dict[str, Any]
 GetTask = Callable[[str], TaskDict]
 GetOutput = Callable[[TaskDict, str], bytes]
+Diagnose = Callable[[TaskDict], str]
+
+# Seconds a task may stay as it is (queued, or at the same progress) before the CLI says why.
+QUIET_AFTER_S = 15.0
 
 
 def console(stderr: bool = False) -> Console:
@@ -34,15 +42,77 @@ err = console(stderr=True)
 out = console()
 
 
+def _stage(task: TaskDict) -> str:
+    progress = task.get("progress") or {}
+    return task["state"] if task["state"] != "running" else progress.get("stage", "running")
+
+
+def _signature(task: TaskDict) -> tuple[Any, ...]:
+    """What changes when a task moves: its state, queue, stage and percent."""
+    progress = task.get("progress") or {}
+    return task["state"], (task.get("route") or {}).get("queue"), _stage(task), progress.get("percent")
+
+
+class Watch:
+    """When a task last moved, and what was last said about why it does not.
+
+    Parameters:
+      quiet_after: seconds without a change before saying why.
+      repeat_after: seconds before saying the same reason again.
+      clock: the time source (``time.monotonic``).
+    """
+
+    def __init__(self, quiet_after: float, repeat_after: float, clock: Callable[[], float]) -> None:
+        self.quiet_after = quiet_after
+        self.repeat_after = repeat_after
+        self.clock = clock
+        self.seen: dict[str, tuple[tuple[Any, ...], float]] = {}
+        self.said: dict[str, tuple[str, float]] = {}
+
+    def still_for(self, tid: str, task: TaskDict) -> float:
+        """Seconds ``task`` has stayed as it is now."""
+        now = self.clock()
+        signature = _signature(task)
+        before = self.seen.get(tid)
+        if before is None or before[0] != signature:
+            self.seen[tid] = (signature, now)
+            self.said.pop(tid, None)
+            return 0.0
+        return now - before[1]
+
+    def should_say(self, tid: str, reason: str) -> bool:
+        now = self.clock()
+        last = self.said.get(tid)
+        if last is not None and last[0] == reason and now - last[1] < self.repeat_after:
+            return False
+        self.said[tid] = (reason, now)
+        return True
+
+
 def follow(
-    task_ids: list[str], names: dict[str, str], get_task: GetTask, max_poll: float = 1.0
+    task_ids: list[str],
+    names: dict[str, str],
+    get_task: GetTask,
+    max_poll: float = 1.0,
+    *,
+    timeout: float | None = None,
+    diagnose: Diagnose | None = None,
+    quiet_after: float = QUIET_AFTER_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[TaskDict]:
     """Show a bar per task with its stage and percent until every task has ended.
 
-    Polls quickly at first and more slowly while nothing changes, up to ``max_poll``.
+    Returns the last record of every task, in ``task_ids`` order; after
+    ``timeout`` seconds (None: no bound) some may not have ended. A task whose
+    state and progress stay the same for ``quiet_after`` seconds gets a line on
+    stderr with the reason ``diagnose`` gives, again when the reason changes
+    and every ``4 * quiet_after`` seconds while it stays. Polls quickly at first
+    and more slowly while nothing changes, up to ``max_poll``.
     """
     poll = 0.05
-    results: dict[str, TaskDict] = {}
+    deadline = None if timeout is None else clock() + timeout
+    latest: dict[str, TaskDict] = {}
+    watch = Watch(quiet_after, 4 * quiet_after, clock)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -56,23 +126,32 @@ def follow(
         last_stage: dict[str, str] = {}
         while pending:
             for tid in sorted(pending):
-                task = get_task(tid)
+                task = latest[tid] = get_task(tid)
                 progress = task.get("progress") or {}
-                stage = task["state"] if task["state"] != "running" else progress.get("stage", "running")
+                stage = _stage(task)
                 if progress.get("eta_s"):
                     stage += f" (about {progress['eta_s']:.0f}s left)"
+                still = watch.still_for(tid, task)
+                if diagnose is not None and task["state"] not in FINAL and still >= quiet_after:
+                    reason = diagnose(task)
+                    stage = f"{_stage(task)}: {reason}"
+                    if watch.should_say(tid, reason):
+                        bars.console.print(
+                            f"{names[tid]}: {_stage(task)} for {still:.0f}s: {reason}", markup=False
+                        )
                 percent = 100.0 if task["state"] == "done" else float(progress.get("percent") or 0)
                 bars.update(handles[tid], completed=percent, stage=stage)
-                if not err.is_terminal and last_stage.get(tid) != stage.split(" (")[0]:
-                    last_stage[tid] = stage.split(" (")[0]
-                    err.print(f"{names[tid]}: {last_stage[tid]}")
+                if not err.is_terminal and last_stage.get(tid) != _stage(task):
+                    last_stage[tid] = _stage(task)
+                    err.print(f"{names[tid]}: {last_stage[tid]}", markup=False)
                 if task["state"] in FINAL:
-                    results[tid] = task
                     pending.discard(tid)
-            if pending:
-                time.sleep(poll)
-                poll = min(max_poll, poll * 1.5)
-    return [results[tid] for tid in task_ids]
+            if not pending or (deadline is not None and clock() >= deadline):
+                break
+            pause = poll if deadline is None else min(poll, max(0.0, deadline - clock()))
+            time.sleep(pause)
+            poll = min(max_poll, poll * 1.5)
+    return [latest[tid] for tid in task_ids]
 
 
 def emit(data: Any, as_json: bool, render: Callable[[Any], None]) -> None:
@@ -102,33 +181,80 @@ def write_outputs(task: TaskDict, get_output: GetOutput, folder: Path) -> list[P
     return written
 
 
+def exit_code(entries: list[TaskDict]) -> int:
+    """0 when every task is done; 2 when no file became a task; else 1 (one failed, was refused
+    or has not ended)."""
+    if all(e["state"] == "done" for e in entries):
+        return 0
+    if not any(e.get("id") for e in entries):
+        return 2
+    return 1
+
+
+def summary(entries: list[TaskDict]) -> str:
+    """'3 files: 2 done, 1 refused'."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+    return f"{len(entries)} files: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+
+
+def _show_unfinished(entry: TaskDict) -> None:
+    name = entry["filename"]
+    if entry["state"] in NOT_SENT:
+        return  # said when it happened
+    if entry["state"] in FINAL:
+        reason = entry.get("error") or entry["state"]
+        err.print(f"{name}: {entry['state']}: {reason}", markup=False, style="red")
+        return
+    reason = entry.get("waiting") or "no reason known"
+    err.print(
+        f"{name}: not ended, still {entry['state']}: {reason}. The task goes on on the server;"
+        f" follow it with `morag-pipeline status {entry['id']}`",
+        markup=False,
+        style="yellow",
+    )
+
+
 def report(
-    tasks: list[TaskDict], get_output: GetOutput, *, as_json: bool, output: Path | None, fmt: str | None
+    entries: list[TaskDict], get_output: GetOutput, *, as_json: bool, output: Path | None, fmt: str | None
 ) -> int:
-    """Print (or write) what the tasks produced; the exit code: 0 if all are done, else 1."""
-    code = 0
+    """Print (or write) what every file came to; returns the exit code (``exit_code``).
+
+    ``entries`` are task records and, for files that never became a task, records
+    with state ``refused`` or ``unsent`` and the reason in ``error`` (said on stderr
+    already, when it happened). A done task whose output cannot be fetched counts as
+    not done.
+    """
     documents = []
-    for task in tasks:
+    code = exit_code(entries)
+    for task in entries:
         entry = dict(task)
         if task["state"] == "done":
-            chosen = fmt or main_format(task)
-            text = get_output(task, chosen).decode("utf-8", errors="replace")
-            entry["text"] = text
-            if output is not None:
-                entry["files"] = [str(p) for p in write_outputs(task, get_output, output)]
+            try:
+                chosen = fmt or main_format(task)
+                text = get_output(task, chosen).decode("utf-8", errors="replace")
+                entry["text"] = text
+                if output is not None:
+                    entry["files"] = [str(p) for p in write_outputs(task, get_output, output)]
+            except (PipelineError, ValueError, OSError) as exc:
+                code = max(code, 1)
+                entry["output_error"] = str(exc)
+                err.print(f"{task['filename']}: done, but its output: {exc}", markup=False, style="red")
+                documents.append(entry)
+                continue
             if not as_json:
                 if output is not None:
                     err.print(f"[green]{task['filename']}[/]: wrote {', '.join(entry['files'])}")
                 else:
-                    if len(tasks) > 1:
+                    if len(entries) > 1:
                         out.print(f"==> {task['filename']} <==")
                     out.print(text.rstrip("\n"), markup=False)
         else:
-            code = 1
-            if not as_json:
-                reason = task.get("error") or task["state"]
-                err.print(f"[red]{task['filename']}: {task['state']}[/]: {reason}", markup=True)
+            _show_unfinished(entry)
         documents.append(entry)
+    if len(entries) > 1 and code != 0:
+        err.print(summary(entries), markup=False)
     if as_json:
         json.dump(documents if len(documents) > 1 else documents[0], sys.stdout, indent=2)
         sys.stdout.write("\n")

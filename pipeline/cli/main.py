@@ -1,7 +1,9 @@
 """``morag-pipeline``: submit files, follow tasks, run the server or one file in-process.
 
 Every error is one line on stderr and a non-zero exit code: 1 when a task
-failed, 2 when the command could not do its work (bad input, no server).
+failed (for ``submit``: or a file was refused, or a task had not ended at
+``--timeout``), 2 when the command could not do its work (bad input, no
+server, no file became a task).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.brokers import PRIORITIES
-from pipeline.cli import failures_cmd, security_cmd, store_cmd, workers_cmd
+from pipeline.cli import failures_cmd, security_cmd, store_cmd, submit_cmd, workers_cmd
 from pipeline.config import ConfigError, Settings, get_settings
 from pipeline.errors import PipelineError
 from pipeline.routing import GPU_PREFERENCES
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="upload files, show progress, print results")
     _task_options(submit)
-    submit.add_argument("--no-wait", action="store_true", help="print the task ids and return")
+    submit_cmd.add_options(submit)
 
     run = commands.add_parser("run", help="process files in this process: no broker, no server")
     _task_options(run)
@@ -93,36 +95,10 @@ def _check_files(paths: list[Path]) -> None:
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.cli import display
     from pipeline.cli.client import ApiClient
 
     _check_files(args.files)
-    client = ApiClient.from_settings(settings)
-    submitted = []
-    for path in args.files:
-        task = client.submit(
-            path, priority=args.priority, gpu=args.gpu, language=args.language, model=args.model
-        )
-        submitted.append(task)
-        if not args.json:
-            display.err.print(
-                f"{path.name}: task {task['id']} -> queue {task['route']['queue']} "
-                f"({task['route']['reasons'][0]})",
-                markup=False,
-            )
-    if args.no_wait:
-        if args.json:
-            json.dump(submitted, sys.stdout, indent=2)
-            sys.stdout.write("\n")
-        else:
-            for task in submitted:
-                print(task["id"])
-        return 0
-    names = {t["id"]: t["filename"] for t in submitted}
-    done = display.follow(list(names), names, client.task)
-    return display.report(
-        done, lambda t, f: client.result(t["id"], f), as_json=args.json, output=args.output, fmt=args.format
-    )
+    return submit_cmd.cmd_submit(args, ApiClient.from_settings(settings))
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
