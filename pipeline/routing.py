@@ -9,7 +9,8 @@ the user meant a video and this is not one.
 from __future__ import annotations
 
 import zipfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,74 @@ def estimate(found: Classification, settings: Settings) -> dict[str, float]:
     return {"cpu_s": round(2.0 + pages * settings.cpu_seconds_per_page, 1)}
 
 
+#: A task goes to a queue only when MORAG_MAX_TIME_LIMIT_S gives it at least this many
+#: times its estimate there: an estimate is a guess, and a task cut off by its time limit
+#: would only be retried to the same end.
+HEADROOM = 2.0
+#: The fix named when a task is too long for every queue it may use.
+_RAISE_LIMIT = "or raise MORAG_MAX_TIME_LIMIT_S together with RabbitMQ's consumer_timeout (docs/failures.md)"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether a task can finish on a queue within the time limits, and the limit it gets there.
+
+    Parameters:
+      queue: ``gpu`` or ``cpu``.
+      time_limit_s: the task's time limit on that queue, never above MORAG_MAX_TIME_LIMIT_S.
+      refused: why the task cannot run on that queue; None when it can.
+    """
+
+    queue: str
+    time_limit_s: int
+    refused: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.refused is None
+
+
+def fit(estimates: Mapping[str, float], queue: str, settings: Settings) -> Fit:
+    """The time limit of a task on ``queue`` from its estimates, and whether it fits there.
+
+    The limit is 60 s + 4 x the estimate, at least 120 s, capped by
+    MORAG_MAX_TIME_LIMIT_S. On ``gpu`` it is sized from the slowest estimate:
+    a GPU worker without a usable CUDA device runs Whisper on its CPU. The
+    task fits the queue when the cap leaves it ``HEADROOM`` times its estimate
+    there; so every task that is placed has at least twice its estimate.
+    """
+    cap = settings.max_time_limit_s
+    own = estimates.get(f"{queue}_s")
+    slowest = max(estimates.values()) if queue == "gpu" else (own or 0.0)
+    limit = int(min(cap, max(120.0, 60.0 + 4 * slowest)))
+    if own is None:
+        return Fit(queue, limit, f"no {queue.upper()} worker runs this kind of task")
+    if own * HEADROOM > cap:
+        return Fit(
+            queue,
+            limit,
+            f"it takes about {own:.0f}s on a {queue.upper()} worker, more than half of"
+            f" MORAG_MAX_TIME_LIMIT_S={cap}s, the longest a task may run",
+        )
+    return Fit(queue, limit)
+
+
+def fit_job(job: Mapping[str, Any], queue: str, settings: Settings) -> Fit:
+    """``fit`` for a task message's job, from the media facts it carries (``job["media"]``).
+
+    A job that carries no media facts (an older message) gets the cap and fits.
+    """
+    media = job.get("media")
+    if not isinstance(media, Mapping) or media.get("kind") not in ("transcribe", "convert"):
+        return Fit(queue, settings.max_time_limit_s)
+    known = {f.name for f in fields(Classification)}
+    try:
+        found = Classification(**{k: v for k, v in media.items() if k in known})
+        return fit(estimate(found, settings), queue, settings)
+    except (TypeError, ValueError):
+        return Fit(queue, settings.max_time_limit_s)
+
+
 def choose_route(
     found: Classification,
     settings: Settings,
@@ -254,6 +323,12 @@ def choose_route(
     ``capacity`` adds each queue's load. A transcription that prefers the GPU
     goes to ``cpu`` when no GPU worker is live, or when the GPU queue is busy
     and the expected completion on ``cpu`` comes sooner.
+
+    Only a queue the task fits (``fit``) is chosen. A transcription too long
+    for a CPU worker stays on ``gpu`` and waits for a GPU worker, even when
+    none is live; a task too long for every queue it may use is refused with
+    BadInput naming the reason and the fix. ``time_limit_s`` is the limit on
+    the chosen queue.
     """
     capacity = capacity or Capacity()
     if gpu_workers is None:
@@ -263,22 +338,37 @@ def choose_route(
     if gpu not in GPU_PREFERENCES:
         raise BadInput(f"gpu must be one of {', '.join(GPU_PREFERENCES)}, not {gpu!r}")
     costs = estimate(found, settings)
+    on_cpu, on_gpu = fit(costs, "cpu", settings), fit(costs, "gpu", settings)
     reasons: list[str] = []
     fallback: str | None = None
     if found.kind == "convert":
         queue = "cpu"
+        _refuse_unless(on_cpu, f"split the document, {_RAISE_LIMIT}")
         reasons.append(f"{found.format} documents are converted on CPU workers")
     elif gpu == "never":
         queue = "cpu"
+        _refuse_unless(on_cpu, f"let a GPU worker run it (--gpu prefer), split it, {_RAISE_LIMIT}")
         reasons.append("GPU not wanted for this task (--gpu never)")
     elif gpu == "require":
         queue = "gpu"
+        _refuse_unless(on_gpu, f"split the recording, {_RAISE_LIMIT}")
         reasons.append("GPU required (--gpu require): waits for a GPU worker")
+    elif not on_gpu.ok:
+        queue = "cpu"
+        if not on_cpu.ok:
+            _refuse_unless(on_gpu, f"a CPU worker takes longer still; split the recording, {_RAISE_LIMIT}")
+        reasons.append(f"too long for a GPU worker ({on_gpu.refused}): sent to CPU")
+    elif gpu_workers == 0 and not on_cpu.ok:
+        queue = "gpu"
+        reasons.append(
+            f"no GPU worker is connected, and the task is too long for a CPU worker ({on_cpu.refused}):"
+            f" it waits for a GPU worker, at most MORAG_GPU_MAX_WAIT={settings.gpu_max_wait:g}s"
+        )
     elif gpu_workers == 0:
         queue = "cpu"
         fallback = f"no GPU worker is connected: falling back to CPU (about {costs['cpu_s']:.0f}s)"
         reasons.append(fallback)
-    elif (busy := _busy_gpu(found, capacity, costs)) is not None:
+    elif on_cpu.ok and (busy := _busy_gpu(found, capacity, costs)) is not None:
         queue = "cpu"
         fallback = busy
         reasons.append(busy)
@@ -290,9 +380,8 @@ def choose_route(
             f"against {costs['cpu_s']:.0f}s on CPU; {live}"
         )
     reasons.extend(found.notes)
-    # Sized from the CPU estimate, since a GPU task may end up on a CPU worker.
-    worst = max(costs.values())
-    time_limit = int(min(settings.max_time_limit_s, max(120.0, 60.0 + 4 * worst)))
+    # The limit for the queue the task goes to; a reroute gives the copy the new queue's (fit_job).
+    time_limit = (on_gpu if queue == "gpu" else on_cpu).time_limit_s
     return Route(
         queue=queue,
         priority=priority,
@@ -303,6 +392,12 @@ def choose_route(
         time_limit_s=time_limit,
         fallback=fallback,
     )
+
+
+def _refuse_unless(found: Fit, fix: str) -> None:
+    """BadInput naming why the task cannot run on the queue it must use, and the fix."""
+    if not found.ok:
+        raise BadInput(f"too long to process: {found.refused}; {fix}")
 
 
 def _busy_gpu(found: Classification, capacity: Capacity, costs: dict[str, float]) -> str | None:
