@@ -126,8 +126,9 @@ class GrantCheck:
     A grant of a task the store holds as queued or running is open whatever
     its age; a grant of a done, failed or canceled task is closed; a grant of
     a task the store does not know (or with no store at all) is open until it
-    expires. An open state is reused for ``STATE_CACHE_S`` seconds (a worker
-    opens a few files a second); a closed one is read again each time, since a
+    expires. A grant presented is checked against the store as it is now; on
+    later uses an open state is reused for ``STATE_CACHE_S`` seconds (a worker
+    opens a few files a second), a closed one is read again each time, since a
     dead-letter retry may queue the task again.
 
     Parameters:
@@ -144,26 +145,29 @@ class GrantCheck:
     def verify(self, token: str) -> TaskGrant:
         """The grant ``token`` carries, if it opens its task now; GrantRefused with the reason otherwise."""
         grant = verify_grant(self.secret, token, check_expiry=self.task_state is None)
-        self.check(grant)
+        self.check(grant, fresh=True)
         return grant
 
-    def check(self, grant: TaskGrant) -> None:
-        """Return if ``grant`` still opens its task; GrantRefused with the reason otherwise."""
+    def check(self, grant: TaskGrant, *, fresh: bool = False) -> None:
+        """Return if ``grant`` still opens its task; GrantRefused with the reason otherwise.
+
+        With ``fresh`` the task's state is read from the store, never from the cache.
+        """
         if self.task_state is None:
             if grant.expired:
                 raise GrantRefused("transfer grant expired")
             return
-        state = self._state(grant.task)
+        state = self._state(grant.task, fresh)
         if state in CLOSED_STATES:
             raise GrantRefused(f"task {grant.task} has ended ({state}): its transfer grant is closed")
         if state is None and grant.expired:
             raise GrantRefused(f"transfer grant expired (task {grant.task} is unknown to the server)")
 
-    def _state(self, task_id: str) -> str | None:
+    def _state(self, task_id: str, fresh: bool) -> str | None:
         now = time.monotonic()
         with self._lock:
             cached = self._states.get(task_id)
-        if cached is not None and now - cached[0] < STATE_CACHE_S:
+        if not fresh and cached is not None and now - cached[0] < STATE_CACHE_S:
             return cached[1]
         assert self.task_state is not None
         try:
@@ -174,11 +178,13 @@ class GrantCheck:
             )
             raise GrantRefused(f"cannot check task {task_id} now; try again", retryable=True) from None
         found = None if state is None else str(state)
-        if found not in CLOSED_STATES:  # a closed task may be queued again (a dead-letter retry)
-            with self._lock:
-                if len(self._states) >= STATE_CACHE_SIZE:
-                    self._states = {k: v for k, v in self._states.items() if now - v[0] < STATE_CACHE_S}
-                self._states[task_id] = (now, found)
+        with self._lock:
+            if found in CLOSED_STATES:  # never kept: a closed task may be queued again (a dead-letter retry)
+                self._states.pop(task_id, None)
+                return found
+            if len(self._states) >= STATE_CACHE_SIZE:
+                self._states = {k: v for k, v in self._states.items() if now - v[0] < STATE_CACHE_S}
+            self._states[task_id] = (now, found)
         return found
 
 

@@ -25,7 +25,7 @@ class CuttingProxy:
     A cut connection is closed, both ways, once ``limit`` bytes went through
     it in ``direction``. ``moved`` counts bytes forwarded each way, over all
     connections; ``connections`` counts connections accepted; ``cut_count``
-    connections actually cut.
+    connections actually cut. ``cut_now`` cuts every open connection at once.
 
     Parameters:
       target_port: the server's port on 127.0.0.1.
@@ -45,6 +45,7 @@ class CuttingProxy:
         self.cut_count = 0
         self.moved = {UP: 0, DOWN: 0}
         self._lock = threading.Lock()
+        self._links: list[_Link] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._closed = False
@@ -65,8 +66,25 @@ class CuttingProxy:
                 self.connections += 1
                 limit = self.limit if self.connections <= self.cuts else None
             link = _Link(client, server, limit)
+            with self._lock:
+                self._links.append(link)
             threading.Thread(target=self._pump, args=(link, client, server, UP), daemon=True).start()
             threading.Thread(target=self._pump, args=(link, server, client, DOWN), daemon=True).start()
+
+    def cut_now(self) -> int:
+        """Cut every connection still open, both ways, as a network outage would; returns how many."""
+        with self._lock:
+            links, self._links = self._links, []
+        cut = 0
+        for link in links:
+            if link.cut:
+                continue
+            self._cut(link)
+            cut += 1
+            for sock in (link.client, link.server):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        return cut
 
     def _pump(self, link: _Link, src: socket.socket, dst: socket.socket, direction: str) -> None:
         try:

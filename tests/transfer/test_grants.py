@@ -9,7 +9,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from pipeline.errors import AccessRefused, PipelineError
+from pipeline.errors import AccessRefused, PipelineError, TransferError
 from pipeline.security.grants import issue_grant
 from pipeline.security.tokens import TokenStore
 from pipeline.transfer.local import LocalStore
@@ -57,7 +57,7 @@ def test_a_grant_opens_its_task_and_nothing_else(
 ) -> None:
     mine = put_input(store, "task-a", "in.wav", b"RIFF mine")
     theirs = put_input(store, "task-b", "in.wav", b"RIFF theirs")
-    with pytest.raises(PipelineError):  # no grant yet: nothing is reachable
+    with pytest.raises(TransferError, match="refused to read it"):  # no grant yet: nothing is reachable
         worker.download(mine, tmp_path / "x")
 
     worker.authorize("task-a", grant("task-a", store))
@@ -66,12 +66,12 @@ def test_a_grant_opens_its_task_and_nothing_else(
     ref = worker.upload(tmp_path / "out.txt", store.output_path("task-a", "talk.txt"))
     store.check(ref)
 
-    with pytest.raises(PipelineError):  # another task's input
-        worker.download(theirs, tmp_path / "theirs")
-    with pytest.raises(PipelineError):  # another task's outputs
-        worker.upload(tmp_path / "out.txt", store.output_path("task-b", "talk.txt"))
-    with pytest.raises(PipelineError):  # its own input folder is read-only
-        worker.upload(tmp_path / "out.txt", store.input_path("task-a", "in.wav"))
+    with pytest.raises(TransferError, match="task-b/input/in.wav: the SFTP server refused to read it"):
+        worker.download(theirs, tmp_path / "theirs")  # another task's input
+    with pytest.raises(TransferError, match="task-b/output/talk.txt: the SFTP server refused to write it"):
+        worker.upload(tmp_path / "out.txt", store.output_path("task-b", "talk.txt"))  # its outputs
+    with pytest.raises(TransferError, match="task-a/input/in.wav: the SFTP server refused to write it"):
+        worker.upload(tmp_path / "out.txt", store.input_path("task-a", "in.wav"))  # inputs are read-only
     assert store.resolve(theirs.path).read_bytes() == b"RIFF theirs"
     assert not store.resolve(store.output_path("task-b", "talk.txt")).exists()
 
@@ -104,14 +104,14 @@ def test_bad_grants_are_refused(
         worker.authorize("task-a", make(store))
 
 
-def test_grant_expiring_mid_task_closes_the_task(
+def test_grant_expiring_mid_task_closes_the_task_without_a_task_store(
     worker: SftpTransport, store: LocalStore, tmp_path: Path
 ) -> None:
     ref = put_input(store, "task-a", "in.wav", b"RIFF")
     worker.authorize("task-a", grant("task-a", store, ttl=2))
     worker.download(ref, tmp_path / "first")
     time.sleep(2.5)
-    with pytest.raises(PipelineError):
+    with pytest.raises(TransferError, match="refused to read it"):
         worker.download(ref, tmp_path / "second")
 
 

@@ -36,13 +36,21 @@ def test_host_key_readable_by_others_is_refused(tmp_path: Path) -> None:
         load_host_key(path)
 
 
-def test_pinned_fingerprint_or_key_line_connects(server: SftpServer, tmp_path: Path) -> None:
+def test_pinned_fingerprint_or_key_line_connects(
+    server: SftpServer, store: LocalStore, tmp_path: Path
+) -> None:
+    put_input(store, "h0", "in.bin", b"pinned")
     for pin in (
         server.fingerprint,
         public_key_line(server.host_key),
-        public_key_line(server.host_key) + " c",
+        public_key_line(server.host_key) + " c",  # a key line with a comment
     ):
-        connect(worker_settings(tmp_path, server.port, sftp_host_key=pin)).close()
+        session = connect(worker_settings(tmp_path, server.port, sftp_host_key=pin))
+        try:
+            assert session.transport.get_remote_server_key() == server.host_key
+            assert session.sftp.stat("/tasks/h0/input/in.bin").st_size == len(b"pinned")
+        finally:
+            session.close()
 
 
 def test_no_pin_is_refused(server: SftpServer, tmp_path: Path) -> None:

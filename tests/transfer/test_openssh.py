@@ -10,6 +10,7 @@ import paramiko
 import pytest
 
 from pipeline.config import Settings
+from pipeline.security.grants import issue_grant
 from pipeline.transfer.local import LocalStore
 from pipeline.transfer.sftp_client import HostKeyRefused, SftpTransport, connect
 from pipeline.transfer.sftp_server import SftpServer, WorkerCredentials, read_authorized_keys
@@ -41,11 +42,14 @@ def test_our_client_against_openssh(
     ref = put_input(store, "o1", "in.bin", payload)
     transport = SftpTransport(openssh_settings(tmp_path, openssh, store))
     try:
+        # Task messages carry a transfer grant; sshd has no grants (the chroot confines) and is sent none.
+        transport.authorize("o1", issue_grant(b"s" * 48, "o1", [ref.path], 600))
         local = transport.download(ref, tmp_path / "in.bin")
         assert local.read_bytes() == payload
         # OpenSSH has no hashing extension: the upload is read back and hashed before the rename.
         uploaded = transport.upload(local, "tasks/o1/output/out.bin")
         assert transport.read_small("tasks/o1/output/missing.json") is None
+        transport.forget("o1")
     finally:
         transport.close()
     store.check(uploaded)
