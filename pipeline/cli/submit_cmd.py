@@ -130,7 +130,11 @@ def cmd_submit(args: argparse.Namespace, client: ApiClient) -> int:
         else:
             for task_id in sent:
                 print(task_id)
-        return 0 if len(sent) == len(entries) else display.exit_code(entries)
+        if len(sent) == len(entries):
+            return 0
+        if len(entries) > 1:
+            display.err.print(display.summary(entries), markup=False)
+        return display.exit_code(entries)
     poll = Poll(client, sent)
     reasons = WaitReasons(client)
 
