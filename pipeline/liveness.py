@@ -182,11 +182,21 @@ class Sweeper:
 
 
 class _Decider:
-    """What becomes of each message of a queue with no live worker."""
+    """What becomes of each message of a queue with no live worker.
+
+    A task that requires the GPU, or that is too long for a CPU worker
+    (``routing.fit_job``), stays on ``gpu`` and fails once it has waited
+    ``gpu_max_wait`` seconds there; a moved copy carries the time limit of the
+    queue it moves to.
+    """
 
     def __init__(
         self, settings: Settings, source: str, target: str, down_for: float, can_move: bool, now: float
     ) -> None:
+        # Imported here, not with the module's imports, to keep this class's concern in one place.
+        from pipeline.routing import fit_job
+
+        self.fit_job = fit_job
         self.settings = settings
         self.source = source
         self.target = target
@@ -204,27 +214,45 @@ class _Decider:
             return Decision(Action.keep, "not a task message")
         route = job.get("route") if isinstance(job.get("route"), dict) else {}
         preference = route.get("gpu", "prefer")
-        if self.source == "gpu" and preference == "require":
+        if self.source == "gpu" and (needs := self._needs_gpu(job, preference)):
             waited = min(self.down_for, self.now - message.message_timestamp / 1000)
             if waited >= self.settings.gpu_max_wait:
-                return self._fail(message, waited)
-            return Decision(Action.keep, "requires a GPU")
+                return self._fail(message, waited, needs)
+            if self.can_move and preference != "require":
+                logger.info(
+                    "kept on gpu: too long for a CPU worker",
+                    extra={"task_id": job.get("task_id"), "reason": needs, "waited_s": round(waited)},
+                )
+            return Decision(Action.keep, needs)
         if not self.can_move or message.actor_name not in ACTORS_ON[self.target]:
             return Decision(Action.keep)
         if self.target == "gpu" and preference != "prefer":
             return Decision(Action.keep, "GPU not wanted")
+        there = self.fit_job(job, self.target, self.settings)
+        if not there.ok:
+            return Decision(Action.keep, f"too long for a {self.target} worker: {there.refused}")
         moved = {"from": self.source, "to": self.target, "reason": self.reason, "by": "sweep", "at": self.now}
         copy = message.copy(
             queue_name=_same_kind(message.queue_name, self.target),
             kwargs={**message.kwargs, "job": {**job, "route": {**route, "queue": self.target}}},
-            options={"rerouted": [*message.options.get("rerouted", []), moved]},
+            options={
+                "rerouted": [*message.options.get("rerouted", []), moved],
+                "time_limit": there.time_limit_s * 1000,
+            },
         )
         return Decision(Action.move, self.reason, copy)
 
-    def _fail(self, message: dramatiq.Message, waited: float) -> Decision:
+    def _needs_gpu(self, job: dict[str, Any], preference: str) -> str | None:
+        """Why a task of ``gpu`` must wait there for a GPU worker; None when it may move."""
+        if preference == "require":
+            return "the task requires one (--gpu require)"
+        on_cpu = self.fit_job(job, "cpu", self.settings)
+        return None if on_cpu.ok else f"the task is too long for a CPU worker ({on_cpu.refused})"
+
+    def _fail(self, message: dramatiq.Message, waited: float, needs: str) -> Decision:
         reason = (
             f"no GPU worker came within MORAG_GPU_MAX_WAIT={self.settings.gpu_max_wait:g}s"
-            f" (waited {waited:.0f}s) and the task requires one (--gpu require)"
+            f" (waited {waited:.0f}s) and {needs}"
         )
         queue = q_name(message.queue_name)
         record = {

@@ -12,9 +12,11 @@ from dramatiq import Actor, Broker, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import CurrentMessage, SkipMessage
 
+from pipeline.config import Settings, get_settings
 from pipeline.errors import GpuError
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
+from pipeline.routing import fit_job
 
 logger = get_logger(__name__)
 
@@ -37,11 +39,22 @@ class GpuFallback(Middleware):
     around the actor's function, installed when the actor is declared.
 
     Not moved: tasks that require the GPU (``--gpu require``: retried on the
-    GPU as usual), messages of any other queue, and a task whose copy could
-    not be published (it is retried as usual, nothing is lost). Every worker
-    that may receive the copy must register the actor: the CPU worker
-    registers every GPU actor.
+    GPU as usual), tasks too long for a CPU worker (``routing.fit_job``: retried
+    on the GPU, the error saying why they stayed), messages of any other queue,
+    and a task whose copy could not be published (it is retried as usual,
+    nothing is lost). Every worker that may receive the copy must register the
+    actor: the CPU worker registers every GPU actor.
+
+    Parameters:
+      settings: the time limits and cost model (default: the process's settings).
     """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings or get_settings()
 
     @property
     def actor_options(self) -> set[str]:
@@ -58,9 +71,13 @@ class GpuFallback(Middleware):
                 return fn(*args, **kwargs)
             except GpuError as exc:
                 message = CurrentMessage.get_current_message()
-                if message is None or not self.hand_over(broker, message, exc):
+                if message is None:
                     raise
-                raise SkipMessage(f"moved to cpu: {exc}") from None
+                if self.hand_over(broker, message, exc):
+                    raise SkipMessage(f"moved to cpu: {exc}") from None
+                if stays := self.stays_on_gpu(message):
+                    raise GpuError(f"{exc}; {stays}") from exc
+                raise
 
         return guarded
 
@@ -73,14 +90,21 @@ class GpuFallback(Middleware):
         if route.get("gpu", "prefer") == "require":
             return False
         task_id = job.get("task_id")
+        log = {"task_id": task_id, "worker": worker_id(), "message_id": message.message_id}
+        if stays := self.stays_on_gpu(message):
+            logger.warning("GPU failure: the task stays on gpu", extra={**log, "reason": stays})
+            return False
+        time_limit_s = fit_job(job, "cpu", self.settings).time_limit_s
         reason = f"GPU failed on {worker_id()}: {error}; moved gpu -> cpu"
         move = {"from": "gpu", "to": "cpu", "reason": reason, "by": worker_id(), "at": time.time()}
         copy = message.copy(
             queue_name="cpu",
             kwargs={**message.kwargs, "job": {**job, "route": {**route, "queue": "cpu"}}},
-            options={"rerouted": [*message.options.get("rerouted", []), move]},
+            options={
+                "rerouted": [*message.options.get("rerouted", []), move],
+                "time_limit": time_limit_s * 1000,
+            },
         )
-        log = {"task_id": task_id, "worker": worker_id(), "message_id": message.message_id}
         try:
             broker.enqueue(copy)
         except Exception as exc:
@@ -93,6 +117,20 @@ class GpuFallback(Middleware):
         if task_id:
             _tell_server(broker, task_id=task_id, source="gpu", target="cpu", reason=reason)
         return True
+
+    def stays_on_gpu(self, message: MessageProxy) -> str | None:
+        """Why a task that may leave the ``gpu`` queue stays there for its length; None when it may go.
+
+        A task stays when a CPU worker could not finish it within the time limits.
+        """
+        job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
+        if message.queue_name != "gpu" or not isinstance(job, dict):
+            return None
+        route = job.get("route") if isinstance(job.get("route"), dict) else {}
+        if route.get("gpu", "prefer") == "require":
+            return None
+        on_cpu = fit_job(job, "cpu", self.settings)
+        return None if on_cpu.ok else f"not moved to cpu: too long for a CPU worker ({on_cpu.refused})"
 
 
 def _tell_server(broker: Broker, **kwargs: Any) -> None:
