@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stops what ops/demo.sh started.
 cd "$(dirname "$0")/.."
-for pidfile in .run/*.pid; do
+# DEMO_RUN_DIR: the folder ops/demo.sh was run with (default .run).
+for pidfile in "${DEMO_RUN_DIR:-.run}"/*.pid; do
   [ -e "$pidfile" ] || continue
   pid=$(cat "$pidfile")
   if kill "$pid" 2>/dev/null; then
