@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     reroute_after: float = Field(60.0, ge=0)
     gpu_max_wait: float = Field(3600.0, gt=0)
     sweep_cron: str = "* * * * *"
+    # Every task ends. Submit tries to publish a task for publish_wait_s (a broker
+    # restart); a task still unpublished then is published by the reconciler, which
+    # runs with every sweep. A running task that no report has touched for
+    # task_lost_after_s and that no live worker holds is delivered again, up to
+    # max_deliveries times, then failed with the reason.
+    publish_wait_s: float = Field(30.0, ge=0)
+    task_lost_after_s: float = Field(600.0, ge=10)
 
     # Documents: folder with docling's layout models for PDF; without it PDFs
     # are converted as text only, and the result says so.

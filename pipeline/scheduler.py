@@ -14,11 +14,12 @@ messages to move) off the server's ``control`` consumer, so task events and
 heartbeats keep flowing while it runs; registry and task store are SQLite
 files both processes share.
 
-The child is started and stopped with the server: it dies with it
-(``PR_SET_PDEATHSIG`` on Linux, and it checks its parent every tick), stops
-cleanly on SIGTERM (a sweep under way finishes first), and a lock file in the
-data directory keeps a second server on the same data from starting a second
-scheduler (periodiq sends duplicate ticks if two run).
+The child is started and stopped with the server, and started again when it
+dies: it dies with the server (``PR_SET_PDEATHSIG`` on Linux, and it checks
+its parent every tick), stops cleanly on SIGTERM (a sweep under way finishes
+first), and a lock file in the data directory keeps a second server on the
+same data from starting a second scheduler (periodiq sends duplicate ticks if
+two run). A broker that is away at a tick costs that tick only.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -48,36 +49,99 @@ LOCK_NAME = "scheduler.lock"
 STOP_TIMEOUT_S = 30.0
 
 
-@dataclass
-class Liveness:
-    """The liveness process ``start_liveness`` started; ``stop`` ends it."""
+#: Exit code of a liveness process that found the lock taken (another server sweeps).
+STANDBY = 3
+#: Seconds between two tries of a standby liveness process to take the lock.
+STANDBY_RETRY_S = 30.0
 
-    process: subprocess.Popen
+
+class Liveness:
+    """The liveness process, kept running: ``start`` starts it, ``stop`` ends it.
+
+    A thread watches the child and starts it again when it dies, after a
+    pause that doubles up to a minute; a child that found the scheduler lock
+    taken (another server on the same data sweeps) is tried again every
+    ``STANDBY_RETRY_S`` seconds, so it takes over when that server goes.
+
+    Parameters:
+      settings: the server's settings, passed on to the child.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self.standby = False
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> Liveness:
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="liveness-watch", daemon=True)
+        self._watcher.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        with self._lock:
+            return self.process is not None and self.process.poll() is None
+
+    def _spawn(self) -> None:
+        env = {
+            **os.environ,
+            # The settings this server runs with, even where they did not come from the environment.
+            "MORAG_BROKER_URL": self.settings.broker_url.get_secret_value(),
+            "MORAG_DATA_DIR": str(self.settings.data_dir),
+            "MORAG_SWEEP_CRON": self.settings.sweep_cron,
+            "MORAG_LOG_LEVEL": self.settings.log_level,
+            "MORAG_LOG_JSON": "true" if self.settings.log_json else "false",
+        }
+        if self.settings.secret_key is not None:
+            env["MORAG_SECRET_KEY"] = self.settings.secret_key.get_secret_value()
+        child = subprocess.Popen([sys.executable, "-m", "pipeline.scheduler", str(os.getpid())], env=env)
+        with self._lock:
+            self.process = child
+        logger.info("liveness process started", extra={"pid": child.pid, "cron": self.settings.sweep_cron})
+
+    def _watch(self) -> None:
+        pause = 1.0
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                code = self.process.poll() if self.process is not None else None
+            if code is None:
+                continue
+            self.standby = code == STANDBY
+            if self.standby:
+                wait = STANDBY_RETRY_S
+            else:
+                logger.error(
+                    "liveness process died; starting it again", extra={"exit_code": code, "in_s": pause}
+                )
+                wait, pause = pause, min(pause * 2, 60.0)
+            if self._stopping.wait(wait):
+                return
+            self.restarts += 0 if self.standby else 1
+            self._spawn()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        with self._lock:
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
             try:
-                self.process.wait(STOP_TIMEOUT_S)
+                process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                process.kill()
+                process.wait()
 
 
 def start_liveness(settings: Settings) -> Liveness:
-    """Start the liveness process (scheduler and sweep) as a child of this one."""
-    env = {
-        **os.environ,
-        # The settings this server runs with, even where they did not come from the environment.
-        "MORAG_BROKER_URL": settings.broker_url.get_secret_value(),
-        "MORAG_DATA_DIR": str(settings.data_dir),
-        "MORAG_SWEEP_CRON": settings.sweep_cron,
-        "MORAG_LOG_LEVEL": settings.log_level,
-        "MORAG_LOG_JSON": "true" if settings.log_json else "false",
-    }
-    child = subprocess.Popen([sys.executable, "-m", "pipeline.scheduler", str(os.getpid())], env=env)
-    logger.info("liveness process started", extra={"pid": child.pid, "cron": settings.sweep_cron})
-    return Liveness(child)
+    """Start the liveness process (scheduler and sweep) as a child of this one, and keep it running."""
+    return Liveness(settings).start()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -117,13 +181,14 @@ def main(argv: list[str]) -> int:
     setup_logging(settings.log_level, settings.log_json)
     lock = hold_lock(settings.data_dir)
     if lock is None:
-        logger.error(
-            "another liveness scheduler holds the lock; this server sends no sweeps",
+        logger.warning(
+            "another liveness scheduler holds the lock; this server stands by and sends no sweeps",
             extra={"lock": str(settings.data_dir / LOCK_NAME)},
         )
-        return 0
+        return STANDBY
     from periodiq import Scheduler
 
+    import pipeline.actors.cpu  # noqa: F401  (every task actor: the reconciler publishes tasks)
     from pipeline.actors.liveness import SWEEP_QUEUE, liveness_sweep
     from pipeline.security.audit import open_audit_log
 
@@ -142,7 +207,12 @@ def main(argv: list[str]) -> int:
             super().schedule()
 
         def send_actors(self, actors: list, now: object) -> None:
-            super().send_actors(actors, now)
+            # A broker away at a tick loses that tick, not the scheduler: the next one comes.
+            try:
+                super().send_actors(actors, now)
+            except Exception as exc:
+                logger.warning("sweep not scheduled: broker unreachable", extra={"error": str(exc)})
+                return
             for actor in actors:
                 logger.info("sweep scheduled", extra={"actor": actor.actor_name, "at": str(now)})
 

@@ -275,18 +275,21 @@ class TaskStore:
                 _add_event(db, task_id, now, "canceled", {"reason": reason})
         return bool(changed)
 
-    def requeue(self, task_id: str, detail: dict[str, Any]) -> bool:
+    def requeue(self, task_id: str, detail: dict[str, Any], *, unpublished: bool = False) -> bool:
         """Put a task back in ``queued`` for another run, keeping its events.
 
         Any state but done and canceled: a dead letter's task is usually failed,
         but may still read queued or running if its failure report was lost.
+        With ``unpublished`` the task goes back in the outbox too, for whoever
+        publishes its next message (the reconciler publishes it if that fails).
         """
         now = time.time()
         with self.db.transaction() as db:
             changed = db.execute(
-                "UPDATE tasks SET state=?, error=NULL, updated_at=?, finished_at=NULL, progress='{}'"
+                "UPDATE tasks SET state=?, error=NULL, updated_at=?, finished_at=NULL, progress='{}',"
+                " published_at=CASE WHEN ? THEN NULL ELSE published_at END"
                 " WHERE id=? AND state NOT IN (?, ?)",
-                (State.queued, now, task_id, State.done, State.canceled),
+                (State.queued, now, unpublished, task_id, State.done, State.canceled),
             ).rowcount
             if changed:
                 _add_event(db, task_id, now, "requeued", detail)

@@ -1,12 +1,19 @@
 """From an uploaded file to a published task message.
 
 Used by the API and by the embedded ``run`` mode alike: classify the content,
-choose the route, move the file into the task store, record the task, and
-publish its message to the chosen queue.
+choose the route, move the file into the task store, record the task
+(``record``), and publish its message to the chosen queue (``deliver``).
+
+The task record is the outbox: it is written before its message is
+published, and marked published once the broker confirmed the message. A
+server that dies between the two, or a broker that stays away longer than
+``MORAG_PUBLISH_WAIT_S``, leaves the task queued and unpublished, and the
+reconciler (``pipeline.reconciler``) publishes it on its next sweep.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,10 +40,6 @@ class SubmitOptions:
     gpu: str = "prefer"
     language: str | None = None
     model: str | None = None
-
-
-class PublishError(Exception):
-    """The task was recorded but its message could not be published."""
 
 
 def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
@@ -76,9 +79,8 @@ def publish(broker: Broker, task: Task, grant: str | None = None) -> str:
     return message.message_id
 
 
-def submit(
+def record(
     services: Services,
-    broker: Broker,
     upload: Path,
     filename: str,
     sha256: str,
@@ -86,7 +88,8 @@ def submit(
     options: SubmitOptions,
     gpu_workers: Callable[[], WorkerView],
 ) -> Task:
-    """Turn an uploaded file into a queued task. Raises BadInput for content refused.
+    """Classify and route an uploaded file and record its task, unpublished. Raises BadInput for
+    content refused.
 
     ``gpu_workers`` says what is known of the workers: the number of live GPU
     workers, or a ``Capacity`` with each queue's load too (None: unknown).
@@ -123,15 +126,59 @@ def submit(
             reason=route.fallback,
             by="submit",
         )
-    try:
-        message_id = publish(broker, task, grant_for(services, task.id, ref.path))
-    except Exception as exc:
-        reason = f"could not publish the task to the broker: {exc}"
-        services.store.mark_failed(task_id, reason, None)
-        raise PublishError(reason) from exc
-    services.store.add_event(task_id, "published", {"queue": route.queue, "message_id": message_id})
+    return task
+
+
+def deliver(services: Services, broker: Broker, task: Task, by: str, wait_s: float | None = None) -> bool:
+    """Publish the task's message with a fresh grant, trying through a broker restart for up to
+    ``wait_s`` seconds (default ``MORAG_PUBLISH_WAIT_S``); then mark it published.
+
+    False when the broker stayed away: the task stays in the outbox (an event
+    says so) and the reconciler publishes it later.
+    """
+    wait_s = services.settings.publish_wait_s if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    pause = 0.5
+    while True:
+        try:
+            message_id = publish(broker, task, grant_for(services, task.id, task.input["path"]))
+            break
+        except Exception as exc:
+            if time.monotonic() + pause > deadline:
+                reason = f"broker unreachable ({type(exc).__name__}: {exc}); the server publishes it later"
+                services.store.add_event(task.id, "publish pending", {"reason": reason, "by": by})
+                logger.warning("task not published yet", extra={"task_id": task.id, "error": str(exc)})
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+    services.store.mark_published(task.id, message_id, task.route["queue"], by)
     logger.info(
-        "task submitted",
-        extra={"task_id": task_id, "queue": route.queue, "priority": route.priority},
+        "task published",
+        extra={
+            "task_id": task.id,
+            "queue": task.route["queue"],
+            "priority": task.route["priority"],
+            "by": by,
+        },
     )
-    return services.store.get(task_id)
+    return True
+
+
+def submit(
+    services: Services,
+    broker: Broker,
+    upload: Path,
+    filename: str,
+    sha256: str,
+    size: int,
+    options: SubmitOptions,
+    gpu_workers: Callable[[], WorkerView],
+) -> Task:
+    """Turn an uploaded file into a queued task (``record``) and publish it (``deliver``).
+
+    Raises BadInput for content refused. A broker that stays away does not
+    fail the task: it is recorded, and published as soon as the broker is back.
+    """
+    task = record(services, upload, filename, sha256, size, options, gpu_workers)
+    deliver(services, broker, task, by="submit")
+    return services.store.get(task.id)

@@ -19,8 +19,10 @@ from periodiq import cron
 
 from pipeline.brokers import current_broker
 from pipeline.config import get_settings
+from pipeline.health import SWEEP_PART, PartLog
 from pipeline.liveness import Sweeper
 from pipeline.logs import get_logger
+from pipeline.reconciler import Reconciler
 from pipeline.registry import BadHeartbeat, get_registry
 from pipeline.security.audit import audit
 from pipeline.services import get_services
@@ -80,20 +82,40 @@ def task_rerouted(task_id: str, source: str, target: str, reason: str, worker: s
         audit("task.rerouted", task=task_id, source=source, target=target, reason=reason, by=worker)
 
 
-_sweepers: dict[int, Sweeper] = {}
+_parts: dict[int, tuple[Sweeper, Reconciler]] = {}
 
 
 def sweeper() -> Sweeper:
     """This process's sweeper over its settings, registry and store."""
+    return _sweep_parts()[0]
+
+
+def _sweep_parts() -> tuple[Sweeper, Reconciler]:
     settings = get_settings()
     key = id(settings)
-    if key not in _sweepers:
-        _sweepers.clear()
-        _sweepers[key] = Sweeper(settings, get_registry(settings), get_services().store)
-    return _sweepers[key]
+    if key not in _parts:
+        _parts.clear()
+        registry, services = get_registry(settings), get_services()
+        _parts[key] = (Sweeper(settings, registry, services.store), Reconciler(services, registry, broker))
+    return _parts[key]
 
 
 @dramatiq.actor(queue_name=SWEEP_QUEUE, max_retries=0, periodic=cron(get_settings().sweep_cron))
 def liveness_sweep() -> None:
-    """Sweep the registry: stale and dead workers, rerouted and timed-out tasks."""
-    sweeper().sweep()
+    """Sweep the registry (stale and dead workers, rerouted and timed-out tasks), then reconcile.
+
+    Each part runs even when the other failed; when both ran, the time is
+    written for ``/healthz``.
+    """
+    sweep, reconcile = _sweep_parts()
+    done: dict[str, object] = {}
+    try:
+        done["moved"] = sweep.sweep().moved
+    except Exception as exc:
+        logger.exception("liveness sweep failed", extra={"error": str(exc)})
+    try:
+        done["reconciled"] = reconcile.run().summary()
+    except Exception as exc:
+        logger.exception("reconciler failed", extra={"error": str(exc)})
+    if len(done) == 2:
+        PartLog(get_settings().db_path).mark(SWEEP_PART, done)

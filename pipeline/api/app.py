@@ -21,7 +21,7 @@ from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
 from pipeline.routing import GPU_PREFERENCES
 from pipeline.services import Services
 from pipeline.store import State
-from pipeline.submission import PublishError, SubmitOptions, submit
+from pipeline.submission import SubmitOptions, submit
 from pipeline.transfer.checksums import FileRef
 
 MEDIA_TYPES = {
@@ -62,13 +62,13 @@ def create_app(
     broker: Broker,
     gpu_workers: Callable[[], int | None],
     auth: Authenticator,
-    broker_ok: Callable[[], bool] = lambda: True,
+    health: Callable[[], tuple[bool, dict[str, Any]]] = lambda: (True, {}),
 ) -> FastAPI:
     """The API over ``services``; tasks are published through ``broker``.
 
     ``gpu_workers`` tells how many GPU workers are connected (None: unknown);
-    ``auth`` checks API keys and roles; ``broker_ok`` whether the broker
-    answers, for ``/healthz``.
+    ``auth`` checks API keys and roles; ``health`` says whether every part of
+    the server works, and how each stands (``pipeline.health.report``).
     """
     readonly = [Depends(auth.require("readonly"))]
     client = [Depends(auth.require("client"))]
@@ -87,10 +87,13 @@ def create_app(
         except TaskNotFound:
             raise HTTPException(404, f"no task {task_id}") from None
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, Any]:
-        ok = broker_ok()
-        return {"status": "ok" if ok else "degraded", "broker": ok, "version": __version__}
+    @app.get("/healthz", tags=["health"], responses={503: {"description": "a part of the server is down"}})
+    def healthz(response: Response) -> dict[str, Any]:
+        """Each part of the server: broker, control consumer, liveness scheduler, SFTP; 503 if one is down."""
+        ok, parts = health()
+        if not ok:
+            response.status_code = 503
+        return {"status": "ok" if ok else "degraded", "version": __version__, "parts": parts}
 
     limits = Limits(settings.max_upload_mb * 1024 * 1024, settings.max_document_mb * 1024 * 1024)
 
@@ -119,8 +122,6 @@ def create_app(
             raise HTTPException(415, str(exc)) from None
         except BadInput as exc:
             raise HTTPException(400, str(exc)) from None
-        except PublishError as exc:
-            raise HTTPException(503, str(exc)) from None
         finally:
             upload.path.unlink(missing_ok=True)
         return task.to_dict()

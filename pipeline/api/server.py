@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pika
 import uvicorn
 from dramatiq import Worker
@@ -12,14 +15,15 @@ from pipeline.brokers import QUEUES, current_broker
 from pipeline.brokers.rabbitmq import connection_parameters
 from pipeline.config import Settings, redact_url
 from pipeline.errors import PipelineError
+from pipeline.health import SWEEP_PART, Part, PartLog, report, sweep_allowance
 from pipeline.liveness import CapacityProbe
 from pipeline.logs import get_logger
 from pipeline.registry import get_registry
-from pipeline.scheduler import start_liveness
+from pipeline.scheduler import Liveness, start_liveness
 from pipeline.security.audit import open_audit_log
 from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import get_services
-from pipeline.transfer.serving import start_file_services
+from pipeline.transfer.serving import FileServices, start_file_services
 
 logger = get_logger(__name__)
 
@@ -36,6 +40,42 @@ def check_broker(settings: Settings) -> None:
         raise BrokerUnreachable(f"cannot reach RabbitMQ at {url}: {exc or type(exc).__name__}") from None
 
 
+def server_parts(
+    settings: Settings, control: Worker, liveness: Liveness, files: FileServices, started: float
+) -> dict[str, Callable[[], Part]]:
+    """The checks of ``/healthz``: broker, control consumer, liveness scheduler (its last sweep), SFTP."""
+    sweeps = PartLog(settings.db_path)
+    allowance = sweep_allowance(settings.sweep_cron)
+
+    def broker() -> Part:
+        check_broker(settings)
+        return Part(True, {})
+
+    def control_consumer() -> Part:
+        threads = [*control.consumers.values(), *control.workers]
+        return Part(bool(threads) and all(t.is_alive() for t in threads), {"threads": len(threads)})
+
+    def scheduler() -> Part:
+        last = sweeps.last(SWEEP_PART)
+        at = last[0] if last else None
+        detail = {
+            "process": liveness.alive,
+            "standby": liveness.standby,
+            "restarts": liveness.restarts,
+            "last_sweep": at,
+            "last_sweep_age_s": round(time.time() - at, 1) if at else None,
+        }
+        recent = (at or started) > time.time() - allowance
+        return Part((liveness.alive or liveness.standby) and (recent or liveness.standby), detail)
+
+    def sftp() -> Part:
+        if files.sftp is None:
+            return Part(True, {"embedded": False})
+        return Part(files.sftp.serving, {"port": files.sftp.port, "connections": files.sftp.connections})
+
+    return {"broker": broker, "control": control_consumer, "scheduler": scheduler, "sftp": sftp}
+
+
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     check_broker(settings)
     services = get_services()
@@ -47,26 +87,21 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     for queue in QUEUES:
         broker.declare_queue(queue, ensure=True)
 
-    def broker_ok() -> bool:
-        try:
-            check_broker(settings)
-            return True
-        except BrokerUnreachable:
-            return False
-
     if settings.dev_mode:
         logger.warning("development mode: requests without an API key act as admin; never expose this")
     open_audit_log(settings.data_dir / "audit.log", settings.audit_max_bytes, settings.audit_backups)
     limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
     auth = Authenticator(services.apikeys, services.tokens, limiter, dev_mode=settings.dev_mode)
-    app = create_app(services, broker, CapacityProbe(settings, get_registry(settings)), auth, broker_ok)
     # SFTP server (its host key fingerprint is logged) and store retention.
     files = start_file_services(settings, services.store, services.files, services.tokens)
     # One thread keeps task events in the order workers sent them.
     control = Worker(broker, queues={"control"}, worker_threads=1)
     control.start()
-    # The one periodiq scheduler and the sweep, in a child process.
+    # The one periodiq scheduler and the sweep, in a child process kept running.
     liveness = start_liveness(settings)
+    parts = server_parts(settings, control, liveness, files, started=time.time())
+    capacity = CapacityProbe(settings, get_registry(settings))
+    app = create_app(services, broker, capacity, auth, health=lambda: report(parts))
     host, port = host or settings.api_host, port or settings.api_port
     tls = {}
     if settings.tls_cert_file and settings.tls_key_file:

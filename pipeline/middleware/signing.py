@@ -18,6 +18,7 @@ from pipeline.security import signatures
 from pipeline.security.audit import audit
 from pipeline.security.keys import server_secret
 from pipeline.security.tokens import AuthError
+from pipeline.store import FINAL_STATES
 
 logger = get_logger(__name__)
 
@@ -116,7 +117,7 @@ class MessageSigning(Middleware):
             )
             raise SkipMessage(str(exc)) from None
         except AuthError as exc:
-            self._verifier.rejected(message, str(exc))
+            self._verifier.rejected(broker, message, str(exc))
             raise SkipMessage(str(exc)) from None
 
 
@@ -136,7 +137,7 @@ class _Verifier:
         from pipeline.services import get_services
 
         self.settings = settings
-        services = get_services()
+        self.services = services = get_services()
         self.tokens = services.tokens
         self.store = services.store
         self._unsigned_warned = False
@@ -182,8 +183,15 @@ class _Verifier:
         message.options["verified_worker"] = worker
         message.options["verified_capability"] = verified_capability
 
-    def rejected(self, message: MessageProxy, reason: str) -> None:
-        """Audit and log a refused message, and note it on its task so that ``status`` says why."""
+    def rejected(self, broker: Broker, message: MessageProxy, reason: str) -> None:
+        """Audit and log a refused message, and note it on its task so that ``status`` says why.
+
+        A refused completion or failure would leave its task waiting for ever:
+        the task is delivered again (to any worker), and failed with the reason
+        once it had ``MORAG_MAX_DELIVERIES`` messages.
+        """
+        from pipeline.reconciler import deliver_again
+
         worker = message.kwargs.get("worker")
         task_id = message.kwargs.get("task_id")
         audit("message.rejected", actor=message.actor_name, worker=worker, reason=reason,
@@ -191,10 +199,17 @@ class _Verifier:
         logger.warning(
             "control message rejected", extra={"task_id": task_id, "worker": worker, "reason": reason}
         )
-        if isinstance(task_id, str) and message.actor_name in control.OUTCOMES:
-            detail = {"report": message.actor_name, "worker": worker, "reason": reason}
-            try:
-                self.store.get(task_id, events=False)
-            except TaskNotFound:
-                return
-            self.store.add_event(task_id, "report rejected", detail)
+        if not isinstance(task_id, str) or message.actor_name not in control.OUTCOMES:
+            return
+        try:
+            task = self.store.get(task_id, events=False)
+        except TaskNotFound:
+            return
+        self.store.add_event(task_id, "report rejected", {"report": message.actor_name, "worker": worker,
+                                                           "reason": reason})  # fmt: skip
+        if (
+            message.actor_name in (control.TASK_COMPLETED, control.TASK_FAILED)
+            and task.state not in FINAL_STATES
+        ):
+            why = f"the {message.actor_name} report of {worker} could not be verified ({reason})"
+            deliver_again(self.services, broker, task, why, by="server")

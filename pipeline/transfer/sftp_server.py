@@ -825,6 +825,16 @@ class SftpServer:
         """The host key's SHA-256 fingerprint, as OpenSSH prints it (``SHA256:...``)."""
         return self.host_key.fingerprint
 
+    @property
+    def serving(self) -> bool:
+        """Whether it accepts connections (started, not stopped, its accept thread alive)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._transports)
+
     def start(self) -> None:
         try:
             listener = socket.create_server((self.host, self.port), reuse_port=False)

@@ -1,0 +1,86 @@
+"""How the server's parts stand, for ``/healthz``.
+
+Parts that run in other threads or processes (the liveness process's sweep)
+write when they last worked into the server's database; ``/healthz`` reads it
+and asks the in-process parts (the control consumer, the SFTP server, the
+broker) directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pendulum
+from periodiq import cron
+
+from pipeline.db import Database
+
+#: The name the liveness sweep's last run is kept under.
+SWEEP_PART = "sweep"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS server_parts (
+    name TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class PartLog:
+    """When each part of the server last did its work, in the server's database.
+
+    Parameters:
+      db_path: the server's database file.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.db = Database(db_path, _SCHEMA)
+
+    def mark(self, name: str, detail: dict[str, Any] | None = None, at: float | None = None) -> None:
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO server_parts (name, at, detail) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET at=excluded.at, detail=excluded.detail",
+                (name, time.time() if at is None else at, json.dumps(detail or {})),
+            )
+
+    def last(self, name: str) -> tuple[float, dict[str, Any]] | None:
+        row = (
+            self.db.connect().execute("SELECT at, detail FROM server_parts WHERE name=?", (name,)).fetchone()
+        )
+        return (row["at"], json.loads(row["detail"])) if row else None
+
+
+def sweep_allowance(spec: str) -> float:
+    """Seconds after which a missing sweep means the scheduler is down: two cron periods and a minute."""
+    first = cron(spec).next_valid_date(pendulum.now())
+    period = (cron(spec).next_valid_date(first) - first).total_seconds()
+    return 2 * period + 60
+
+
+@dataclass
+class Part:
+    """One part's standing: ``ok`` and what was seen."""
+
+    ok: bool
+    detail: dict[str, Any]
+
+
+def report(parts: dict[str, Callable[[], Part]]) -> tuple[bool, dict[str, Any]]:
+    """Ask every part; (all ok, the body of ``/healthz``). A check that raises counts as down."""
+    body: dict[str, Any] = {}
+    healthy = True
+    for name, check in parts.items():
+        try:
+            part = check()
+        except Exception as exc:
+            part = Part(False, {"error": f"{type(exc).__name__}: {exc}"})
+        body[name] = {"ok": part.ok, **part.detail}
+        healthy = healthy and part.ok
+    return healthy, body
