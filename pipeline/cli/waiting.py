@@ -97,17 +97,16 @@ def why_waiting(task: TaskDict, fleet: Fleet) -> str:
     serving = fleet.serving(queue)
     live = [w for w in serving if _is_live(w)]
     view = fleet.queues.get(queue) or {}
-    live_count = view.get("live", len(live))  # the server's count is the authority
-    if not live_count:
+    if not view.get("live", len(live)):  # the server's count (of processes) is the authority
         reason = f"no live {queue} worker{_not_live(serving)}, {_count(waiting, fleet)} waiting on {queue}"
         return reason + _last_event(task)
     created = task.get("created_at") or 0.0
     ahead = [t for t in waiting if t.get("id") != task.get("id") and (t.get("created_at") or 0.0) < created]
     busy = [w for w in live if w.get("threads") and len(w.get("current") or []) >= w["threads"]]
-    workers = f"{_plural(live_count, f'live {queue} worker')}, {len(busy)} busy"
+    workers = f"{_plural(len(live) or view['live'], f'live {queue} worker')}, {len(busy)} busy"
     if ahead:
-        more = "+" if len(fleet.queued) >= QUEUED_LIMIT else ""
-        reason = f"waiting behind {len(ahead)}{more} earlier tasks on {queue} ({workers})"
+        reason = f"waiting behind {_count(ahead, fleet)} earlier task{'' if len(ahead) == 1 else 's'}"
+        reason += f" on {queue} ({workers})"
     else:
         reason = f"first in line on {queue}, not yet started by any worker ({workers})"
     return reason + _last_event(task)
