@@ -25,6 +25,12 @@ import pytest
 
 T = TypeVar("T")
 
+#: Settings only the server (and workers on its host) hold; an enrolled box has none of them.
+SERVER_ONLY = frozenset(
+    {"MORAG_SECRET_KEY", "MORAG_API_KEY", "MORAG_DEV_MODE", "MORAG_DATA_DIR", "MORAG_BROKER_URL",
+     "MORAG_SFTP_PORT", "MORAG_SERVER_URL", "MORAG_API_PORT"}
+)  # fmt: skip
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 BIN = Path(sys.executable).parent
@@ -138,14 +144,22 @@ class Stack:
     verify: str | bool = True  # the CA file of an HTTPS server
     bundles: dict[str, dict[str, str]] = field(default_factory=dict)  # enrolled workers' settings
 
-    def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
+    def spawn(
+        self,
+        name: str,
+        args: list[str],
+        cwd: Path | None = None,
+        base: dict[str, str] | None = None,
+        **env: str,
+    ) -> subprocess.Popen:
+        """Start a process with the stack's environment (or ``base``) and ``env`` on top."""
         log = (self.logs / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             args,
-            env={**self.env, **env},
+            env={**(self.env if base is None else base), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=self.data_dir.parent,
+            cwd=cwd or self.data_dir.parent,
             start_new_session=True,
         )
         self.processes[name] = proc
@@ -168,14 +182,22 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"server did not start:\n{self.log('server')}")
 
-    def enroll(self, name: str, capability: str) -> dict[str, str]:
-        """``morag-pipeline token issue``: the settings of an enrolled worker (once per name)."""
+    def enroll(self, name: str, capability: str, env_file: Path | None = None) -> dict[str, str]:
+        """``morag-pipeline token issue --env-file``: an enrolled worker's settings (once per name)."""
         if name not in self.bundles:
-            proc = self.cli("token", "issue", "--worker", name, "--capability", capability)
+            env_file = env_file or self.data_dir.parent / f"{name}.env"
+            proc = self.cli("token", "issue", "--worker", name, "--capability", capability, "--env-file",
+                            str(env_file))  # fmt: skip
             if proc.returncode != 0:
                 raise RuntimeError(f"enrollment failed: {proc.stderr}")
-            self.bundles[name] = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+            self.bundles[name] = dict(
+                line.split("=", 1) for line in env_file.read_text().splitlines() if line
+            )
         return self.bundles[name]
+
+    def worker_env(self) -> dict[str, str]:
+        """What a remote box's environment holds: none of the server's settings, the test's tunings."""
+        return {k: v for k, v in self.env.items() if k not in SERVER_ONLY}
 
     def start_worker(
         self,
@@ -184,26 +206,44 @@ class Stack:
         threads: int = 1,
         enroll: bool = True,
         modules: tuple[str, ...] = (),
+        processes: int = 1,
         **env: str,
     ) -> str:
         """``dramatiq pipeline.actors.<capability> --queues <capability>``, as an operator types it.
 
-        By default the worker is enrolled like a remote box: a token, its own
-        empty data directory, and files over SFTP only. Settings in ``env`` win.
+        By default the worker is enrolled like a remote box: ``token issue``
+        writes its settings to ``morag.env`` in its own folder, where it starts
+        with none of the server's settings, an empty data directory, and files
+        over SFTP only. With ``enroll=False`` it is a worker on the server's
+        host, started with the server's settings. Settings in ``env`` win.
         ``modules`` are test-only actor modules to load too (importable from the checkout).
         """
         name = name or f"{capability}-worker"
         args = [str(BIN / "dramatiq"), f"pipeline.actors.{capability}", *modules, "--queues", capability]
-        args += ["--processes", "1", "--threads", str(threads)]
-        worker_env = {"MORAG_WORKER_NAME": name, "PYTHONPATH": str(ROOT)}
-        if enroll:
-            own = self.data_dir.parent / f"worker-{name}"
-            own.mkdir(exist_ok=True)
-            worker_env["MORAG_DATA_DIR"] = str(own)
-            if "MORAG_WORKER_TOKEN" not in env:
-                worker_env.update(self.enroll(name, capability))
-        self.spawn(name, args, **{**worker_env, **env})
+        args += ["--processes", str(processes), "--threads", str(threads)]
+        if not enroll:
+            self.spawn(name, args, **{"MORAG_WORKER_NAME": name, "PYTHONPATH": str(ROOT), **env})
+            return name
+        own = self.data_dir.parent / f"worker-{name}"
+        own.mkdir(exist_ok=True)
+        if "MORAG_WORKER_TOKEN" not in env:
+            self.enroll(name, capability, own / "morag.env")
+        worker_env = {"MORAG_DATA_DIR": str(own), "PYTHONPATH": str(ROOT)}
+        self.spawn(name, args, cwd=own, base=self.worker_env(), **{**worker_env, **env})
         return name
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The API key of the stack's admin, as the CLI sends it."""
+        return {"Authorization": f"Bearer {self.env['MORAG_API_KEY']}"}
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        """``GET`` on the stack's API, as its admin."""
+        return httpx.get(f"{self.url}{path}", headers=self.headers, **kwargs)  # type: ignore[arg-type]
+
+    def post(self, path: str, **kwargs: object) -> httpx.Response:
+        """``POST`` on the stack's API, as its admin."""
+        return httpx.post(f"{self.url}{path}", headers=self.headers, **kwargs)  # type: ignore[arg-type]
 
     def wait_consumers(self, queue: str, count: int = 1, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -261,10 +301,9 @@ def stack_env(tmp: Path, broker_url: str, port: int) -> dict[str, str]:
         MORAG_MIN_BACKOFF_MS="200",
         MORAG_MAX_BACKOFF_MS="1000",
         MORAG_PROGRESS_INTERVAL_S="0.2",
-        # A real secret; development mode only spares tests an API key (tests of
-        # authentication turn it off).
+        # A real secret, and no development mode: the server checks API keys and
+        # signatures as it does for users (open_stack makes an admin key).
         MORAG_SECRET_KEY=uuid.uuid4().hex + uuid.uuid4().hex,
-        MORAG_DEV_MODE="true",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -281,6 +320,9 @@ def open_stack(
     logs.mkdir()
     (folder / "data").mkdir()
     s = Stack(stack_env(folder, broker_url, port), folder / "data", logs, url=f"http://127.0.0.1:{port}")
+    key = s.cli("apikey", "create", "--name", "tests", "--role", "admin")
+    assert key.returncode == 0, key.stderr
+    s.env["MORAG_API_KEY"] = key.stdout.strip().splitlines()[-1]
     try:
         yield s
     finally:

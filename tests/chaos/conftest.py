@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pika
 import pytest
 
@@ -40,14 +39,12 @@ def wait_consumers(stack: Stack, queue: str, count: int = 1, timeout: float = 90
 
 
 def task(stack: Stack, task_id: str) -> dict[str, Any]:
-    return httpx.get(f"{stack.url}/api/v1/tasks/{task_id}", timeout=30).raise_for_status().json()
+    return stack.get(f"/api/v1/tasks/{task_id}", timeout=30).raise_for_status().json()
 
 
 def submit(stack: Stack, path: Path, **form: str) -> dict[str, Any]:
     with path.open("rb") as f:
-        response = httpx.post(
-            f"{stack.url}/api/v1/tasks", files={"file": (path.name, f)}, data=form, timeout=120
-        )
+        response = stack.post("/api/v1/tasks", files={"file": (path.name, f)}, data=form, timeout=120)
     assert response.status_code == 201, response.text
     return response.json()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.chaos.conftest import PrivateRabbitmq, consumers, events, submit, wait_consumers, wait_for
@@ -33,7 +32,7 @@ def test_broker_restart_mid_run(
         ids.append(submit(stack, path)["id"])
 
     def counts() -> dict[str, int]:
-        return httpx.get(f"{stack.url}/api/v1/tasks", params={"limit": 1}, timeout=30).json()["counts"]
+        return stack.get("/api/v1/tasks", params={"limit": 1}, timeout=30).json()["counts"]
 
     stack.start_worker("cpu", "cpu-a", threads=2)
     stack.start_worker("cpu", "cpu-b", threads=2)
@@ -50,7 +49,7 @@ def test_broker_restart_mid_run(
 
     seen: dict[str, int] = {}
     for n, task_id in enumerate(ids):
-        t = httpx.get(f"{stack.url}/api/v1/tasks/{task_id}", timeout=30).json()
+        t = stack.get(f"/api/v1/tasks/{task_id}", timeout=30).json()
         for e in t["events"]:
             seen[e["event"]] = seen.get(e["event"], 0) + 1
         assert t["state"] == "done"
@@ -61,7 +60,7 @@ def test_broker_restart_mid_run(
             f"doc-{n:03}.json",
             f"doc-{n:03}.md",
         ]
-        assert f"# Document {n}" in httpx.get(f"{stack.url}/api/v1/tasks/{task_id}/result").text
+        assert f"# Document {n}" in stack.get(f"/api/v1/tasks/{task_id}/result").text
     print(f"\n{done_before} of {TASKS} done when RabbitMQ restarted; events after: {seen}")
     assert counts() == {"queued": 0, "running": 0, "done": TASKS, "failed": 0, "canceled": 0}
     for queue in ("cpu", "cpu.XQ", "control.XQ"):

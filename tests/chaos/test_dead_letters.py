@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.chaos.conftest import events, submit, task, wait_consumers, wait_for
@@ -61,7 +60,7 @@ def test_dead_letter_retry_after_a_fix(stack: Stack, samples: Path) -> None:
     history = [e["event"] for e in done["events"]]
     assert history == ["submitted", "published", "started", "failed", "requeued", "started", "done"], history
     assert events(done, "requeued")[0]["detail"]["from"] == "gpu.XQ"
-    assert "quick" in httpx.get(f"{stack.url}/api/v1/tasks/{first}/result").text.lower()
+    assert "quick" in stack.get(f"/api/v1/tasks/{first}/result").text.lower()
     assert queue_depth(url, "gpu.XQ") == 0
     assert task(stack, second)["state"] == "failed"  # purged, not retried
     audited = [json.loads(line)["event"] for line in (stack.data_dir / "audit.log").read_text().splitlines()]

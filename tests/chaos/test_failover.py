@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import pytest
 
 from tests.chaos.conftest import events, submit
@@ -41,7 +40,7 @@ T = TypeVar("T")
 
 
 def get(stack: Stack, path: str) -> Any:
-    return httpx.get(f"{stack.url}{path}", timeout=30).raise_for_status().json()
+    return stack.get(f"{path}", timeout=30).raise_for_status().json()
 
 
 def task(stack: Stack, task_id: str) -> dict[str, Any]:
@@ -56,7 +55,7 @@ def sweeping_until(stack: Stack, what: str, check: Callable[[], T | None], timeo
     """Ask for a sweep every second until ``check`` returns something truthy."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        httpx.post(f"{stack.url}/api/v1/workers/sweep", timeout=30).raise_for_status()
+        stack.post("/api/v1/workers/sweep", timeout=30).raise_for_status()
         value = check()
         if value:
             return value
@@ -186,7 +185,7 @@ def test_a_gpu_failure_moves_the_task_to_cpu_with_the_reason(stack: Stack, sampl
     assert "GPU failed on gpu-worker: cannot load tiny.en on the GPU: CUDA failed" in move["detail"]["reason"]
     assert events(done, "retrying") == [] and events(done, "failed") == []
     assert done["route"]["queue"] == "cpu"
-    assert "quick" in httpx.get(f"{stack.url}/api/v1/tasks/{done['id']}/result", timeout=30).text.lower()
+    assert "quick" in stack.get(f"/api/v1/tasks/{done['id']}/result", timeout=30).text.lower()
 
     # A task that requires the GPU is not moved: retried on the GPU, then failed with the reason.
     failed = sweeping_until(stack, "the GPU-only task to fail", lambda: ended(stack, required["id"]))

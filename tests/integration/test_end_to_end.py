@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import SPOKEN_WORDS, Stack, queue_depth
@@ -78,7 +77,7 @@ def test_output_dir_gets_every_format_and_status_shows_route(
     assert (out / "talk.srt").read_text().startswith("1\n00:00:00,000 --> ")
     assert (out / "talk.vtt").read_text().startswith("WEBVTT")
 
-    listing = httpx.get(f"{running.url}/api/v1/tasks").json()
+    listing = running.get("/api/v1/tasks").json()
     task_id = listing["tasks"][0]["id"]
     status = running.cli("status", task_id)
     assert status.returncode == 0
@@ -110,10 +109,10 @@ def test_corrupt_media_fails_once_with_reason(running: Stack, corrupt_mp4: Path)
     proc = running.cli("submit", str(corrupt_mp4))
     assert proc.returncode == 1
     assert "cannot decode audio" in proc.stderr
-    task = httpx.get(f"{running.url}/api/v1/tasks").json()["tasks"][0]
+    task = running.get("/api/v1/tasks").json()["tasks"][0]
     assert task["state"] == "failed"
     assert task["attempts"] == 1
-    events = httpx.get(f"{running.url}/api/v1/tasks/{task['id']}").json()["events"]
+    events = running.get(f"/api/v1/tasks/{task['id']}").json()["events"]
     assert [e["event"] for e in events].count("started") == 1
     assert "retrying" not in [e["event"] for e in events]
     # Failed for good: the message sits in the dead letters, not in a retry loop.
@@ -152,7 +151,7 @@ def wait_state(stack: Stack, task_id: str, state: str, timeout: float = 120) -> 
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        task = httpx.get(f"{stack.url}/api/v1/tasks/{task_id}").json()
+        task = stack.get(f"/api/v1/tasks/{task_id}").json()
         if task["state"] == state:
             return task
         assert task["state"] not in {"failed", "canceled"}, task

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dramatiq
-import httpx
 import pika
 import pytest
 
@@ -179,7 +178,7 @@ FAST = {
 
 
 def workers(stack: Stack) -> dict:
-    return httpx.get(f"{stack.url}/api/v1/workers", timeout=10).json()
+    return stack.get("/api/v1/workers", timeout=10).json()
 
 
 def wait_workers(stack: Stack, condition, timeout: float = 60) -> dict:
@@ -220,7 +219,7 @@ def test_workers_report_and_a_goodbye_moves_submits_to_cpu(stack: Stack, samples
 
     stack.stop("gpu-worker")  # SIGTERM: a clean shutdown says goodbye
     wait_workers(stack, lambda w: w["gpu-worker"]["state"] == "gone")
-    detail = httpx.get(f"{stack.url}/api/v1/workers/gpu-worker", timeout=10).json()
+    detail = stack.get("/api/v1/workers/gpu-worker", timeout=10).json()
     assert [e["event"] for e in detail["history"]] == ["joined", "draining", "gone"]
 
     proc = stack.cli("submit", "--no-wait", str(samples / "speech.mp3"))

@@ -13,7 +13,7 @@ import pytest
 from pipeline.brokers.rabbitmq import build_rabbitmq_broker
 from pipeline.config import Settings
 from pipeline.security import signatures
-from tests.conftest import SPOKEN_WORDS, Stack, wait_for
+from tests.conftest import SPOKEN_WORDS, Stack, queue_info, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -31,11 +31,8 @@ def audit_events(stack: Stack) -> list[dict]:
 
 @pytest.fixture
 def secure(stack: Stack) -> Stack:
-    """A server out of development mode, with a client API key."""
-    stack.env["MORAG_DEV_MODE"] = "false"
-    key = stack.cli("apikey", "create", "--name", "tests", "--role", "admin")
-    assert key.returncode == 0, key.stderr
-    stack.env["MORAG_API_KEY"] = key.stdout.strip()
+    """A server as users run it: out of development mode, the CLI with an admin key."""
+    assert "MORAG_DEV_MODE" not in stack.env and stack.env["MORAG_API_KEY"]
     stack.start_server()
     return stack
 
@@ -51,22 +48,52 @@ def test_enrolled_worker_completes_tasks(secure: Stack, samples: Path) -> None:
     assert not [e for e in audit_events(secure) if e["event"] == "message.rejected"]
 
 
-def test_unenrolled_worker_is_ignored(secure: Stack, samples: Path) -> None:
-    secure.start_worker("gpu", name="rogue", enroll=False, MORAG_FILE_ACCESS="shared")  # no token
-    secure.wait_consumers("gpu")
-    proc = secure.cli("submit", "--no-wait", str(samples / "speech.mp3"))
-    task_id = proc.stdout.strip()
-    rejected = wait_for(
-        "a rejection", lambda: [e for e in audit_events(secure) if e["event"] == "message.rejected"]
+def test_plain_worker_on_the_server_host_completes_tasks(secure: Stack, samples: Path) -> None:
+    """The README's `dramatiq pipeline.actors.cpu --queues cpu` with the server's settings: no token."""
+    secure.start_worker("cpu", name="local-cpu", enroll=False, MORAG_FILE_ACCESS="shared")
+    secure.wait_consumers("cpu")
+    proc = secure.cli("submit", "--json", str(samples / "report.html"))
+    assert proc.returncode == 0, proc.stderr + secure.all_logs()
+    task = json.loads(proc.stdout)
+    assert task["state"] == "done" and task["worker"] == "local-cpu"
+    assert not [e for e in audit_events(secure) if e["event"] == "message.rejected"]
+    listed = secure.get("/api/v1/workers").json()["workers"]
+    assert "local-cpu" in [w["id"] for w in listed]
+
+
+def test_worker_that_can_sign_nothing_refuses_to_boot(secure: Stack) -> None:
+    """No token and no server secret: the worker says why and how to fix it, and takes no task."""
+    secure.start_worker("cpu", name="rogue", enroll=False, MORAG_SECRET_KEY="")
+    proc = secure.processes["rogue"]
+    assert proc.wait(60) != 0
+    log = secure.log("rogue")
+    assert "cannot sign its reports" in log and "morag-pipeline token issue" in log
+    assert "MORAG_SECRET_KEY" in log
+    assert queue_info(secure.env["MORAG_BROKER_URL"], "cpu").get("consumers", 0) == 0
+
+
+def test_unverifiable_outcomes_are_noted_and_the_task_still_ends(secure: Stack, samples: Path) -> None:
+    """A worker with the wrong secret: each refused report is an event on its task, the task is
+    delivered again, and it fails with the reason once it had MORAG_MAX_DELIVERIES messages."""
+    secure.env["MORAG_MAX_DELIVERIES"] = "2"
+    secure.stop("server")
+    secure.start_server()
+    wrong = "w" * 48
+    secure.start_worker(
+        "cpu", name="stranger", enroll=False, MORAG_FILE_ACCESS="shared", MORAG_SECRET_KEY=wrong
     )
-    assert rejected[0]["reason"] == "unsigned message" and rejected[0]["worker"] == "rogue"
-    headers = {"Authorization": f"Bearer {secure.env['MORAG_API_KEY']}"}
-    time.sleep(2)
-    task = httpx.get(f"{secure.url}/api/v1/tasks/{task_id}", headers=headers).json()
-    assert task["state"] == "queued" and task["worker"] is None
-    # Its heartbeats were refused too: the registry never counts it, so nothing is routed to it.
-    listed = httpx.get(f"{secure.url}/api/v1/workers", headers=headers).json()["workers"]
-    assert "rogue" not in [w["id"] for w in listed]
+    secure.wait_consumers("cpu")
+    proc = secure.cli("submit", "--json", str(samples / "report.html"), timeout=240)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    task = json.loads(proc.stdout)
+    assert task["state"] == "failed"
+    assert "could not be verified" in task["error"] and "bad signature" in task["error"]
+    events = secure.get(f"/api/v1/tasks/{task['id']}").json()["events"]
+    rejected = [e for e in events if e["event"] == "report rejected"]
+    assert rejected and all(e["detail"]["worker"] == "stranger" for e in rejected)
+    assert [e["event"] for e in events].count("published") == 2
+    status = secure.cli("status", task["id"])
+    assert "report rejected" in status.stdout
 
 
 def publish(settings: Settings, actor: str, options: dict, **kwargs: object) -> None:
@@ -96,9 +123,8 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
 
     good = signed()
     publish(settings, "task_started", good, **args)
-    publish(settings, "task_started", good, **args)  # the same message again: a replay
+    publish(settings, "task_started", good, **args)  # the same message again: applied once
     publish(settings, "task_started", signed(with_key="0" * 64), **args)  # forged key
-    publish(settings, "task_started", signed(now=time.time() - 3600), **args)  # too old
     tampered = signed()
     publish(settings, "task_started", tampered, **{**args, "attempt": 7})  # altered after signing
     publish(settings, "task_started", signed(worker="cpu-box-9"), **{**args, "worker": "cpu-box-9"})
@@ -110,24 +136,40 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
     )  # fmt: skip
     publish(settings, "worker_heartbeat", {signatures.OPTION: other_block}, **beat)
 
+    own_beat = {"worker": "gpu-box-2", "capability": "gpu", "beat": {"kind": "beat"}}
+    old_block = signatures.sign("worker_heartbeat", [], own_beat, token, token_id, key, time.time() - 3600)
+    publish(settings, "worker_heartbeat", {signatures.OPTION: old_block}, **own_beat)  # an old heartbeat
+
     reasons = wait_for(
-        "seven rejections",
+        "six rejections",
         lambda: (
             (r := [e["reason"] for e in audit_events(secure) if e["event"] == "message.rejected"])
-            and len(r) >= 7
+            and len(r) >= 6
             and r
         ),
     )
-    assert any(r.startswith("replayed message") for r in reasons)
-    assert any(r.startswith("bad signature") for r in reasons)  # forged key, and altered
-    assert sum(r.startswith("bad signature") for r in reasons) == 2
-    assert any(r.endswith("refused as a replay") for r in reasons)  # too old
+    assert sum(r.startswith("bad signature") for r in reasons) == 2  # forged key, and altered
+    assert any(r.endswith("refused as a replay") for r in reasons)  # the old heartbeat
     assert any(r == "token of gpu-box-2 used for worker 'cpu-box-9'" for r in reasons)
-    assert "unsigned message" in reasons
+    assert any(r.startswith("unsigned message") for r in reasons)
     assert any(r == "token is for cpu workers, the message claims gpu" for r in reasons)
-    # The one good message got through.
-    state = httpx.get(f"{secure.url}/api/v1/tasks/{task['id']}", headers=headers).json()
+    # The good message got through, once; the refused reports are on the task's history.
+    state = secure.get(f"/api/v1/tasks/{task['id']}").json()
     assert state["state"] == "running" and state["worker"] == "gpu-box-2"
+    events = [e["event"] for e in state["events"]]
+    assert events.count("started") == 1
+    assert events.count("report rejected") == 4  # forged, altered, other worker's token, unsigned
+    assert len(reasons) == 6  # the repeated good message is no rejection: it was applied once
+
+    # An outcome is never refused for its age: a progress report signed an hour ago is applied.
+    late = {"task_id": task["id"], "stage": "transcribing", "percent": 42.0, "eta_s": None,
+            "worker": "gpu-box-2", "ts": time.time() - 3600}  # fmt: skip
+    late_block = signatures.sign("task_progress", [], late, token, token_id, key, time.time() - 3600)
+    publish(settings, "task_progress", {signatures.OPTION: late_block}, **late)
+    wait_for(
+        "the late progress report",
+        lambda: secure.get(f"/api/v1/tasks/{task['id']}").json()["progress"].get("percent") == 42.0,
+    )
 
     revoke = secure.cli("token", "revoke", token_id)
     assert revoke.returncode == 0, revoke.stderr
