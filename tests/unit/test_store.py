@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,49 @@ def test_listing_and_counts(store: TaskStore) -> None:
 def test_unknown_task(store: TaskStore) -> None:
     with pytest.raises(TaskNotFound):
         store.get("nope")
+
+
+def test_a_message_is_applied_once_and_a_failed_attempt_leaves_no_replay_record(store: TaskStore) -> None:
+    """The nonce of a control message is written with its effect: a handler that failed can be
+    retried (not refused as a replay), and one that succeeded changes nothing the second time."""
+    task = make(store)
+    with pytest.raises(sqlite3.IntegrityError):  # the handler fails: an event for an unknown task
+        store.add_event("no-such-task", "retrying", {}, nonce="n-1")
+    assert not store.seen("n-1")
+    store.add_event(task.id, "retrying", {}, nonce="n-1")  # the retry of the same message
+    store.add_event(task.id, "retrying", {}, nonce="n-1")  # delivered once more: a no-op
+    assert store.seen("n-1")
+    assert [e["event"] for e in store.get(task.id).events].count("retrying") == 1
+    assert store.mark_done(task.id, [], {}, "w1", nonce="n-2")
+    assert not store.mark_done(task.id, [], {}, "w1", nonce="n-2")
+
+
+def test_outbox_holds_tasks_until_published(store: TaskStore) -> None:
+    task = make(store)
+    assert [t.id for t in store.unpublished(created_before=time.time() + 1)] == [task.id]
+    assert store.mark_published(task.id, "m-1", "gpu", by="submit")
+    assert store.unpublished(created_before=time.time() + 1) == []
+    again = store.get(task.id)
+    assert again.deliveries == 1 and again.published_at is not None
+    assert store.requeue(task.id, {"reason": "lost"}, unpublished=True)
+    assert [t.id for t in store.unpublished(created_before=time.time() + 1)] == [task.id]
+
+
+def test_an_old_database_opens_with_its_tasks_published(tmp_path: Path) -> None:
+    """A database from before the outbox: its tasks count as published, none is sent twice."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE tasks (id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL,"
+        " filename TEXT NOT NULL, input TEXT NOT NULL, options TEXT NOT NULL, route TEXT NOT NULL,"
+        " progress TEXT NOT NULL DEFAULT '{}', outputs TEXT NOT NULL DEFAULT '[]',"
+        " result TEXT NOT NULL DEFAULT '{}', error TEXT, worker TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
+        " created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL);"
+        "INSERT INTO tasks (id, kind, state, filename, input, options, route, created_at, updated_at)"
+        " VALUES ('t1', 'convert', 'queued', 'a.md', '{}', '{}', '{}', 1.0, 1.0);"
+    )
+    old.commit()
+    old.close()
+    store = TaskStore(path)
+    assert store.unpublished(created_before=time.time()) == []
+    assert store.get("t1").published_at == 1.0
