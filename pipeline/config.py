@@ -159,11 +159,14 @@ class Settings(BaseSettings):
     worker_token: SecretStr | None = None
     worker_key: SecretStr | None = None
     token_ttl_days: float = Field(30.0, gt=0)
+    # A transfer grant stays open while its task is queued or running; its expiry
+    # decides only for tasks the server no longer knows.
     grant_ttl_s: int = Field(6 * 3600, ge=60)
     # Authentication failures from one client within the window before it is refused (HTTP 429).
     auth_max_failures: int = Field(10, ge=1)
     auth_failure_window_s: float = Field(60.0, gt=0)
-    # Messages older than this (or from the future by more) are refused as replays.
+    # Heartbeats older than this (or from the future by more) are refused as replays;
+    # task reports are never refused for their age.
     message_max_age_s: float = Field(600.0, gt=0)
     # HTTPS for the API (server side: certificate and key; CLI side: the CA to trust).
     tls_cert_file: Path | None = None

@@ -46,7 +46,8 @@ class TaskCanceled(PipelineError):
 
 
 class AccessRefused(BadInput):
-    """The server refused this worker the task's files (an expired or invalid transfer grant).
+    """The server refused this worker the task's files: the task ended, or its transfer grant is
+    forged, or it expired for a task the server no longer knows.
 
-    Retrying the same message cannot help; a dead-letter retry issues a new grant.
+    Retrying the same message cannot help.
     """

@@ -113,7 +113,9 @@ def _transcribe(
 ) -> tuple[Outputs, dict[str, Any]]:
     options = job.get("options", {})
     progress("extracting audio", 0.0)
-    audio = media.extract_audio(local, folder / "audio.wav")
+    audio = media.extract_audio(
+        local, folder / "audio.wav", duration=(job.get("media") or {}).get("duration")
+    )
     transcript = whisper.transcribe(
         audio,
         model=options.get("model") or settings.whisper_model,

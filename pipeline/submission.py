@@ -21,8 +21,9 @@ from typing import Any
 
 from dramatiq import Broker
 
+from pipeline.config import Settings
 from pipeline.logs import get_logger
-from pipeline.routing import WorkerView, as_capacity, choose_route, classify
+from pipeline.routing import WorkerView, as_capacity, choose_route, classify, fit_job
 from pipeline.security.audit import audit
 from pipeline.security.grants import issue_grant
 from pipeline.services import Services
@@ -63,17 +64,18 @@ def grant_for(services: Services, task_id: str, input_path: str) -> str:
     return issue_grant(services.tokens.secret, task_id, [input_path], services.settings.grant_ttl_s)
 
 
-def publish(broker: Broker, task: Task, grant: str | None = None) -> str:
+def publish(broker: Broker, task: Task, settings: Settings, grant: str | None = None) -> str:
     """Publish a task's message to its route's queue; returns the message id.
 
     Dramatiq picks the queue from the actor, so the message is copied onto the
     routed queue before it is published.
     """
     actor = broker.get_actor(ACTORS[task.kind])
+    job = build_job(task, grant)
+    # The limit on the queue the task is on now: the route may have moved since submit.
+    limit = fit_job(job, task.route["queue"], settings).time_limit_s
     message = actor.message_with_options(
-        kwargs={"job": build_job(task, grant)},
-        broker_priority=task.route["broker_priority"],
-        time_limit=task.route["time_limit_s"] * 1000,
+        kwargs={"job": job}, broker_priority=task.route["broker_priority"], time_limit=limit * 1000
     ).copy(queue_name=task.route["queue"])
     broker.enqueue(message)
     return message.message_id
@@ -141,7 +143,8 @@ def deliver(services: Services, broker: Broker, task: Task, by: str, wait_s: flo
     pause = 0.5
     while True:
         try:
-            message_id = publish(broker, task, grant_for(services, task.id, task.input["path"]))
+            grant = grant_for(services, task.id, task.input["path"])
+            message_id = publish(broker, task, services.settings, grant)
             break
         except Exception as exc:
             if time.monotonic() + pause > deadline:

@@ -12,6 +12,7 @@ from dramatiq import Worker
 from pipeline.api.app import create_app
 from pipeline.api.auth import Authenticator
 from pipeline.brokers import QUEUES, current_broker
+from pipeline.brokers.limits import check_consumer_timeout
 from pipeline.brokers.rabbitmq import connection_parameters
 from pipeline.config import Settings, redact_url
 from pipeline.errors import PipelineError
@@ -86,6 +87,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
 
     for queue in QUEUES:
         broker.declare_queue(queue, ensure=True)
+    check_consumer_timeout(settings)  # logs a warning when a queue would redeliver a task still running
 
     if settings.dev_mode:
         logger.warning("development mode: requests without an API key act as admin; never expose this")
