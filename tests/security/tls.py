@@ -20,14 +20,15 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def make_ca_and_server_cert(folder: Path) -> dict[str, Path]:
-    """A CA, and a server certificate it signed for localhost and 127.0.0.1; returns the PEM paths."""
+def make_ca_and_server_cert(folder: Path, ca_name: str = "morag test CA") -> dict[str, Path]:
+    """A CA named ``ca_name``, and a server certificate it signed for localhost and 127.0.0.1;
+    returns the PEM paths."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("morag test CA"))
-        .issuer_name(_name("morag test CA"))
+        .subject_name(_name(ca_name))
+        .issuer_name(_name(ca_name))
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -66,6 +67,11 @@ def make_ca_and_server_cert(folder: Path) -> dict[str, Path]:
 class TlsProxy:
     """Accepts TLS on a local port and forwards the plain bytes to ``upstream``.
 
+    It records what a test needs to know about its clients: ``upstream_ports``,
+    the local port of each forwarded connection (the peer port RabbitMQ sees),
+    and ``refused``, the TLS error of each client that broke off the handshake
+    (a client that does not trust the certificate sends ``unknown ca``).
+
     Parameters:
       upstream: (host, port) to forward to.
       cert, key: the certificate and key the proxy presents.
@@ -77,6 +83,8 @@ class TlsProxy:
         self.context.load_cert_chain(cert, key)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
+        self.upstream_ports: list[int] = []
+        self.refused: list[str] = []
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -91,10 +99,16 @@ class TlsProxy:
     def _serve(self, client: socket.socket) -> None:
         try:
             secure = self.context.wrap_socket(client, server_side=True)
-            upstream = socket.create_connection(self.upstream)
-        except (OSError, ssl.SSLError):
+        except (OSError, ssl.SSLError) as exc:
+            self.refused.append(str(exc))
             client.close()
             return
+        try:
+            upstream = socket.create_connection(self.upstream)
+        except OSError:
+            secure.close()
+            return
+        self.upstream_ports.append(upstream.getsockname()[1])
         threading.Thread(target=self._pump, args=(secure, upstream), daemon=True).start()
         self._pump(upstream, secure)
 
