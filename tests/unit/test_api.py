@@ -108,3 +108,24 @@ def test_health_and_openapi(api) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/v1/tasks", "/api/v1/tasks/{task_id}", "/api/v1/tasks/{task_id}/result"} <= set(paths)
+
+
+def test_healthz_answers_503_when_a_part_is_down(tmp_path: Path, stub_broker) -> None:
+    """Each part's check is reported; one that fails or raises makes the server unhealthy."""
+    from pipeline.health import Part, report
+
+    services = build_services(Settings(data_dir=tmp_path / "data", secret_key="h" * 48))
+    auth = Authenticator(services.apikeys, services.tokens, FailureLimiter())
+
+    def scheduler() -> Part:
+        raise RuntimeError("liveness process gone")
+
+    parts = {"broker": lambda: Part(True, {}), "scheduler": scheduler}
+    with TestClient(
+        create_app(services, stub_broker, lambda: 0, auth, health=lambda: report(parts))
+    ) as client:
+        response = client.get("/healthz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "degraded" and body["parts"]["broker"] == {"ok": True}
+    assert body["parts"]["scheduler"] == {"ok": False, "error": "RuntimeError: liveness process gone"}
