@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SAMPLES, queue_info, wait_for
-from tests.shapes.conftest import TALLY, Shape, check_every_task_ended
+from tests.shapes.conftest import FINAL, TALLY, Shape, check_every_task_ended
 
 pytestmark = [pytest.mark.shapes, pytest.mark.slow, pytest.mark.rabbitmq]
 
@@ -200,9 +200,12 @@ def test_a_three_hour_recording_on_the_cpu_queue(shape: Shape, tmp_path: Path) -
         assert len(lines) == 1 and "three-hours.ogg" in lines[0], proc.stderr
         TALLY.append(f"3-hour recording on cpu: refused at submit, no task: {lines[0]}")
         return
-    [task] = json.loads(proc.stdout)
-    route = task["route"]
+    assert len(made) == 1, made
     try:
+        shown = json.loads(proc.stdout)
+        task = shape.task(made[0])
+        assert task["id"] in json.dumps(shown), proc.stdout
+        route = task["route"]
         if route["queue"] == "gpu":  # kept on the GPU queue, and the route says why
             assert any("cpu" in reason.lower() for reason in route["reasons"]), route
             assert shape.cli("cancel", task["id"]).returncode == 0
@@ -215,14 +218,17 @@ def test_a_three_hour_recording_on_the_cpu_queue(shape: Shape, tmp_path: Path) -
         [ended] = check_every_task_ended(shape, "3-hour recording on cpu", made, timeout=600).values()
         assert ended["state"] == "done", ended["error"]
     finally:
-        if shape.task(task["id"])["state"] not in ("done", "failed", "canceled"):
-            shape.cli("cancel", task["id"])
+        if shape.task(made[0])["state"] not in FINAL:  # leave nothing running for the next fault
+            shape.cli("cancel", made[0])
+            wait_for(
+                "the recording canceled", lambda: shape.task(made[0])["state"] in FINAL, 180, shape.stack
+            )
 
 
 @pytest.mark.timeout(600)
-def test_the_gpu_box_killed_while_tasks_wait(shape: Shape) -> None:
+def test_the_gpu_box_killed_while_tasks_wait(shape: Shape, long_audio: Path) -> None:
     shape.ensure()
-    ids = shape.submit(SPEECH, TALK, SPEECH, TALK, SPEECH)
+    ids = shape.submit(long_audio, long_audio, SPEECH, TALK, SPEECH)
     assert all(shape.task(i)["route"]["queue"] == "gpu" for i in ids), (
         "the transcriptions did not go to the box"
     )
