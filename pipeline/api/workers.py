@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import dramatiq
@@ -11,13 +12,36 @@ from dramatiq import Broker
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.params import Depends
 
-from pipeline.registry import WorkerNotFound, WorkerRecord, WorkerState, get_registry
+from pipeline.registry import ProcessRecord, WorkerNotFound, WorkerRecord, WorkerState, get_registry
 from pipeline.services import Services
 
 
-def describe(record: WorkerRecord, now: float) -> dict[str, Any]:
-    """A worker's record as the API shows it, with the age of its last heartbeat."""
-    return {**record.to_dict(), "age_s": round(max(0.0, now - record.last_seen), 1)}
+def describe(record: WorkerRecord, now: float, hardware: bool = False) -> dict[str, Any]:
+    """A worker's record as the API shows it, with the age of its last heartbeat and its processes.
+
+    ``processes`` lists every process on record (live ones first), each with
+    the age of its own last heartbeat; ``live_processes`` counts those taking
+    work. Each process's ``hardware`` is left out unless ``hardware``: the
+    worker's own is the same machine's.
+    """
+    processes = [_process(p, now, hardware) for p in record.processes]
+    return {
+        **record.to_dict(),
+        "age_s": _age(now, record.last_seen),
+        "processes": processes,
+        "live_processes": len(record.live_processes),
+    }
+
+
+def _process(process: ProcessRecord, now: float, hardware: bool) -> dict[str, Any]:
+    data = asdict(process)
+    if not hardware:
+        del data["hardware"]
+    return {**data, "age_s": _age(now, process.last_seen)}
+
+
+def _age(now: float, then: float) -> float:
+    return round(max(0.0, now - then), 1)
 
 
 def workers_router(
@@ -38,13 +62,20 @@ def workers_router(
     def list_workers(
         state: Annotated[list[WorkerState] | None, Query(description="alive | stale | dead | gone")] = None,
     ) -> dict[str, Any]:
-        """Every worker the server has heard from, live ones first, and how each task queue stands."""
+        """Every worker the server has heard from, live ones first, and how each task queue stands.
+
+        A worker is one name: a box started with ``--processes N`` is one
+        worker with N ``processes``. A queue's ``live`` counts the live
+        processes consuming it (each takes its own messages), ``workers`` the
+        workers they belong to.
+        """
         now = time.time()
         records = registry.list(now, states=state)
         queues = {}
         for queue, view in registry.views(now).items():
             queues[queue] = {
                 "live": view.live,
+                "workers": view.workers,
                 "known": view.known,
                 "down_since": view.down_since,
                 "realtime_factor": view.realtime_factor,
@@ -79,15 +110,12 @@ def workers_router(
 
     @router.get("/{worker_id}", dependencies=list(read))
     def show_worker(worker_id: str, history: Annotated[int, Query(ge=0, le=1000)] = 100) -> dict[str, Any]:
-        """One worker's record and its history (joined, stale, dead, revived, gone)."""
+        """One worker's record, its processes, and its history (joined, stale, dead, revived, gone)."""
         now = time.time()
         try:
-            record = registry.get(worker_id)
+            record = registry.get(worker_id, now)
         except WorkerNotFound:
             raise HTTPException(404, f"no worker {worker_id}") from None
-        state = registry.state_of(record, now)
-        if state is not record.state:
-            record.state = state
-        return {**describe(record, now), "history": registry.history(worker_id, history)}
+        return {**describe(record, now, hardware=True), "history": registry.history(worker_id, history)}
 
     return router

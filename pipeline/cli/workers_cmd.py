@@ -31,8 +31,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     workers = commands.add_parser(
         "workers",
         help="the workers the server knows: state, GPU, current task, counts",
-        description="Every worker that sent a heartbeat: id, host, capability, GPU, state, last "
-        "heartbeat, current task, done and failed counts. With an ID: that worker's record and history.",
+        description="Every worker that sent a heartbeat: id, host, capability, GPU, state, live "
+        "processes, last heartbeat, current tasks, done and failed counts. A box started with "
+        "--processes N is one worker with N processes. With an ID: that worker's record, its "
+        "processes and its history.",
     )
     workers.add_argument("worker_id", nargs="?", metavar="ID", help="show one worker and its history")
     workers.add_argument("--state", action="append", choices=STATES, help="only workers in this state")
@@ -61,6 +63,13 @@ def gpu_label(worker: dict[str, Any]) -> str:
     return ", ".join(labels) or "-"
 
 
+def processes_label(worker: dict[str, Any]) -> str:
+    """The processes column: how many take work, and of how many on record when some ended."""
+    processes = worker.get("processes") or []
+    live = worker.get("live_processes", len(processes))
+    return str(live) if live == len(processes) else f"{live} of {len(processes)}"
+
+
 def show_workers(listing: dict[str, Any]) -> None:
     from pipeline.cli import display
 
@@ -68,19 +77,25 @@ def show_workers(listing: dict[str, Any]) -> None:
     if not workers:
         display.out.print("no worker has sent a heartbeat yet")
     else:
-        table = Table("id", "host", "capability", "GPU", "state", "last heartbeat", "current task")
+        table = Table("id", "host", "capability", "GPU", "state")
+        table.add_column("processes", justify="right")
+        table.add_column("last heartbeat")
+        table.add_column("current tasks")
         table.add_column("done", justify="right")
         table.add_column("failed", justify="right")
         for w in workers:
             state = w["state"] + (" (draining)" if w.get("draining") and w["state"] == "alive" else "")
             table.add_row(
                 w["id"], w.get("host") or "-", w["capability"], gpu_label(w),
-                f"[{STYLES.get(w['state'], '')}]{state}[/]", _age(w.get("age_s", 0.0)),
+                f"[{STYLES.get(w['state'], '')}]{state}[/]", processes_label(w), _age(w.get("age_s", 0.0)),
                 ", ".join(w.get("current") or []) or "-", str(w.get("done", 0)), str(w.get("failed", 0)),
             )  # fmt: skip
         display.out.print(table)
     for queue, view in listing.get("queues", {}).items():
-        line = f"{queue}: {view['live']} live worker(s)"
+        workers_live = view.get("workers", view["live"])
+        line = f"{queue}: {workers_live} live worker(s)"
+        if view["live"] != workers_live:
+            line += f", {view['live']} processes"
         if not view["live"] and view.get("down_since"):
             line += f", none since {datetime.fromtimestamp(view['down_since']).strftime('%H:%M:%S')}"
         display.out.print(line)
@@ -93,7 +108,8 @@ def show_worker(worker: dict[str, Any]) -> None:
     out.print(f"[bold]{worker['id']}[/]  {worker['capability']}  [bold]{worker['state']}[/]", highlight=False)
     if worker.get("reason"):
         out.print(f"  reason:    {worker['reason']}", markup=False)
-    out.print(f"  host:      {worker.get('host')} (pid {worker.get('pid')}), version {worker.get('version')}")
+    pid = f" (pid {worker['pid']})" if worker.get("pid") is not None else ""
+    out.print(f"  host:      {worker.get('host')}{pid}, version {worker.get('version')}")
     out.print(f"  queues:    {', '.join(worker.get('queues') or [])}, {worker.get('threads')} thread(s)")
     hardware = worker.get("hardware") or {}
     out.print(
@@ -113,13 +129,25 @@ def show_worker(worker: dict[str, Any]) -> None:
     if speed.get("task_s"):
         rtf = f", {speed['realtime_factor']:.3f}s per media second" if speed.get("realtime_factor") else ""
         out.print(f"  speed:     {speed['task_s']:.1f}s per task{rtf} ({speed.get('samples', 0)} tasks)")
-    out.print(f"  heartbeat: {_age(worker.get('age_s', 0.0))}, {worker.get('beats', 0)} this session")
+    out.print(f"  heartbeat: {_age(worker.get('age_s', 0.0))}, {worker.get('beats', 0)} since it joined")
+    processes = worker.get("processes") or []
+    out.print(f"  processes: {processes_label(worker)} live")
+    for p in processes:
+        state = p["state"] + (" (draining)" if p.get("draining") and p["state"] == "alive" else "")
+        out.print(
+            f"    pid {p.get('pid')} on {p.get('host') or '?'}  {state:<16}"
+            f" heartbeat {_age(p.get('age_s', 0.0))}, {p.get('done', 0)} done, {p.get('failed', 0)} failed,"
+            f" current {', '.join(p.get('current') or []) or '-'}  (session {p['session'][:8]})",
+            markup=False,
+        )
     out.print("  history:")
     for event in worker.get("history", []):
         when = datetime.fromtimestamp(event["ts"]).strftime("%Y-%m-%d %H:%M:%S")
         detail = event.get("detail") or {}
         extra = detail.get("reason") or detail.get("was") or detail.get("host") or ""
-        out.print(f"    {when}  {event['event']:<9} {extra}", markup=False)
+        if detail.get("pid") is not None and event["event"].startswith("process"):
+            extra = f"pid {detail['pid']}" + (f": {extra}" if extra and extra != detail.get("host") else "")
+        out.print(f"    {when}  {event['event']:<15} {extra}", markup=False)
 
 
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:

@@ -47,6 +47,12 @@ class Heartbeat(Middleware):
     say ``draining``; once it has stopped it sends a goodbye. Workers of the
     ``control`` queue alone (the server) send nothing.
 
+    Each process of a worker beats on its own, under a session of its own
+    made at boot, with the worker's shared name (``pipeline.identity``) and
+    its own pid and tasks: the server's registry shows a box started with
+    ``--processes N`` as one worker with N processes, and one process's
+    goodbye ends only that process.
+
     Messages name their actor (``worker_heartbeat``, ``worker_goodbye``), so
     workers need not import the server's actors.
 
