@@ -364,9 +364,18 @@ class Registry:
                     since = now
                     process_event = "process revived"
                     process_detail.update(was=was.value, silent_s=round(now - mine.last_seen, 1))
-            process = _to_process({**values, "worker": worker_id, "joined_at": joined_at, "beats": beats,
-                                   "state": WorkerState.alive, "reason": None, "last_seen": now,
-                                   "state_since": since})  # fmt: skip
+            process = _to_process(
+                {
+                    **values,
+                    "worker": worker_id,
+                    "joined_at": joined_at,
+                    "beats": beats,
+                    "state": WorkerState.alive,
+                    "reason": None,
+                    "last_seen": now,
+                    "state_since": since,
+                }
+            )
             _write_process(db, process)
             processes = [p for p in processes if p.session != session] + [process]
 
@@ -389,8 +398,9 @@ class Registry:
                 _add_event(db, worker_id, now, event, detail)
             if process_event and event not in ("joined", "revived"):
                 _add_event(db, worker_id, now, process_event, process_detail)
-            return replace(after, first_seen=first_seen, joined_at=box["joined_at"],
-                           state_since=box["state_since"])  # fmt: skip
+            return replace(
+                after, first_seen=first_seen, joined_at=box["joined_at"], state_since=box["state_since"]
+            )
 
     def goodbye(self, beat: dict[str, Any], now: float | None = None) -> bool:
         """End the process at once; the worker is gone when it was its last. False if already gone."""
@@ -403,19 +413,36 @@ class Registry:
             if mine is not None and mine.state is WorkerState.gone:
                 return False
             before = self._aggregate(row, processes, now) if row is not None else None
-            process = _to_process({**values, "worker": worker_id, "state": WorkerState.gone,
-                                   "reason": "said goodbye", "current": [], "last_seen": now,
-                                   "state_since": now, "joined_at": mine.joined_at if mine else now,
-                                   "beats": mine.beats if mine else 0})  # fmt: skip
+            process = _to_process(
+                {
+                    **values,
+                    "worker": worker_id,
+                    "state": WorkerState.gone,
+                    "reason": "said goodbye",
+                    "current": [],
+                    "last_seen": now,
+                    "state_since": now,
+                    "joined_at": mine.joined_at if mine else now,
+                    "beats": mine.beats if mine else 0,
+                }
+            )
             _write_process(db, process)
             processes = [p for p in processes if p.session != session] + [process]
             after = self._aggregate(row, processes, now)
             left = len([p for p in processes if p.state not in ENDED])
             if after.state is WorkerState.gone and (before is None or before.state is not WorkerState.gone):
                 first_seen = row["first_seen"] if row is not None else now
-                box = {**values, "state": WorkerState.gone, "reason": "said goodbye", "current": [],
-                       "first_seen": first_seen, "joined_at": row["joined_at"] if row is not None else now,
-                       "last_seen": now, "state_since": now, "beats": after.beats}  # fmt: skip
+                box = {
+                    **values,
+                    "state": WorkerState.gone,
+                    "reason": "said goodbye",
+                    "current": [],
+                    "first_seen": first_seen,
+                    "joined_at": row["joined_at"] if row is not None else now,
+                    "last_seen": now,
+                    "state_since": now,
+                    "beats": after.beats,
+                }
                 _write_worker(db, box)
                 detail = {
                     "reason": "said goodbye",
@@ -425,9 +452,19 @@ class Registry:
                 }
                 _add_event(db, worker_id, now, "gone", detail)
             else:
-                _add_event(db, worker_id, now, "process gone",
-                           {"session": session, "pid": values["pid"], "reason": "said goodbye",
-                            "done": values["done"], "processes_left": left})  # fmt: skip
+                _add_event(
+                    db,
+                    worker_id,
+                    now,
+                    "process gone",
+                    {
+                        "session": session,
+                        "pid": values["pid"],
+                        "reason": "said goodbye",
+                        "done": values["done"],
+                        "processes_left": left,
+                    },
+                )
         return True
 
     # Reading.
@@ -647,17 +684,22 @@ class Registry:
                         "UPDATE workers SET state=?, reason=?, state_since=? WHERE id=?",
                         (worker.state, reason, now, worker_id),
                     )
-                    current = sorted(
-                        {t for p in processes if p.state is not WorkerState.gone for t in p.current}
-                    )
+                    # What it held that was not told before: processes ended earlier were.
+                    holding = [p for p, *_ in moved] + [p for p in processes if p.state not in ENDED]
+                    current = sorted({t for p in holding for t in p.current})
                     _add_event(db, worker_id, now, worker.state.value, {"reason": reason, "current": current})
                     changes.append(Transition(worker_id, was, worker.state, reason, tuple(current)))
                 for process, before, after, reason in moved:
                     if worker.state is not was and after is worker.state:
                         continue  # told by the worker's own change
                     left = len(worker.live_processes)
-                    detail = {"session": process.session, "pid": process.pid, "reason": reason,
-                              "current": process.current, "processes_left": left}  # fmt: skip
+                    detail = {
+                        "session": process.session,
+                        "pid": process.pid,
+                        "reason": reason,
+                        "current": process.current,
+                        "processes_left": left,
+                    }
                     _add_event(db, worker_id, now, f"process {after.value}", detail)
                     changes.append(
                         Transition(
@@ -667,7 +709,7 @@ class Registry:
                             f"{process.label}: {reason}; {left} live process(es) left",
                             tuple(process.current),
                             process=process.session,
-                        )  # fmt: skip
+                        )
                     )
                 ended = sorted((p for p in processes if p.state in ENDED), key=lambda p: -p.state_since)
                 for process in ended[KEEP_ENDED_PROCESSES:]:

@@ -204,7 +204,7 @@ def test_one_goodbye_removes_only_that_process(registry: Registry) -> None:
 def test_a_silent_process_dies_while_the_box_stays_alive(registry: Registry) -> None:
     two_processes(registry, beats=1)  # s1 at T0, s2 at T0 + 1
     for t in range(10, 131, 10):
-        registry.heartbeat(beat(session="s2", pid=102), now=T0 + t)
+        registry.heartbeat(beat(session="s2", pid=102, current=["t4"]), now=T0 + t)
     changes = registry.advance(T0 + 31)
     assert [(c.worker, c.process, c.before, c.after) for c in changes] == [
         ("gpu-1", "s1", WorkerState.alive, WorkerState.stale)
@@ -215,13 +215,14 @@ def test_a_silent_process_dies_while_the_box_stays_alive(registry: Registry) -> 
     worker = registry.get("gpu-1", T0 + 130)
     assert worker.state is WorkerState.alive
     assert [(p.pid, p.state) for p in worker.processes] == [(102, WorkerState.alive), (101, WorkerState.dead)]
-    assert worker.current == []  # the dead process's task is no longer running here
+    assert worker.current == ["t4"]  # the dead process's task is no longer running here
     assert registry.view("gpu", T0 + 130).live == 1
     assert events(registry) == ["joined", "process joined", "process stale", "process dead"]
 
     # Then the other one falls silent: now the box itself goes stale, then dead.
     changes = registry.advance(T0 + 161)
     assert [(c.process, c.before, c.after) for c in changes] == [(None, WorkerState.alive, WorkerState.stale)]
+    assert changes[0].current == ("t4",)  # t1 was told when its process died
     changes = registry.advance(T0 + 251)
     assert [(c.process, c.after) for c in changes] == [(None, WorkerState.dead)]
     assert events(registry)[-2:] == ["stale", "dead"]
