@@ -1,6 +1,6 @@
 """What a worker does with a task message, free of Dramatiq.
 
-A job is the dict a task message carries (see ``submission.build_job``):
+A job is the dict a task message carries (see ``task_message.build_job``):
 task id, input reference (path, sha256, size), what the input is, options and
 route. ``run_job`` fetches the input into a private temporary folder, verifies
 it, runs the processor, uploads the outputs and then the manifest that says

@@ -39,6 +39,7 @@ from pipeline.registry import TASK_QUEUES, QueueView, Registry, Transition, Work
 from pipeline.routing import Capacity, QueueLoad
 from pipeline.security.audit import audit
 from pipeline.store import FINAL_STATES, TaskStore
+from pipeline.task_message import gpu_preference, job_of, moved
 
 logger = get_logger(__name__)
 
@@ -209,11 +210,10 @@ class _Decider:
         )
 
     def __call__(self, message: dramatiq.Message) -> Decision:
-        job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-        if not isinstance(job, dict):
+        job = job_of(message)
+        if job is None:
             return Decision(Action.keep, "not a task message")
-        route = job.get("route") if isinstance(job.get("route"), dict) else {}
-        preference = route.get("gpu", "prefer")
+        preference = gpu_preference(job)
         if self.source == "gpu" and (needs := self._needs_gpu(job, preference)):
             waited = min(self.down_for, self.now - message.message_timestamp / 1000)
             if waited >= self.settings.gpu_max_wait:
@@ -231,15 +231,7 @@ class _Decider:
         there = self.fit_job(job, self.target, self.settings)
         if not there.ok:
             return Decision(Action.keep, f"too long for a {self.target} worker: {there.refused}")
-        moved = {"from": self.source, "to": self.target, "reason": self.reason, "by": "sweep", "at": self.now}
-        copy = message.copy(
-            queue_name=_same_kind(message.queue_name, self.target),
-            kwargs={**message.kwargs, "job": {**job, "route": {**route, "queue": self.target}}},
-            options={
-                "rerouted": [*message.options.get("rerouted", []), moved],
-                "time_limit": there.time_limit_s * 1000,
-            },
-        )
+        copy = moved(message, self.target, self.reason, "sweep", there.time_limit_s, at=self.now)
         return Decision(Action.move, self.reason, copy)
 
     def _needs_gpu(self, job: dict[str, Any], preference: str) -> str | None:
@@ -265,11 +257,6 @@ class _Decider:
         }
         letter = message.copy(queue_name=xq_name(queue), options={"dead_letter": record})
         return Decision(Action.fail, reason, letter, queue=xq_name(queue))
-
-
-def _same_kind(queue_name: str, target: str) -> str:
-    """``target`` for a message of a queue, ``target.DQ`` for a delayed one."""
-    return dq_name(target) if queue_name.endswith(".DQ") else target
 
 
 class CapacityProbe:

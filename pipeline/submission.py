@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from dramatiq import Broker
 
@@ -28,6 +27,7 @@ from pipeline.security.audit import audit
 from pipeline.security.grants import issue_grant
 from pipeline.services import Services
 from pipeline.store import State, Task, new_task_id
+from pipeline.task_message import build_job
 
 logger = get_logger(__name__)
 
@@ -41,22 +41,6 @@ class SubmitOptions:
     gpu: str = "prefer"
     language: str | None = None
     model: str | None = None
-
-
-def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
-    """The message body a worker needs, and nothing more: with ``grant``, its transfer grant."""
-    job = {
-        "task_id": task.id,
-        "kind": task.kind,
-        "filename": task.filename,
-        "input": {k: task.input[k] for k in ("path", "sha256", "size")},
-        "media": task.input["media"],
-        "options": task.options,
-        "route": {"queue": task.route["queue"], "gpu": task.route["gpu"]},
-    }
-    if grant is not None:
-        job["grant"] = grant
-    return job
 
 
 def grant_for(services: Services, task_id: str, input_path: str) -> str:

@@ -36,6 +36,7 @@ from pipeline.identity import worker_id
 from pipeline.logs import get_logger
 from pipeline.security import signatures
 from pipeline.store import State, TaskStore
+from pipeline.task_message import job_of, with_grant
 
 logger = get_logger(__name__)
 
@@ -119,8 +120,7 @@ def _letter(
         ), None  # fmt: skip
     options = dict(message.options)
     record = options.get("dead_letter") or {}
-    job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-    job = job if isinstance(job, dict) else {}
+    job = job_of(message) or {}
     traceback = options.get("traceback")
     reason = record.get("reason")
     dead_at = record.get("at")
@@ -211,11 +211,10 @@ def fresh_copy(message: dramatiq.Message) -> dramatiq.Message:
 
 
 def _regranted(message: dramatiq.Message, regrant: Callable[[str, str], str] | None) -> dramatiq.Message:
-    job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-    if regrant is None or not isinstance(job, dict) or "grant" not in job:
+    job = job_of(message)
+    if regrant is None or job is None or "grant" not in job:
         return message
-    job = {**job, "grant": regrant(job["task_id"], job["input"]["path"])}
-    return message.copy(kwargs={**message.kwargs, "job": job})
+    return with_grant(message, regrant(job["task_id"], job["input"]["path"]))
 
 
 def retry(

@@ -35,6 +35,7 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 
 from pipeline.logs import get_logger
+from pipeline.task_message import task_id_of
 
 logger = get_logger(__name__)
 
@@ -99,11 +100,6 @@ class MoveReport:
             "errors": self.errors[:5],
             "seconds": round(self.seconds, 3),
         }
-
-
-def _task_id(message: Message) -> str | None:
-    job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-    return job.get("task_id") if isinstance(job, dict) else None
 
 
 def count_waiting(params: pika.ConnectionParameters, queues: list[str]) -> dict[str, int | None]:
@@ -230,14 +226,14 @@ class _Mover:
                 # (pipeline.middleware.deliveries), so a file that kills workers is still caught.
                 copy.options["deliveries"] = int(copy.options.get("deliveries", 1)) + 1
             self.seq += 1
-            handled = Handled(copy.message_id, _task_id(copy), decision.reason, dict(copy.options))
+            handled = Handled(copy.message_id, task_id_of(copy), decision.reason, dict(copy.options))
             self.pending[self.seq] = (tag, decision.action, handled)
             self.by_id[copy.message_id] = self.seq
             queue = decision.queue or self.report.target
             self.dst.basic_publish("", queue, copy.encode(), properties=properties, mandatory=True)
         elif decision.action is Action.fail and message is not None:
             channel.basic_nack(tag, requeue=False)
-            self.report.failed.append(Handled(message.message_id, _task_id(message), decision.reason))
+            self.report.failed.append(Handled(message.message_id, task_id_of(message), decision.reason))
         else:
             self.held.append(tag)
         if self.report.scanned >= self.limit:

@@ -12,6 +12,7 @@ from dramatiq.middleware import SkipMessage
 from pipeline.brokers.cancellations import CancelListener
 from pipeline.logs import get_logger
 from pipeline.reporting import reporter_for
+from pipeline.task_message import task_id_of
 
 logger = get_logger(__name__)
 
@@ -64,8 +65,7 @@ class Cancellations(Middleware):
             self.listener.stop()
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        job = message.kwargs.get("job") if message.queue_name != "control" else None
-        task_id = job.get("task_id") if isinstance(job, dict) else None
+        task_id = task_id_of(message) if message.queue_name != "control" else None
         if task_id and is_canceled(task_id):
             logger.info("canceled task skipped", extra={"task_id": task_id})
             reporter_for(broker).note(task_id, "skipped", {"reason": "canceled before a worker started it"})

@@ -10,6 +10,7 @@ from dramatiq.middleware import SkipMessage
 from pipeline.brokers.deadletters import condemn
 from pipeline.logs import get_logger
 from pipeline.reporting import reporter_for
+from pipeline.task_message import task_id_of
 
 logger = get_logger(__name__)
 
@@ -43,8 +44,7 @@ class DeliveryCount(Middleware):
         if message.queue_name == "control" or not getattr(message, "redelivered", False):
             return
         deliveries = int(message.options.get("deliveries", 1)) + 1
-        job = message.kwargs.get("job")
-        task_id = job.get("task_id") if isinstance(job, dict) else None
+        task_id = task_id_of(message)
         log = {"task_id": task_id, "message_id": message.message_id, "deliveries": deliveries}
         if deliveries > self.max_deliveries:
             reason = (

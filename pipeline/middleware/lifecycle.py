@@ -7,6 +7,7 @@ from dramatiq.broker import MessageProxy
 
 from pipeline.errors import BadInput
 from pipeline.reporting import reporter_for
+from pipeline.task_message import task_id_of
 
 
 def describe(exception: BaseException) -> str:
@@ -34,8 +35,7 @@ class TaskEvents(Middleware):
     ) -> None:
         if exception is None or message.queue_name == "control":
             return
-        job = message.kwargs.get("job") or {}
-        task_id = job.get("task_id")
+        task_id = task_id_of(message)
         if not task_id:
             return
         reporter = reporter_for(broker)

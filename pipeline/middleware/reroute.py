@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
-import dramatiq
 from dramatiq import Actor, Broker, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import CurrentMessage, SkipMessage
 
+from pipeline import control
 from pipeline.config import Settings, get_settings
 from pipeline.errors import GpuError
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
 from pipeline.routing import fit_job
+from pipeline.task_message import gpu_preference, job_of, moved
 
 logger = get_logger(__name__)
 
@@ -83,28 +83,16 @@ class GpuFallback(Middleware):
 
     def hand_over(self, broker: Broker, message: MessageProxy, error: GpuError) -> bool:
         """Publish the message's copy to ``cpu``; False when it is not eligible or not published."""
-        job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-        if message.queue_name != "gpu" or not isinstance(job, dict):
-            return False
-        route = job.get("route") if isinstance(job.get("route"), dict) else {}
-        if route.get("gpu", "prefer") == "require":
+        job = job_of(message)
+        if message.queue_name != "gpu" or job is None or gpu_preference(job) == "require":
             return False
         task_id = job.get("task_id")
         log = {"task_id": task_id, "worker": worker_id(), "message_id": message.message_id}
         if stays := self.stays_on_gpu(message):
             logger.warning("GPU failure: the task stays on gpu", extra={**log, "reason": stays})
             return False
-        time_limit_s = fit_job(job, "cpu", self.settings).time_limit_s
         reason = f"GPU failed on {worker_id()}: {error}; moved gpu -> cpu"
-        move = {"from": "gpu", "to": "cpu", "reason": reason, "by": worker_id(), "at": time.time()}
-        copy = message.copy(
-            queue_name="cpu",
-            kwargs={**message.kwargs, "job": {**job, "route": {**route, "queue": "cpu"}}},
-            options={
-                "rerouted": [*message.options.get("rerouted", []), move],
-                "time_limit": time_limit_s * 1000,
-            },
-        )
+        copy = moved(message, "cpu", reason, worker_id(), fit_job(job, "cpu", self.settings).time_limit_s)
         try:
             broker.enqueue(copy)
         except Exception as exc:
@@ -123,23 +111,16 @@ class GpuFallback(Middleware):
 
         A task stays when a CPU worker could not finish it within the time limits.
         """
-        job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-        if message.queue_name != "gpu" or not isinstance(job, dict):
-            return None
-        route = job.get("route") if isinstance(job.get("route"), dict) else {}
-        if route.get("gpu", "prefer") == "require":
+        job = job_of(message)
+        if message.queue_name != "gpu" or job is None or gpu_preference(job) == "require":
             return None
         on_cpu = fit_job(job, "cpu", self.settings)
         return None if on_cpu.ok else f"not moved to cpu: too long for a CPU worker ({on_cpu.refused})"
 
 
 def _tell_server(broker: Broker, **kwargs: Any) -> None:
-    """A ``task_rerouted`` event for the server; best effort (the move itself already happened)."""
-    kwargs.update(worker=worker_id(), ts=time.time())
-    event = dramatiq.Message(
-        queue_name="control", actor_name="task_rerouted", args=(), kwargs=kwargs, options={}
-    )
+    """A ``task_rerouted`` report for the server; best effort (the move itself already happened)."""
     try:
-        broker.enqueue(event)
+        control.send(broker, control.TASK_REROUTED, **kwargs)
     except Exception as exc:
         logger.warning("reroute not reported", extra={"task_id": kwargs["task_id"], "error": str(exc)})

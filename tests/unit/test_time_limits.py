@@ -34,7 +34,7 @@ def recording(seconds: float) -> Classification:
 
 
 def job(seconds: float, *, queue: str = "gpu", gpu: str = "prefer", task_id: str = "t1") -> dict[str, Any]:
-    """A task message's job as submission.build_job writes it."""
+    """A task message's job as task_message.build_job writes it."""
     return {
         "task_id": task_id,
         "kind": "transcribe",

@@ -1,0 +1,86 @@
+"""The task message: the job a task actor's message carries, built, read and moved here alone.
+
+A task message is a Dramatiq message of a task actor (``transcribe``,
+``convert_document``) whose one keyword argument, ``job``, holds what a
+worker needs: task id, kind, input file ref, media facts, options, route and
+transfer grant (``build_job``). Middleware, the sweep, the dead-letter tools
+and the worker read it with ``job_of`` and ``task_id_of``; a message that
+moves to another queue is copied with ``moved``, which keeps the job's route,
+the message's record of moves and its time limit in step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+from dramatiq.common import dq_name
+
+from pipeline.store import Task
+
+
+def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
+    """The message body a worker needs, and nothing more: with ``grant``, its transfer grant."""
+    job = {
+        "task_id": task.id,
+        "kind": task.kind,
+        "filename": task.filename,
+        "input": {k: task.input[k] for k in ("path", "sha256", "size")},
+        "media": task.input["media"],
+        "options": task.options,
+        "route": {"queue": task.route["queue"], "gpu": task.route["gpu"]},
+    }
+    if grant is not None:
+        job["grant"] = grant
+    return job
+
+
+def job_of(message: dramatiq.Message) -> dict[str, Any] | None:
+    """The job a message carries (``job=``, or its first argument); None for any other message."""
+    kwargs = message.kwargs if isinstance(message.kwargs, dict) else {}
+    job = kwargs.get("job")
+    if job is None and message.args:
+        job = message.args[0]
+    return job if isinstance(job, dict) else None
+
+
+def task_id_of(message: dramatiq.Message) -> str | None:
+    job = job_of(message)
+    task_id = job.get("task_id") if job else None
+    return task_id if isinstance(task_id, str) else None
+
+
+def route_of(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's route: its queue and its GPU preference (``prefer`` when it says none)."""
+    route = job.get("route")
+    return route if isinstance(route, dict) else {}
+
+
+def gpu_preference(job: dict[str, Any]) -> str:
+    return str(route_of(job).get("gpu", "prefer"))
+
+
+def moved(
+    message: dramatiq.Message, target: str, reason: str, by: str, time_limit_s: int, at: float | None = None
+) -> dramatiq.Message:
+    """A copy of a task message for queue ``target`` (its delay queue for a delayed message).
+
+    The job's route names the new queue, ``options["rerouted"]`` keeps the move
+    with its reason, and the time limit is the one the task has there.
+    """
+    job = job_of(message) or {}
+    source = message.queue_name.removesuffix(".DQ")
+    move = {"from": source, "to": target, "reason": reason, "by": by, "at": time.time() if at is None else at}
+    queue = dq_name(target) if message.queue_name.endswith(".DQ") else target
+    return message.copy(
+        queue_name=queue,
+        kwargs={**message.kwargs, "job": {**job, "route": {**route_of(job), "queue": target}}},
+        options={"rerouted": [*message.options.get("rerouted", []), move], "time_limit": time_limit_s * 1000},
+    )
+
+
+def with_grant(message: dramatiq.Message, grant: str) -> dramatiq.Message:
+    """A copy of a task message carrying a fresh transfer grant."""
+    job = job_of(message) or {}
+    return message.copy(kwargs={**message.kwargs, "job": {**job, "grant": grant}})
