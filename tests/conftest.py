@@ -346,6 +346,27 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     setattr(item, f"rep_{report.when}", report)
 
 
+#: The server secret of in-process tests (a real one: no development mode).
+TEST_SECRET = "t" * 48
+
+
+@contextmanager
+def in_process_api(services, broker, gpu_workers=lambda: 0, **limits):  # type: ignore[no-untyped-def]
+    """The API in-process over ``broker``, reached as users reach it: out of development mode, with
+    an admin key in every request. Yields a TestClient."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.api.app import create_app
+    from pipeline.api.auth import Authenticator
+    from pipeline.security.ratelimit import FailureLimiter
+
+    auth = Authenticator(services.apikeys, services.tokens, FailureLimiter(**limits))
+    key, _ = services.apikeys.create("tests", "admin")
+    with TestClient(create_app(services, broker, gpu_workers=gpu_workers, auth=auth)) as client:
+        client.headers["Authorization"] = f"Bearer {key}"
+        yield client
+
+
 @pytest.fixture(scope="session")
 def stub_broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Dramatiq's stub broker with every actor registered, for in-process API tests.
@@ -358,7 +379,7 @@ def stub_broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     from pipeline.config import Settings, use_settings
 
     settings = use_settings(
-        Settings(data_dir=tmp_path_factory.mktemp("stub"), dev_mode=True, file_access="shared")
+        Settings(data_dir=tmp_path_factory.mktemp("stub"), secret_key=TEST_SECRET, file_access="shared")
     )
     broker = install(build_stub_broker(settings))
     import pipeline.actors.control  # noqa: F401

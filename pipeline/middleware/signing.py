@@ -134,10 +134,12 @@ class _Verifier:
     """The server side: tokens, keys and nonces."""
 
     def __init__(self, settings: Settings) -> None:
-        from pipeline.services import get_services
+        from pipeline.config import get_settings
+        from pipeline.services import build_services, get_services
 
         self.settings = settings
-        self.services = services = get_services()
+        # The server's stores, as the rest of the process sees them, for the settings given.
+        self.services = services = get_services() if settings is get_settings() else build_services(settings)
         self.tokens = services.tokens
         self.store = services.store
         self._unsigned_warned = False

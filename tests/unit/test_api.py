@@ -14,6 +14,7 @@ from pipeline.api.auth import Authenticator
 from pipeline.config import Settings, use_settings
 from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import build_services
+from tests.conftest import TEST_SECRET, in_process_api
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +24,12 @@ def api(tmp_path_factory: pytest.TempPathFactory, stub_broker) -> Iterator[tuple
             data_dir=tmp_path_factory.mktemp("data"),
             max_upload_mb=1,
             max_document_mb=1,
-            dev_mode=True,
+            secret_key=TEST_SECRET,
             file_access="shared",
         )
     )
-    broker = stub_broker
-    services = build_services(settings)
-    auth = Authenticator(services.apikeys, services.tokens, FailureLimiter(), dev_mode=True)
-    app = create_app(services, broker, gpu_workers=lambda: 0, auth=auth)
-    with TestClient(app) as client:
-        yield client, broker
+    with in_process_api(build_services(settings), stub_broker) as client:
+        yield client, stub_broker
 
 
 def upload(client: TestClient, path: Path, name: str | None = None, **form: str):

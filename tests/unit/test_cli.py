@@ -11,18 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from pipeline.api.app import create_app
-from pipeline.api.auth import Authenticator
 from pipeline.cli import display, submit_cmd
 from pipeline.cli.client import ApiClient, ClientError
 from pipeline.cli.main import build_parser
 from pipeline.cli.waiting import Fleet, why_waiting
 from pipeline.config import Settings, use_settings
-from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import build_services
-from tests.conftest import SPOKEN_WORDS, free_port
+from tests.conftest import SPOKEN_WORDS, TEST_SECRET, free_port, in_process_api
 
 CLI = [str(Path(sys.executable).parent / "morag-pipeline")]
 
@@ -107,12 +103,11 @@ def test_run_reports_bad_media(corrupt_mp4: Path) -> None:
 
 @pytest.fixture
 def api_client(tmp_path: Path, stub_broker) -> Iterator[ApiClient]:  # type: ignore[no-untyped-def]
-    settings = use_settings(Settings(data_dir=tmp_path / "data", dev_mode=True, file_access="shared"))
-    services = build_services(settings)
-    auth = Authenticator(services.apikeys, services.tokens, FailureLimiter(), dev_mode=True)
-    app = create_app(services, stub_broker, gpu_workers=lambda: 0, auth=auth)
+    settings = use_settings(
+        Settings(data_dir=tmp_path / "data", secret_key=TEST_SECRET, file_access="shared")
+    )
     client = ApiClient("http://testserver")
-    with TestClient(app) as http:
+    with in_process_api(build_services(settings), stub_broker) as http:
         client.http = http
         yield client
     stub_broker.flush_all()

@@ -10,11 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from pipeline.api.app import create_app
-from pipeline.api.auth import Authenticator
-from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import Services, get_services
 from pipeline.store import State, Task, new_task_id
+from tests.conftest import in_process_api
 
 
 @pytest.fixture
@@ -28,9 +26,7 @@ def client(services: Services, stub_broker) -> Iterator[TestClient]:  # type: ig
     dead_end = SecretStr("amqp://guest:guest@127.0.0.1:9/%2F")
     unreachable = services.settings.model_copy(update={"broker_url": dead_end})
     local = Services(**{**services.__dict__, "settings": unreachable})
-    auth = Authenticator(services.apikeys, services.tokens, FailureLimiter(), dev_mode=True)
-    app = create_app(local, stub_broker, gpu_workers=lambda: 0, auth=auth)
-    with TestClient(app) as c:
+    with in_process_api(local, stub_broker) as c:
         yield c
 
 
