@@ -167,6 +167,8 @@ class Sweeper:
                 except TaskNotFound:
                     continue
                 detail = {"worker": change.worker, "state": change.after.value, "reason": change.reason}
+                if change.process is not None:
+                    detail["process"] = change.process
                 if change.after is WorkerState.dead:
                     detail["reason"] += "; the task returns to its queue when the worker's connection closes"
                 self.store.add_event(task_id, f"worker {change.after.value}", detail)

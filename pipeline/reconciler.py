@@ -72,8 +72,9 @@ class Reconciler:
         held = {
             task_id
             for worker in self.registry.list(now)
-            if worker.state is WorkerState.alive
-            for task_id in worker.current
+            for process in worker.processes
+            if process.state is WorkerState.alive
+            for task_id in process.current
         }
         for task in store.silent_running(updated_before=now - settings.task_lost_after_s):
             if task.id not in held:

@@ -49,6 +49,7 @@ from paramiko.sftp_client import int64
 
 from pipeline.config import Settings
 from pipeline.errors import AccessRefused, BadInput, ChecksumMismatch, TransferError
+from pipeline.identity import worker_id
 from pipeline.logs import get_logger
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.sftp_server import GRANT_EXTENSION, GRANT_RELEASE_EXTENSION
@@ -510,7 +511,7 @@ class SftpTransport:
         self._session: SftpSession | None = None
         self._grants: dict[str, str] = {}  # task id -> grant, of the tasks held, oldest first
         self._current: str | None = None  # the task authorized last and not yet forgotten
-        self.worker = settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = settings.worker_name or worker_id()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SftpTransport:
