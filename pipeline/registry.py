@@ -138,6 +138,14 @@ CREATE TABLE IF NOT EXISTS worker_events (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS worker_events_worker ON worker_events(worker_id, id);
+CREATE TABLE IF NOT EXISTS refused_senders (
+    worker TEXT PRIMARY KEY,
+    refused INTEGER NOT NULL DEFAULT 0,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    last_reason TEXT NOT NULL,
+    last_report TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS queue_liveness (
     queue TEXT PRIMARY KEY,
     down_since REAL
@@ -475,6 +483,29 @@ class Registry:
         if row is None:
             raise WorkerNotFound(f"no worker {worker_id}")
         return self._aggregate(row, processes, now)
+
+    def refused(self, worker: str, reason: str, report: str, now: float | None = None) -> None:
+        """Count a message of ``worker`` that the server could not verify, with the latest reason.
+
+        A worker whose heartbeats are refused never appears in the registry;
+        ``refusals`` is how ``workers`` still shows it, and why.
+        """
+        now = time.time() if now is None else now
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO refused_senders (worker, refused, first_at, last_at, last_reason, last_report)"
+                " VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT(worker) DO UPDATE SET refused=refused+1,"
+                " last_at=excluded.last_at, last_reason=excluded.last_reason,"
+                " last_report=excluded.last_report",
+                (worker, now, now, reason, report),
+            )
+
+    def refusals(self, since: float) -> list[dict[str, Any]]:
+        """Senders with messages refused since ``since``, the latest first."""
+        rows = self.db.connect().execute(
+            "SELECT * FROM refused_senders WHERE last_at >= ? ORDER BY last_at DESC", (since,)
+        )
+        return [dict(row) for row in rows]
 
     def history(self, worker_id: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = self.db.connect().execute(

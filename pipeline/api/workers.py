@@ -15,6 +15,9 @@ from fastapi.params import Depends
 from pipeline.registry import ProcessRecord, WorkerNotFound, WorkerRecord, WorkerState, get_registry
 from pipeline.services import Services
 
+#: How far back ``GET /api/v1/workers`` lists senders whose messages were refused.
+REFUSALS_SHOWN_S = 24 * 3600.0
+
 
 def describe(record: WorkerRecord, now: float, hardware: bool = False) -> dict[str, Any]:
     """A worker's record as the API shows it, with the age of its last heartbeat and its processes.
@@ -85,6 +88,8 @@ def workers_router(
             "at": now,
             "workers": [describe(r, now) for r in records],
             "queues": queues,
+            # Senders whose messages the server could not verify within the last day.
+            "refused": registry.refusals(since=now - REFUSALS_SHOWN_S),
             "thresholds": {
                 "heartbeat_interval": settings.heartbeat_interval,
                 "stale_after": settings.worker_stale_after,

@@ -99,6 +99,12 @@ def show_workers(listing: dict[str, Any]) -> None:
         if not view["live"] and view.get("down_since"):
             line += f", none since {datetime.fromtimestamp(view['down_since']).strftime('%H:%M:%S')}"
         display.out.print(line)
+    for sender in listing.get("refused", []):
+        at = datetime.fromtimestamp(sender["last_at"]).strftime("%H:%M:%S")
+        display.out.print(
+            f"[red]refused[/]: {sender['refused']} message(s) from {sender['worker']!r}, last at {at}"
+            f" ({sender['last_report']}): {sender['last_reason']}"
+        )
 
 
 def show_worker(worker: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from pipeline import control
 from pipeline.config import Settings
 from pipeline.errors import PipelineError, TaskNotFound
 from pipeline.logs import get_logger
+from pipeline.registry import get_registry
 from pipeline.security import signatures
 from pipeline.security.audit import audit
 from pipeline.security.keys import server_secret
@@ -201,6 +202,7 @@ class _Verifier:
         logger.warning(
             "control message rejected", extra={"task_id": task_id, "worker": worker, "reason": reason}
         )
+        get_registry(self.settings).refused(str(worker or "(unnamed)"), reason, message.actor_name)
         if not isinstance(task_id, str) or message.actor_name not in control.OUTCOMES:
             return
         try:

@@ -94,6 +94,13 @@ def test_unverifiable_outcomes_are_noted_and_the_task_still_ends(secure: Stack, 
     assert [e["event"] for e in events].count("published") == 2
     status = secure.cli("status", task["id"])
     assert "report rejected" in status.stdout
+    # Its heartbeats were refused too: it is no worker of the registry, but `workers` says why.
+    listing = secure.get("/api/v1/workers").json()
+    assert "stranger" not in [w["id"] for w in listing["workers"]]
+    refused = {r["worker"]: r for r in listing["refused"]}
+    assert refused["stranger"]["refused"] >= 2 and "bad signature" in refused["stranger"]["last_reason"]
+    shown = secure.cli("workers")
+    assert "refused" in shown.stdout and "stranger" in shown.stdout, shown.stdout + shown.stderr
 
 
 def publish(settings: Settings, actor: str, options: dict, **kwargs: object) -> None:
