@@ -1,4 +1,5 @@
-"""RabbitMQ restarted in the middle of a run: every task completes, none twice, none lost."""
+"""RabbitMQ restarted in the middle of a run: messages the workers held are redelivered, and every
+task completes, none twice, none lost."""
 
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ def test_broker_restart_mid_run(
     wait_for("every task done", lambda: counts()["done"] == TASKS, timeout=600, stack=stack)
 
     seen: dict[str, int] = {}
+    redelivered = []
     for n, task_id in enumerate(ids):
         t = stack.get(f"/api/v1/tasks/{task_id}", timeout=30).json()
         for e in t["events"]:
             seen[e["event"]] = seen.get(e["event"], 0) + 1
+        if events(t, "redelivered"):
+            redelivered.append(t)
         assert t["state"] == "done"
         assert len(events(t, "done")) == 1
         outputs = stack.data_dir / "files" / "tasks" / task_id / "output"
@@ -62,7 +66,16 @@ def test_broker_restart_mid_run(
         ]
         assert f"# Document {n}" in stack.get(f"/api/v1/tasks/{task_id}/result").text
     print(f"\n{done_before} of {TASKS} done when RabbitMQ restarted; events after: {seen}")
+    # The restart took messages from the workers: RabbitMQ delivered them again (flagged
+    # redelivered), and each such task says so, with its delivery count, and still ended once.
+    assert redelivered, f"no message was redelivered after the restart: events {seen}"
+    for t in redelivered:
+        assert all(e["detail"]["delivery"] >= 2 for e in events(t, "redelivered")), t["events"]
+        assert t["state"] == "done" and len(events(t, "done")) == 1
     assert counts() == {"queued": 0, "running": 0, "done": TASKS, "failed": 0, "canceled": 0}
+    # A redelivered message of a task that had already ended is a no-op, not a dead letter.
+    letters = stack.get("/api/v1/dead", timeout=30).json()["letters"]
+    assert letters == [], f"dead letters after every task ended: {letters}"
     for queue in ("cpu", "cpu.XQ", "control.XQ"):
         assert queue_depth(url, queue) == 0, queue
     assert consumers(url, "cpu") == 2
