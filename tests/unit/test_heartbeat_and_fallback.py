@@ -13,13 +13,13 @@ from pathlib import Path
 
 import dramatiq
 import pytest
-from dramatiq import Message, Worker
+from dramatiq import Message, Middleware, Worker
 from dramatiq.middleware import CurrentMessage
 
 from pipeline.brokers.stub import build_stub_broker
 from pipeline.config import Settings
 from pipeline.errors import GpuError
-from tests.conftest import wait_for
+from tests.conftest import TEST_SECRET, wait_for
 
 
 def control_messages(broker) -> list[Message]:
@@ -30,6 +30,7 @@ def control_messages(broker) -> list[Message]:
 def settings(tmp_path: Path) -> Settings:
     return Settings(
         data_dir=tmp_path,
+        secret_key=TEST_SECRET,
         file_access="shared",
         heartbeat_interval=0.05,
         max_retries=1,
@@ -89,12 +90,40 @@ def test_a_gpu_worker_beats_with_its_task_and_says_goodbye(broker) -> None:
     assert any(m.kwargs["beat"].get("draining") for m in messages if m.actor_name == "worker_heartbeat")
 
 
-def test_the_servers_control_consumer_sends_no_heartbeat(broker) -> None:
+class Sent(Middleware):
+    """Records every message published through the broker."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def after_enqueue(self, broker, message: Message, delay) -> None:  # type: ignore[no-untyped-def]
+        self.messages.append(message)
+
+
+def test_the_servers_control_consumer_sends_no_heartbeat(broker, settings: Settings) -> None:
+    sent = Sent()
+    broker.add_middleware(sent)
+    handled: list[float] = []
+
+    @dramatiq.actor(broker=broker, queue_name="control", actor_name="hb_probe")
+    def probe() -> None:
+        handled.append(time.monotonic())
+
     worker = Worker(broker, queues={"control"}, worker_threads=1, worker_timeout=20)
     worker.start()
-    time.sleep(0.3)
-    worker.stop()
-    assert control_messages(broker) == []
+    booted = time.monotonic()
+    try:
+        # The consumer at work five heartbeat intervals after boot: a beat had its chances.
+        def handled_late() -> bool:
+            if handled and handled[-1] >= booted + 5 * settings.heartbeat_interval:
+                return True
+            probe.send()
+            return False
+
+        wait_for("a probe handled five heartbeat intervals after boot", handled_late, 10, interval=0.02)
+    finally:
+        worker.stop()  # a worker that beats says draining and goodbye here
+    assert [m.actor_name for m in sent.messages if m.actor_name != "hb_probe"] == []
 
 
 def _flaky_gpu_actor(broker, calls: list[str], name: str):
