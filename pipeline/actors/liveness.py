@@ -17,6 +17,7 @@ from typing import Any
 import dramatiq
 from periodiq import cron
 
+from pipeline import control
 from pipeline.brokers import current_broker
 from pipeline.config import get_settings
 from pipeline.health import SWEEP_PART, PartLog
@@ -31,8 +32,8 @@ broker = current_broker()
 logger = get_logger(__name__)
 
 #: A heartbeat is not retried: the next one says the same, only newer.
-_beats = {"queue_name": "control", "max_retries": 0}
-_events = {"queue_name": "control", "max_retries": 5, "min_backoff": 500}
+_beats = {"queue_name": control.QUEUE, "max_retries": 0}
+_events = {"queue_name": control.QUEUE, "max_retries": 5, "min_backoff": 500}
 
 
 #: The queue of the sweep, consumed by the server alone.
@@ -52,7 +53,7 @@ def unseal(worker: str, capability: str, beat: Any) -> dict[str, Any]:
     return beat
 
 
-@dramatiq.actor(**_beats)
+@dramatiq.actor(actor_name=control.WORKER_HEARTBEAT, **_beats)
 def worker_heartbeat(worker: str, capability: str, beat: dict[str, Any]) -> None:
     try:
         record = get_registry().heartbeat(unseal(worker, capability, beat))
@@ -63,7 +64,7 @@ def worker_heartbeat(worker: str, capability: str, beat: dict[str, Any]) -> None
         logger.info("heartbeat after goodbye ignored", extra={"worker": worker})
 
 
-@dramatiq.actor(**_beats)
+@dramatiq.actor(actor_name=control.WORKER_GOODBYE, **_beats)
 def worker_goodbye(worker: str, capability: str, beat: dict[str, Any]) -> None:
     try:
         if get_registry().goodbye(unseal(worker, capability, beat)):
@@ -72,7 +73,7 @@ def worker_goodbye(worker: str, capability: str, beat: dict[str, Any]) -> None:
         logger.warning("goodbye rejected", extra={"worker": worker, "error": str(exc)})
 
 
-@dramatiq.actor(**_events)
+@dramatiq.actor(actor_name=control.TASK_REROUTED, **_events)
 def task_rerouted(task_id: str, source: str, target: str, reason: str, worker: str, ts: float) -> None:
     """A worker moved the task's message to another queue (a GPU failure sends it to ``cpu``)."""
     from pipeline.actors.control import applied_nonce

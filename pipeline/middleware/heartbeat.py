@@ -9,13 +9,13 @@ import time
 import uuid
 from typing import Any
 
-import dramatiq
 from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 
-from pipeline import __version__, hardware
+from pipeline import __version__, control, hardware
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
+from pipeline.task_message import job_of, task_id_of
 
 logger = get_logger(__name__)
 
@@ -99,7 +99,7 @@ class Heartbeat(Middleware):
         if self._thread is None:
             return
         self._draining = True
-        self._send("worker_heartbeat", "beat")
+        self._send(control.WORKER_HEARTBEAT, "beat")
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         if self._thread is None:
@@ -107,7 +107,7 @@ class Heartbeat(Middleware):
         self._stop.set()
         self._thread.join(timeout=max(5.0, self.interval))
         self._thread = None
-        self._send("worker_goodbye", "goodbye")
+        self._send(control.WORKER_GOODBYE, "goodbye")
 
     # Tasks.
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
@@ -141,7 +141,7 @@ class Heartbeat(Middleware):
                 return
             elapsed = time.monotonic() - began
             self._measure("task_s", elapsed)
-            job = _job(message)
+            job = job_of(message) or {}
             duration = (job.get("media") or {}).get("duration")
             if job.get("kind") == "transcribe" and duration:
                 self._measure("realtime_factor", elapsed / duration)
@@ -188,29 +188,18 @@ class Heartbeat(Middleware):
             return
         try:
             kwargs = seal(kind, self.beat())
-            message = dramatiq.Message(
-                queue_name="control", actor_name=actor_name, args=(), kwargs=kwargs, options={}
-            )
             with self._send_lock:
-                self._broker.enqueue(message)
+                control.send(self._broker, actor_name, **kwargs)
         except Exception as exc:
             logger.warning(f"{kind} not sent", extra={"worker": worker_id(), "error": str(exc)})
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._send("worker_heartbeat", "beat")
+            self._send(control.WORKER_HEARTBEAT, "beat")
             self._stop.wait(self.interval)
-
-
-def _job(message: MessageProxy) -> dict[str, Any]:
-    """The job a task message carries (``job=`` or the first argument); empty if none."""
-    job = message.kwargs.get("job") if isinstance(message.kwargs, dict) else None
-    if job is None and message.args:
-        job = message.args[0]
-    return job if isinstance(job, dict) else {}
 
 
 def _task_id(message: MessageProxy) -> str | None:
     if message.queue_name.split(".")[0] not in TASK_QUEUES:
         return None
-    return _job(message).get("task_id")
+    return task_id_of(message)
