@@ -33,8 +33,8 @@ import pika
 
 from pipeline.brokers.rabbitmq import build_rabbitmq_broker
 from pipeline.config import Settings
-from pipeline.liveness import Sweeper
-from pipeline.registry import Registry
+from pipeline.fleet.registry import Registry
+from pipeline.fleet.sweep import Sweeper
 from pipeline.store import State, Task, TaskStore, new_task_id
 from tests.conftest import fresh_vhost
 

@@ -8,7 +8,7 @@ The task record is the outbox: it is written before its message is
 published, and marked published once the broker confirmed the message. A
 server that dies between the two, or a broker that stays away longer than
 ``MORAG_PUBLISH_WAIT_S``, leaves the task queued and unpublished, and the
-reconciler (``pipeline.reconciler``) publishes it on its next sweep.
+reconciler (``pipeline.fleet.reconciler``) publishes it on its next sweep.
 """
 
 from __future__ import annotations

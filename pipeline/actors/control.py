@@ -1,4 +1,5 @@
-"""Actors of the ``control`` queue, consumed by the server: task events from workers.
+"""Actors of the ``control`` queue, consumed by the server: what workers report
+(``pipeline.control`` names every message): task events, task moves, heartbeats and goodbyes.
 
 Each handler is idempotent and applies its message at least once: the
 message's nonce (``applied_nonce``) is recorded in the transaction of its
@@ -16,10 +17,11 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from pipeline import control
-from pipeline.actors import liveness  # noqa: F401  (heartbeats and task moves arrive on control too)
 from pipeline.brokers import current_broker
 from pipeline.errors import BadInput, ChecksumMismatch
+from pipeline.fleet.registry import BadHeartbeat, get_registry
 from pipeline.logs import get_logger
+from pipeline.security.audit import audit
 from pipeline.services import get_services
 from pipeline.store import FINAL_STATES, State
 from pipeline.transfer.checksums import FileRef
@@ -28,6 +30,8 @@ broker = current_broker()
 logger = get_logger(__name__)
 
 _options = {"queue_name": control.QUEUE, "max_retries": 5, "min_backoff": 500}
+#: A heartbeat is not retried: the next one says the same, only newer.
+_beats = {"queue_name": control.QUEUE, "max_retries": 0}
 
 
 def applied_nonce() -> str | None:
@@ -106,3 +110,47 @@ def task_failed(task_id: str, reason: str, attempts: int, worker: str, ts: float
 def task_note(task_id: str, event: str, detail: dict[str, Any], worker: str, ts: float) -> None:
     """An event a worker adds to the task's history: redelivered, skipped, stopped, reused."""
     get_services().store.add_event(task_id, event, {**detail, "worker": worker}, nonce=applied_nonce())
+
+
+# Workers: heartbeats and goodbyes keep the registry.
+
+
+def unseal(worker: str, capability: str, beat: Any) -> dict[str, Any]:
+    """The heartbeat a message carries; the counterpart of ``pipeline.middleware.heartbeat.seal``.
+
+    MessageSigning has checked ``worker`` and ``capability`` against the
+    sender's token (where workers hold tokens); the beat must agree with them.
+    """
+    if not isinstance(beat, dict):
+        raise BadHeartbeat("heartbeat is not an object")
+    if beat.get("worker") != worker or beat.get("capability") != capability:
+        raise BadHeartbeat(f"heartbeat of {beat.get('worker')!r} sent as {worker!r}")
+    return beat
+
+
+@dramatiq.actor(actor_name=control.WORKER_HEARTBEAT, **_beats)
+def worker_heartbeat(worker: str, capability: str, beat: dict[str, Any]) -> None:
+    try:
+        record = get_registry().heartbeat(unseal(worker, capability, beat))
+    except BadHeartbeat as exc:
+        logger.warning("heartbeat rejected", extra={"worker": worker, "error": str(exc)})
+        return
+    if record is None:
+        logger.info("heartbeat after goodbye ignored", extra={"worker": worker})
+
+
+@dramatiq.actor(actor_name=control.WORKER_GOODBYE, **_beats)
+def worker_goodbye(worker: str, capability: str, beat: dict[str, Any]) -> None:
+    try:
+        if get_registry().goodbye(unseal(worker, capability, beat)):
+            logger.info("worker gone", extra={"worker": worker, "done": beat.get("done")})
+    except BadHeartbeat as exc:
+        logger.warning("goodbye rejected", extra={"worker": worker, "error": str(exc)})
+
+
+@dramatiq.actor(actor_name=control.TASK_REROUTED, **_options)
+def task_rerouted(task_id: str, source: str, target: str, reason: str, worker: str, ts: float) -> None:
+    """A worker moved the task's message to another queue (a GPU failure sends it to ``cpu``)."""
+    if get_services().store.reroute([(task_id, source, target, reason)], by=worker, nonce=applied_nonce()):
+        logger.info("task rerouted", extra={"task_id": task_id, "worker": worker, "to": target})
+        audit("task.rerouted", task=task_id, source=source, target=target, reason=reason, by=worker)

@@ -13,7 +13,7 @@ from pipeline.errors import BadInput, TaskCanceled
 from pipeline.identity import worker_id
 from pipeline.jobs import run_job
 from pipeline.logs import get_logger
-from pipeline.middleware.cancellation import is_canceled
+from pipeline.middleware.cancellations import is_canceled
 from pipeline.reporting import reporter_for
 from pipeline.transfer.transport import Transport, open_transport
 

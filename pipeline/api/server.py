@@ -16,11 +16,11 @@ from pipeline.brokers.limits import check_consumer_timeout
 from pipeline.brokers.rabbitmq import connection_parameters
 from pipeline.config import Settings, redact_url
 from pipeline.errors import PipelineError
+from pipeline.fleet.capacity import CapacityProbe
+from pipeline.fleet.registry import get_registry
+from pipeline.fleet.scheduler import Liveness, start_liveness
 from pipeline.health import SWEEP_PART, Part, PartLog, report, sweep_allowance
-from pipeline.liveness import CapacityProbe
 from pipeline.logs import get_logger
-from pipeline.registry import get_registry
-from pipeline.scheduler import Liveness, start_liveness
 from pipeline.security.audit import open_audit_log
 from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import get_services
@@ -83,7 +83,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     broker = current_broker()
     import pipeline.actors.control  # noqa: F401
     import pipeline.actors.cpu  # noqa: F401  (registers every task actor, for publishing)
-    import pipeline.actors.liveness  # noqa: F401
+    import pipeline.actors.fleet  # noqa: F401
 
     for queue in QUEUES:
         broker.declare_queue(queue, ensure=True)

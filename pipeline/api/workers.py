@@ -12,7 +12,7 @@ from dramatiq import Broker
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.params import Depends
 
-from pipeline.registry import ProcessRecord, WorkerNotFound, WorkerRecord, WorkerState, get_registry
+from pipeline.fleet.registry import ProcessRecord, WorkerNotFound, WorkerRecord, WorkerState, get_registry
 from pipeline.services import Services
 
 #: How far back ``GET /api/v1/workers`` lists senders whose messages were refused.
@@ -102,7 +102,7 @@ def workers_router(
     @router.post("/sweep", status_code=202, dependencies=list(admin))
     def sweep_now() -> dict[str, Any]:
         """Ask for a sweep now rather than at the next minute; it runs on the server's sweep consumer."""
-        from pipeline.actors.liveness import SWEEP_QUEUE
+        from pipeline.actors.fleet import SWEEP_QUEUE
 
         message = dramatiq.Message(
             queue_name=SWEEP_QUEUE, actor_name="liveness_sweep", args=(), kwargs={}, options={}

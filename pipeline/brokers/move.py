@@ -223,7 +223,7 @@ class _Mover:
             assert copy is not None and self.dst is not None
             if method.redelivered and decision.action is Action.move:
                 # Its last consumer went away holding it: counted as a delivery, as a worker would
-                # (pipeline.middleware.deliveries), so a file that kills workers is still caught.
+                # (pipeline.middleware.delivery_count), so a file that kills workers is still caught.
                 copy.options["deliveries"] = int(copy.options.get("deliveries", 1)) + 1
             self.seq += 1
             handled = Handled(copy.message_id, task_id_of(copy), decision.reason, dict(copy.options))

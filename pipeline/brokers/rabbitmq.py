@@ -19,8 +19,8 @@ from dramatiq.common import current_millis, dq_name, q_name, xq_name
 from dramatiq.errors import ConnectionClosed
 
 from pipeline.brokers import QUEUES
-from pipeline.brokers.middleware import pipeline_middleware
 from pipeline.config import Settings
+from pipeline.middleware import pipeline_middleware
 
 #: Attempts to publish one message across lost connections.
 PUBLISH_ATTEMPTS = 6

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dramatiq.brokers.stub import StubBroker
 
 from pipeline.brokers import QUEUES
-from pipeline.brokers.middleware import pipeline_middleware
 from pipeline.config import Settings
+from pipeline.middleware import pipeline_middleware
 
 
 def build_stub_broker(settings: Settings) -> StubBroker:

@@ -1,1 +1,63 @@
-"""Dramatiq middleware of morag-pipeline, one concern per module."""
+"""Dramatiq middleware of morag-pipeline, one concern per module named after its class, and the
+stack every morag-pipeline broker runs (``pipeline_middleware``), in order."""
+
+from __future__ import annotations
+
+from dramatiq import Middleware
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+from periodiq import PeriodiqMiddleware
+
+from pipeline.config import Settings
+from pipeline.middleware.cancellations import Cancellations
+from pipeline.middleware.dead_letters import DeadLetters
+from pipeline.middleware.delivery_count import DeliveryCount
+from pipeline.middleware.gpu_fallback import GpuFallback
+from pipeline.middleware.heartbeat import Heartbeat
+from pipeline.middleware.message_signing import MessageSigning
+from pipeline.middleware.structured_logs import StructuredLogs
+from pipeline.middleware.task_events import TaskEvents
+from pipeline.middleware.temp_cleanup import TempCleanup
+from pipeline.middleware.worker_sizing import WorkerSizing
+
+
+def pipeline_middleware(settings: Settings) -> list[Middleware]:
+    return [
+        StructuredLogs(settings.log_level, settings.log_json),
+        TempCleanup(max_age_s=2 * settings.max_time_limit_s),
+        # First: control messages are verified before anything acts on them.
+        # It signs actor and arguments only, so later changes to options are fine.
+        MessageSigning(settings),
+        AgeLimit(),
+        TimeLimit(time_limit=settings.max_time_limit_s * 1000),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        WorkerSizing(gpu_prefetch=1),
+        # Sees every task start and end, even those skipped by what follows.
+        Heartbeat(settings.heartbeat_interval),
+        # Guards actors declared with gpu_fallback=True: a GpuError moves the task to cpu.
+        GpuFallback(),
+        # Accepts the `periodic` actor option; skips a scheduled tick older than 30 s.
+        PeriodiqMiddleware(skip_delay=30),
+        # Before a task runs: skip it if canceled, count its redeliveries.
+        Cancellations(),
+        DeliveryCount(settings.max_deliveries),
+        # Before Retries: their after_process_message hooks run after Retries
+        # decided, DeadLetters last (it may turn the rejection into an ack).
+        DeadLetters(),
+        TaskEvents(),
+        Retries(
+            max_retries=settings.max_retries,
+            min_backoff=settings.min_backoff_ms,
+            max_backoff=settings.max_backoff_ms,
+        ),
+        CurrentMessage(),
+    ]

@@ -29,7 +29,7 @@ def seal(kind: str, beat: dict[str, Any]) -> dict[str, Any]:
     """The message arguments that carry a heartbeat or a goodbye to the server.
 
     The one place a heartbeat is wrapped before it leaves the worker;
-    ``pipeline.actors.liveness.unseal`` is its counterpart. Worker id and
+    ``pipeline.actors.fleet.unseal`` is its counterpart. Worker id and
     capability sit beside the beat, where MessageSigning (which signs every
     ``control`` message a worker with a token publishes) checks them against
     the worker's token.

@@ -87,7 +87,7 @@ def test_the_liveness_process_is_started_again_when_it_dies(stack: Stack) -> Non
     first = wait_for("a healthy server", lambda: (h := health(stack))["status"] == "ok" and h, stack=stack)
     assert first["parts"]["scheduler"]["process"] and first["parts"]["sftp"]["ok"]
     server = stack.processes["server"].pid
-    children = subprocess.run(["pgrep", "-P", str(server), "-f", "pipeline.scheduler"],
+    children = subprocess.run(["pgrep", "-P", str(server), "-f", "pipeline.fleet.scheduler"],
                               capture_output=True, text=True).stdout.split()  # fmt: skip
     assert len(children) == 1
     os.kill(int(children[0]), signal.SIGKILL)

@@ -12,7 +12,7 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
 from pipeline.jobs import TMP_PREFIX
-from pipeline.middleware.cleanup import TempCleanup
+from pipeline.middleware.temp_cleanup import TempCleanup
 from pipeline.transfer.tempfiles import remove_leftovers, task_dir_prefix
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Settings
-from pipeline.reconciler import Reconciler
-from pipeline.registry import Registry
+from pipeline.fleet.reconciler import Reconciler
+from pipeline.fleet.registry import Registry
 from pipeline.services import Services, build_services
 from pipeline.store import State, Task
 from pipeline.submission import SubmitOptions, record

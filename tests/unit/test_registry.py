@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.registry import BadHeartbeat, Registry, WorkerNotFound, WorkerRecord, WorkerState, state_at
+from pipeline.fleet.registry import (
+    BadHeartbeat,
+    Registry,
+    WorkerNotFound,
+    WorkerRecord,
+    WorkerState,
+    state_at,
+)
 
 T0 = 1_000_000.0
 

@@ -21,8 +21,8 @@ from pipeline.brokers.move import Action
 from pipeline.brokers.stub import build_stub_broker
 from pipeline.config import Settings
 from pipeline.errors import BadInput, GpuError
-from pipeline.liveness import _Decider
-from pipeline.middleware.reroute import GpuFallback
+from pipeline.fleet.sweep import _Decider
+from pipeline.middleware.gpu_fallback import GpuFallback
 from pipeline.routing import Capacity, Classification, QueueLoad, choose_route, estimate, fit, fit_job
 
 SETTINGS = Settings()

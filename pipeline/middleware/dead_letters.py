@@ -7,7 +7,7 @@ from dramatiq.broker import MessageProxy
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from pipeline.brokers.deadletters import bury
-from pipeline.middleware.lifecycle import describe
+from pipeline.middleware.task_events import describe
 
 
 class DeadLetters(Middleware):

@@ -1,7 +1,7 @@
 """The liveness process: exactly one periodiq scheduler, and the consumer that runs the sweep.
 
 ``morag-pipeline server`` starts it as a child process (``start_liveness``),
-``python -m pipeline.scheduler``. Its main thread runs periodiq's scheduler,
+``python -m pipeline.fleet.scheduler``. Its main thread runs periodiq's scheduler,
 which sends the sweep message to the ``liveness`` queue on the cron of
 ``MORAG_SWEEP_CRON`` (every minute by default, periodiq's finest grain); a
 Dramatiq worker thread in the same process consumes that queue and sweeps.
@@ -40,7 +40,7 @@ from dramatiq import Worker
 from pipeline.config import Settings
 from pipeline.logs import get_logger
 
-logger = get_logger("pipeline.scheduler")  # also when run as __main__
+logger = get_logger("pipeline.fleet.scheduler")  # also when run as __main__
 
 LOCK_NAME = "scheduler.lock"
 
@@ -99,7 +99,9 @@ class Liveness:
         }
         if self.settings.secret_key is not None:
             env["MORAG_SECRET_KEY"] = self.settings.secret_key.get_secret_value()
-        child = subprocess.Popen([sys.executable, "-m", "pipeline.scheduler", str(os.getpid())], env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.fleet.scheduler", str(os.getpid())], env=env
+        )
         with self._lock:
             self.process = child
         logger.info("liveness process started", extra={"pid": child.pid, "cron": self.settings.sweep_cron})
@@ -189,7 +191,7 @@ def main(argv: list[str]) -> int:
     from periodiq import Scheduler
 
     import pipeline.actors.cpu  # noqa: F401  (every task actor: the reconciler publishes tasks)
-    from pipeline.actors.liveness import SWEEP_QUEUE, liveness_sweep
+    from pipeline.actors.fleet import SWEEP_QUEUE, liveness_sweep
     from pipeline.security.audit import open_audit_log
 
     open_audit_log(settings.data_dir / "audit.log", settings.audit_max_bytes, settings.audit_backups)

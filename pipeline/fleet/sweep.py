@@ -34,9 +34,9 @@ from pipeline.brokers.move import Action, Decision, MoveReport, move_messages
 from pipeline.brokers.rabbitmq import connection_parameters, queue_stats
 from pipeline.config import Settings
 from pipeline.errors import TaskNotFound
+from pipeline.fleet.registry import TASK_QUEUES, QueueView, Registry, Transition, WorkerState
 from pipeline.logs import get_logger
-from pipeline.registry import TASK_QUEUES, QueueView, Registry, Transition, WorkerState
-from pipeline.routing import Capacity, QueueLoad
+from pipeline.routing import fit_job
 from pipeline.security.audit import audit
 from pipeline.store import FINAL_STATES, TaskStore
 from pipeline.task_message import gpu_preference, job_of, moved
@@ -196,10 +196,6 @@ class _Decider:
     def __init__(
         self, settings: Settings, source: str, target: str, down_for: float, can_move: bool, now: float
     ) -> None:
-        # Imported here, not with the module's imports, to keep this class's concern in one place.
-        from pipeline.routing import fit_job
-
-        self.fit_job = fit_job
         self.settings = settings
         self.source = source
         self.target = target
@@ -230,7 +226,7 @@ class _Decider:
             return Decision(Action.keep)
         if self.target == "gpu" and preference != "prefer":
             return Decision(Action.keep, "GPU not wanted")
-        there = self.fit_job(job, self.target, self.settings)
+        there = fit_job(job, self.target, self.settings)
         if not there.ok:
             return Decision(Action.keep, f"too long for a {self.target} worker: {there.refused}")
         copy = moved(message, self.target, self.reason, "sweep", there.time_limit_s, at=self.now)
@@ -240,7 +236,7 @@ class _Decider:
         """Why a task of ``gpu`` must wait there for a GPU worker; None when it may move."""
         if preference == "require":
             return "the task requires one (--gpu require)"
-        on_cpu = self.fit_job(job, "cpu", self.settings)
+        on_cpu = fit_job(job, "cpu", self.settings)
         return None if on_cpu.ok else f"the task is too long for a CPU worker ({on_cpu.refused})"
 
     def _fail(self, message: dramatiq.Message, waited: float, needs: str) -> Decision:
@@ -259,63 +255,3 @@ class _Decider:
         }
         letter = message.copy(queue_name=xq_name(queue), options={"dead_letter": record})
         return Decision(Action.fail, reason, letter, queue=xq_name(queue))
-
-
-class CapacityProbe:
-    """What submit knows of the workers: live GPU workers and each task queue's load.
-
-    The registry counts live workers and their measured speed; RabbitMQ's
-    consumer counts and queue depths come from passive declares, asked at
-    most every ``ttl`` seconds. A queue with no consumer has no live worker
-    whatever the heartbeats said; a queue whose workers never sent a
-    heartbeat is judged by its consumer count alone.
-
-    Parameters:
-      settings: where RabbitMQ is.
-      registry: the worker registry.
-      ttl: seconds RabbitMQ's answer is reused.
-    """
-
-    def __init__(self, settings: Settings, registry: Registry, ttl: float = 2.0) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.ttl = ttl
-        self._stats: dict[str, dict[str, int]] | None = None
-        self._at = 0.0
-        self._lock = threading.Lock()
-
-    def _queue_stats(self) -> dict[str, dict[str, int]] | None:
-        with self._lock:
-            if time.monotonic() - self._at > self.ttl:
-                try:
-                    self._stats = queue_stats(self.settings, TASK_QUEUES)
-                except Exception as exc:
-                    logger.warning("cannot read queue stats", extra={"error": str(exc)})
-                    self._stats = None
-                self._at = time.monotonic()
-            return self._stats
-
-    def __call__(self) -> Capacity:
-        stats = self._queue_stats()
-        views = self.registry.views()
-        loads: dict[str, QueueLoad | None] = {}
-        counts: dict[str, int | None] = {}
-        for queue in TASK_QUEUES:
-            view = views[queue]
-            consumers = stats[queue]["consumers"] if stats else None
-            if consumers == 0:
-                count: int | None = 0
-            elif view.known:
-                count = view.live
-            else:
-                count = consumers
-            counts[queue] = count
-            loads[queue] = None
-            if stats is not None and count is not None:
-                loads[queue] = QueueLoad(
-                    workers=count,
-                    waiting=stats[queue]["messages"] + view.in_flight,
-                    realtime_factor=view.realtime_factor,
-                    task_s=view.task_s,
-                )
-        return Capacity(gpu_workers=counts["gpu"], gpu=loads["gpu"], cpu=loads["cpu"])

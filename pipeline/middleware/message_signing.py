@@ -13,8 +13,8 @@ from dramatiq.middleware import SkipMessage
 from pipeline import control
 from pipeline.config import Settings
 from pipeline.errors import PipelineError, TaskNotFound
+from pipeline.fleet.registry import get_registry
 from pipeline.logs import get_logger
-from pipeline.registry import get_registry
 from pipeline.security import signatures
 from pipeline.security.audit import audit
 from pipeline.security.keys import server_secret
@@ -193,7 +193,7 @@ class _Verifier:
         the task is delivered again (to any worker), and failed with the reason
         once it had ``MORAG_MAX_DELIVERIES`` messages.
         """
-        from pipeline.reconciler import deliver_again
+        from pipeline.fleet.reconciler import deliver_again
 
         worker = message.kwargs.get("worker")
         task_id = message.kwargs.get("task_id")

@@ -24,8 +24,8 @@ from typing import Any
 
 from dramatiq import Broker
 
+from pipeline.fleet.registry import Registry, WorkerState
 from pipeline.logs import get_logger
-from pipeline.registry import Registry, WorkerState
 from pipeline.security.audit import audit
 from pipeline.services import Services
 from pipeline.store import Task
