@@ -130,14 +130,18 @@ class Nemesis(threading.Thread):
         self.shape.start_cpu_worker()
         return f"SIGKILL, restarted after {seconds:.1f}s"
 
+    def box_pair(self, without: int | None = None) -> list[int] | None:
+        """The box's two worker processes, once it runs two (and ``without`` is not one of them)."""
+        processes = self.shape.box_processes()
+        return processes if len(processes) == 2 and without not in processes else None
+
     def kill_box_process(self) -> str:
-        processes = wait_for("the box's two processes", lambda: len(self.shape.box_processes()) == 2 and
-                             self.shape.box_processes(), 180, self.shape.stack, 0.5)  # fmt: skip
+        processes = wait_for("the box's two processes", self.box_pair, 180, self.shape.stack, 0.5)
         victim = self.rng.choice(sorted(processes))
         os.kill(victim, signal.SIGKILL)
         # The box's master stops the other process, and its supervisor starts the box again.
-        wait_for("the box back with two processes", lambda: len(self.shape.box_processes()) == 2
-                 and victim not in self.shape.box_processes(), 180, self.shape.stack, 0.5)  # fmt: skip
+        wait_for("the box back with two processes", lambda: self.box_pair(without=victim), 180,
+                 self.shape.stack, 0.5)  # fmt: skip
         return f"SIGKILL to process {victim} of 2"
 
     def kill_box(self) -> str:

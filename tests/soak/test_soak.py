@@ -40,6 +40,8 @@ def test_soak(rig: Rig, plan: Plan, tmp_path: Path, docx_file: Path, corrupt_mp4
     submitter.start()
     nemesis.start()
     nemesis.join()
+    if nemesis.error is not None:
+        submitter.stop.set()
     submitter.join()
     for thread in (nemesis, submitter):
         if thread.error is not None:
