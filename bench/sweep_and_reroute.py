@@ -233,7 +233,7 @@ def bench_reroute(messages: int, rounds: int) -> None:
 
 
 def _rerouted(store: TaskStore) -> int:
-    db = store._connect()
+    db = store.db.connect()
     return db.execute("SELECT COUNT(DISTINCT task_id) FROM events WHERE event='rerouted'").fetchone()[0]
 
 
