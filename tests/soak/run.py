@@ -15,7 +15,9 @@ import pytest
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.soak.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.soak.run", description="The soak of tests/soak, run longer (docs/soak.md)."
+    )
     parser.add_argument("--minutes", type=float, default=30, help="minutes of faults and submits (30)")
     parser.add_argument("--tasks", type=int, default=1000, help="files submitted over those minutes (1000)")
     parser.add_argument("--seed", type=int, help="replay a run's choices (default: a fresh seed, printed)")
