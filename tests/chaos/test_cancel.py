@@ -16,7 +16,8 @@ def test_cancel_running_and_queued(stack: Stack, lasting_audio: Path, samples: P
     worker_tmp = tmp_path / "worker-tmp"
     worker_tmp.mkdir()
     stack.start_server()
-    stack.start_worker("gpu", TMPDIR=str(worker_tmp))
+    # On the CPU also where a GPU is: the transcription must last while it is canceled.
+    stack.start_worker("gpu", TMPDIR=str(worker_tmp), MORAG_WHISPER_DEVICE="cpu")
     wait_consumers(stack, "gpu")
 
     running = submit(stack, lasting_audio)["id"]

@@ -24,8 +24,8 @@ def store_files(stack: Stack, task_id: str) -> list[str]:
 def test_kill_9_mid_transcription_completes_elsewhere_once(stack: Stack, lasting_audio: Path) -> None:
     stack.env["MORAG_WHISPER_BEAM_SIZE"] = "1"  # greedy decoding: the whole file twice, faster
     stack.start_server()
-    for name in ("gpu-a", "gpu-b"):
-        stack.start_worker("gpu", name)
+    for name in ("gpu-a", "gpu-b"):  # on the CPU also where a GPU is: the transcription must last
+        stack.start_worker("gpu", name, MORAG_WHISPER_DEVICE="cpu")
     wait_consumers(stack, "gpu", 2)
 
     task_id = submit(stack, lasting_audio)["id"]

@@ -127,7 +127,8 @@ def test_result_before_done_and_unknown_task(running: Stack) -> None:
 
 def test_urgent_overtakes_low_on_a_busy_worker(stack: Stack, samples: Path, long_audio: Path) -> None:
     stack.start_server()
-    stack.start_worker("gpu")
+    # On the CPU also where a GPU is: the first task must keep the worker busy while the others queue.
+    stack.start_worker("gpu", MORAG_WHISPER_DEVICE="cpu")
     stack.wait_consumers("gpu")
     first = submit_no_wait(stack, long_audio, "normal")
     wait_state(stack, first, "running")
