@@ -41,6 +41,12 @@ class TaskNotFound(PipelineError):
     """No task has this id."""
 
 
+class TaskEnded(PipelineError):
+    """The task ended (done, failed or canceled) while this message of it waited: nothing is left
+    to do. A message delivered again after its task ended, say after a broker restart, is
+    acknowledged with a note, never retried or dead-lettered."""
+
+
 class TaskCanceled(PipelineError):
     """The task was canceled while a worker ran it; it stops and leaves nothing behind."""
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware import CurrentMessage, SkipMessage
 
 from pipeline.brokers import current_broker
 from pipeline.config import get_settings
-from pipeline.errors import BadInput, TaskCanceled
+from pipeline.errors import BadInput, TaskCanceled, TaskEnded
 from pipeline.identity import worker_id
 from pipeline.jobs import run_job
 from pipeline.logs import get_logger
@@ -55,6 +55,11 @@ def perform(job: dict[str, Any]) -> None:
         logger.info("task stopped: canceled", extra=log)
         reporter.note(task_id, "stopped", {"reason": str(exc)})
         return
+    except TaskEnded as exc:
+        # A message delivered again after its task ended elsewhere: acknowledged, counted as skipped.
+        logger.info("task already ended: nothing to do", extra={**log, "reason": str(exc)})
+        reporter.note(task_id, "skipped", {"reason": f"the task had already ended: {exc}"})
+        raise SkipMessage(str(exc)) from None
     finally:
         # Done, failed or to be retried, this attempt is over: a later delivery carries the grant again.
         transport.forget(task_id)

@@ -59,6 +59,10 @@ def issue_grant(secret: bytes, task_id: str, inputs: list[str], ttl_s: float) ->
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+#: What the refusal of a grant whose task ended says (the worker tells it from other refusals).
+ENDED = "has ended"
+
+
 class GrantRefused(AuthError):
     """The server will not honour a grant (expired, closed, forged or malformed).
 
@@ -159,7 +163,7 @@ class GrantCheck:
             return
         state = self._state(grant.task, fresh)
         if state in CLOSED_STATES:
-            raise GrantRefused(f"task {grant.task} has ended ({state}): its transfer grant is closed")
+            raise GrantRefused(f"task {grant.task} {ENDED} ({state}): its transfer grant is closed")
         if state is None and grant.expired:
             raise GrantRefused(f"transfer grant expired (task {grant.task} is unknown to the server)")
 

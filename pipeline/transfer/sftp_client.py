@@ -48,9 +48,10 @@ from paramiko.sftp import (
 from paramiko.sftp_client import int64
 
 from pipeline.config import Settings
-from pipeline.errors import AccessRefused, BadInput, ChecksumMismatch, TransferError
+from pipeline.errors import AccessRefused, BadInput, ChecksumMismatch, TaskEnded, TransferError
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
+from pipeline.security.grants import ENDED
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.sftp_server import GRANT_EXTENSION, GRANT_RELEASE_EXTENSION
 
@@ -589,6 +590,8 @@ class SftpTransport:
             session.present_grant(grant)
         except _Denied as exc:
             self._grants.pop(task_id, None)
+            if ENDED in str(exc):
+                raise TaskEnded(f"the server says: {exc}") from None
             raise AccessRefused(f"the SFTP server refused the grant of task {task_id}: {exc}") from None
 
     def drop(self) -> None:

@@ -20,9 +20,9 @@ from pipeline import hardware
 from pipeline.brokers.move import Action, Decision, move_messages
 from pipeline.brokers.rabbitmq import build_rabbitmq_broker
 from pipeline.config import Settings
-from pipeline.liveness import Sweeper
-from pipeline.registry import Registry
-from pipeline.scheduler import LOCK_NAME, STANDBY
+from pipeline.fleet.registry import Registry
+from pipeline.fleet.scheduler import LOCK_NAME, STANDBY
+from pipeline.fleet.sweep import Sweeper
 from pipeline.store import State, Task, TaskStore, new_task_id
 from tests.conftest import Stack, queue_depth, wait_for
 
@@ -268,7 +268,7 @@ def test_the_server_runs_one_scheduler_that_sends_the_sweep(stack: Stack) -> Non
     stack.env.update(FAST)
     stack.start_server()
     server = stack.processes["server"]
-    children = subprocess.run(["pgrep", "-P", str(server.pid), "-f", "pipeline.scheduler"],
+    children = subprocess.run(["pgrep", "-P", str(server.pid), "-f", "pipeline.fleet.scheduler"],
                               capture_output=True, text=True).stdout.split()  # fmt: skip
     assert len(children) == 1
     # Once the server's scheduler holds the lock, a second one on the same data directory stands by.
@@ -280,7 +280,7 @@ def test_the_server_runs_one_scheduler_that_sends_the_sweep(stack: Stack) -> Non
         stack,
     )
     second = subprocess.run(
-        [sys.executable, "-m", "pipeline.scheduler", str(os.getpid())],
+        [sys.executable, "-m", "pipeline.fleet.scheduler", str(os.getpid())],
         env={**stack.env, "MORAG_LOG_JSON": "false"}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert second.returncode == STANDBY
@@ -315,6 +315,6 @@ def test_the_server_runs_one_scheduler_that_sends_the_sweep(stack: Stack) -> Non
     stack.stop("server")
     wait_for(
         "the scheduler to end with the server",
-        lambda: not scheduler_processes(f"pipeline.scheduler {server.pid}"),
+        lambda: not scheduler_processes(f"pipeline.fleet.scheduler {server.pid}"),
         30,
     )

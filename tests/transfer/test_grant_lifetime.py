@@ -12,7 +12,7 @@ import paramiko
 import pytest
 
 from pipeline.config import Settings
-from pipeline.errors import AccessRefused, TransferError
+from pipeline.errors import AccessRefused, TaskEnded, TransferError
 from pipeline.security.grants import issue_grant
 from pipeline.security.tokens import TokenStore
 from pipeline.store import State, Task, TaskStore
@@ -125,9 +125,8 @@ def test_grant_of_an_ended_task_is_refused_with_the_reason(
 ) -> None:
     ref = new_task(tasks, files, "over", state)
     worker.session()  # connected: the grant is presented at once
-    with pytest.raises(
-        AccessRefused, match=rf"task over has ended \({state}\): its transfer grant is closed"
-    ):
+    # Not a refusal of the worker: the task ended, so its message has nothing left to do.
+    with pytest.raises(TaskEnded, match=rf"task over has ended \({state}\): its transfer grant is closed"):
         worker.authorize("over", grant(files, "over"))  # a fresh grant: only the task's state refuses it
     with pytest.raises(TransferError, match="refused to read it"):
         worker.download(ref, tmp_path / "in.wav")
@@ -169,7 +168,7 @@ def test_grant_of_a_task_queued_again_opens_again(
     """A dead-letter retry queues a failed task again: its grant is honoured at once."""
     ref = new_task(tasks, files, "retried", State.failed)
     worker.session()
-    with pytest.raises(AccessRefused, match=r"has ended \(failed\)"):
+    with pytest.raises(TaskEnded, match=r"has ended \(failed\)"):
         worker.authorize("retried", grant(files, "retried"))
     assert tasks.requeue("retried", {"by": "test"})
     worker.authorize("retried", grant(files, "retried"))
