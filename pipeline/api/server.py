@@ -38,7 +38,13 @@ def check_broker(settings: Settings) -> None:
         pika.BlockingConnection(connection_parameters(settings)).close()
     except Exception as exc:
         url = redact_url(settings.broker_url.get_secret_value())
-        raise BrokerUnreachable(f"cannot reach RabbitMQ at {url}: {exc or type(exc).__name__}") from None
+        reason = str(exc) or type(exc).__name__
+        fix = ""
+        if "CERTIFICATE_VERIFY_FAILED" in reason:
+            fix = "; set MORAG_BROKER_CA_FILE to the CA that signed RabbitMQ's certificate"
+        elif "ACCESS_REFUSED" in reason or "authentication" in reason.lower():
+            fix = "; check the user and password in MORAG_BROKER_URL"
+        raise BrokerUnreachable(f"cannot reach RabbitMQ at {url}: {reason}{fix}") from None
 
 
 def server_parts(

@@ -95,7 +95,7 @@ def test_amqps_broker_with_pinned_ca(
         ]
         assert f"cannot reach RabbitMQ at amqps://{plain.username}:" in error, error
         assert f"@localhost:{proxy.port}" in error, error
-        assert "CERTIFICATE_VERIFY_FAILED" in error, error
+        assert "CERTIFICATE_VERIFY_FAILED" in error and "set MORAG_BROKER_CA_FILE" in error, error
         assert any("unknown ca" in reason.lower() for reason in proxy.refused), proxy.refused
     finally:
         proxy.close()
