@@ -16,9 +16,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 import urllib.parse
 import uuid
@@ -33,6 +31,7 @@ import pytest
 
 from tests.chaos.conftest import PrivateRabbitmq, consumers, private_rabbitmq  # noqa: F401 (fixture)
 from tests.conftest import BIN, MANAGEMENT, Stack, fresh_vhost, open_stack, wait_for
+from tests.transfer.proxy import CuttingProxy
 
 FINAL = ("done", "failed", "canceled")
 #: One line per fault: how many tasks it made and how they ended (printed at the end of the run).
@@ -108,56 +107,6 @@ def box_network() -> Iterator[Network]:
         _ip("link", "del", host_end)
 
 
-class Forwarder:
-    """Forwards TCP connections on ``listen`` (the host's end of the box's veth) to a port on
-    127.0.0.1, where the test broker listens, so the box reaches RabbitMQ over its network.
-
-    Parameters:
-      listen_host: the address to listen on.
-      target_port: the port on 127.0.0.1 to forward to.
-    """
-
-    def __init__(self, listen_host: str, target_port: int) -> None:
-        self.target_port = target_port
-        self._listener = socket.create_server((listen_host, 0))
-        self.port = self._listener.getsockname()[1]
-        self._links: list[socket.socket] = []
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-        for sock in self._links:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                if self._closed:
-                    return
-                continue
-            self._links += [client, server]
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 # --- the shape --------------------------------------------------------------------------------
 
 
@@ -188,7 +137,7 @@ class Shape:
     broker_port: int
     broker_user: bool = True
     box_name: str = field(default_factory=lambda: f"box1-{uuid.uuid4().hex[:6]}")
-    forwarder: Forwarder | None = None
+    forwarder: CuttingProxy | None = None
 
     @property
     def box_dir(self) -> Path:
@@ -229,7 +178,9 @@ class Shape:
             return
         vhost = urllib.parse.urlsplit(self.stack.env["MORAG_BROKER_URL"]).path or "/%2F"
         if self.network.namespace:
-            self.forwarder = self.forwarder or Forwarder(self.network.host_address, self.broker_port)
+            self.forwarder = self.forwarder or CuttingProxy(
+                self.broker_port, listen_host=self.network.host_address
+            )
             address, port = self.network.host_address, self.forwarder.port
         else:
             address, port = "127.0.0.1", self.broker_port

@@ -32,10 +32,17 @@ class CuttingProxy:
       direction: ``up`` (client to server) or ``down``.
       limit: bytes after which a connection is cut; None forwards everything.
       cuts: how many connections, the first ones, are cut.
+      listen_host: where the proxy listens (another host's view of this one, in a network
+        namespace a test made).
     """
 
     def __init__(
-        self, target_port: int, direction: str = DOWN, limit: int | None = None, cuts: int = 0
+        self,
+        target_port: int,
+        direction: str = DOWN,
+        limit: int | None = None,
+        cuts: int = 0,
+        listen_host: str = "127.0.0.1",
     ) -> None:
         self.target_port = target_port
         self.direction = direction
@@ -46,14 +53,21 @@ class CuttingProxy:
         self.moved = {UP: 0, DOWN: 0}
         self._lock = threading.Lock()
         self._links: list[_Link] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen_host, 0))
         self.port = self._listener.getsockname()[1]
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
+        """Stop listening and close every connection."""
         self._closed = True
         self._listener.close()
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            for sock in (link.client, link.server):
+                with contextlib.suppress(OSError):
+                    sock.close()
 
     def _accept(self) -> None:
         while not self._closed:
