@@ -23,7 +23,7 @@ import pytest
 
 from tests.chaos.conftest import PrivateRabbitmq, private_rabbitmq  # noqa: F401 (fixture)
 from tests.shapes.conftest import Network, Shape, network, open_shape  # noqa: F401 (fixture)
-from tests.soak.nemesis import SftpProxy, box_settings, sftp_chain
+from tests.soak.nemesis import SftpProxy, box_settings, sftp_proxy
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,10 @@ def rig(
     (tmp_path / "shape").mkdir()
     with open_shape(tmp_path / "shape", private_rabbitmq.url, network, broker_user=False, request=request,
                     **SERVER_ENV) as shape:  # fmt: skip
-        # The SFTP server listens on 127.0.0.1, behind the proxy; the box reaches it through the forwarder.
+        # The SFTP server listens on 127.0.0.1, behind the proxy the box reaches on its network.
         shape.stack.env.pop("MORAG_SFTP_LISTEN_HOST", None)
         shape.start_server()
-        proxy, forwarder = sftp_chain(shape)
+        proxy = sftp_proxy(shape)
         box_settings(shape, **BOX_SETTINGS)
         try:
             shape.start_cpu_worker()
@@ -112,5 +112,4 @@ def rig(
             yield Rig(shape, private_rabbitmq, proxy)
         finally:
             shape.stack.stop_all()
-            forwarder.close()
             proxy.close()

@@ -21,7 +21,7 @@ import httpx
 
 from tests.chaos.conftest import PrivateRabbitmq
 from tests.conftest import wait_for
-from tests.shapes.conftest import Forwarder, Shape
+from tests.shapes.conftest import Shape
 from tests.transfer.proxy import CuttingProxy
 
 
@@ -176,12 +176,11 @@ def box_settings(shape: Shape, **settings: str) -> None:
     env_file.write_text("\n".join(lines) + "\n")
 
 
-def sftp_chain(shape: Shape) -> tuple[SftpProxy, Forwarder]:
-    """Puts a cutting proxy between the box and the SFTP server: the box's ``morag.env`` names a
-    forwarder on the box's network, which hands each connection to the proxy on 127.0.0.1.
-    Call before the box starts; the caller closes both."""
-    proxy = SftpProxy(int(shape.stack.env["MORAG_SFTP_PORT"]))
-    forwarder = Forwarder(shape.network.host_address, proxy.port)
+def sftp_proxy(shape: Shape) -> SftpProxy:
+    """Puts a cutting proxy between the box and the SFTP server (on 127.0.0.1): it listens on the
+    box's network, and the box's ``morag.env`` names its port. Call before the box starts; the
+    caller closes it."""
+    proxy = SftpProxy(int(shape.stack.env["MORAG_SFTP_PORT"]), listen_host=shape.network.host_address)
     shape.enroll_box()
-    box_settings(shape, sftp_port=str(forwarder.port))
-    return proxy, forwarder
+    box_settings(shape, sftp_port=str(proxy.port))
+    return proxy

@@ -120,7 +120,7 @@ class Submitter(threading.Thread):
 
     def _send(self, sub: Submission, path: Path) -> None:
         deadline = time.monotonic() + self.give_up_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stop.is_set():
             sub.attempts += 1
             try:
                 with path.open("rb") as f:
