@@ -23,7 +23,7 @@ import pytest
 
 from tests.chaos.conftest import PrivateRabbitmq, private_rabbitmq  # noqa: F401 (fixture)
 from tests.shapes.conftest import Network, Shape, network, open_shape  # noqa: F401 (fixture)
-from tests.soak.nemesis import SftpProxy, box_settings, sftp_proxy
+from tests.soak.nemesis import SturdyProxy, box_settings, sftp_proxy
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Rig:
 
     shape: Shape
     rabbit: PrivateRabbitmq
-    proxy: SftpProxy
+    proxy: SturdyProxy
 
 
 @pytest.fixture
