@@ -23,7 +23,8 @@ import pytest
 
 from tests.chaos.conftest import PrivateRabbitmq, private_rabbitmq  # noqa: F401 (fixture)
 from tests.shapes.conftest import Network, Shape, network, open_shape  # noqa: F401 (fixture)
-from tests.soak.nemesis import SturdyProxy, box_settings, sftp_proxy
+from tests.soak.nemesis import box_settings, sftp_proxy
+from tests.transfer.proxy import CuttingProxy
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Rig:
 
     shape: Shape
     rabbit: PrivateRabbitmq
-    proxy: SturdyProxy
+    proxy: CuttingProxy
 
 
 @pytest.fixture

@@ -25,16 +25,6 @@ from tests.shapes.conftest import Shape
 from tests.transfer.proxy import CuttingProxy
 
 
-class SturdyProxy(CuttingProxy):
-    """A ``CuttingProxy`` that keeps accepting while its target is away (the server or the broker
-    restarting): the connection it cannot forward is closed, as a refused one would be."""
-
-    def _accept(self) -> None:
-        while not self._closed:
-            with contextlib.suppress(OSError):
-                super()._accept()
-
-
 @dataclass
 class Strike:
     """One fault as it happened.
@@ -72,7 +62,7 @@ class Nemesis(threading.Thread):
     """
 
     def __init__(
-        self, shape: Shape, rabbit: PrivateRabbitmq, proxy: SturdyProxy, rng: random.Random, until: float,
+        self, shape: Shape, rabbit: PrivateRabbitmq, proxy: CuttingProxy, rng: random.Random, until: float,
         gap: tuple[float, float] = (2.0, 10.0),
     ) -> None:  # fmt: skip
         super().__init__(name="soak-nemesis", daemon=True)
@@ -176,14 +166,14 @@ def box_settings(shape: Shape, **settings: str) -> None:
     env_file.write_text("\n".join(lines) + "\n")
 
 
-def sftp_proxy(shape: Shape) -> SturdyProxy:
+def sftp_proxy(shape: Shape) -> CuttingProxy:
     """Puts a cutting proxy between the box and the SFTP server (on 127.0.0.1): it listens on the
     box's network, and the box's ``morag.env`` names its port. The box's way to the broker is a
     proxy that outlives a broker restart. Call before the box is enrolled; the caller closes the
     SFTP proxy (the shape closes its broker proxy)."""
-    proxy = SturdyProxy(int(shape.stack.env["MORAG_SFTP_PORT"]), listen_host=shape.network.host_address)
+    proxy = CuttingProxy(int(shape.stack.env["MORAG_SFTP_PORT"]), listen_host=shape.network.host_address)
     if shape.network.namespace:  # the box's way to the broker, which restarts too
-        shape.forwarder = SturdyProxy(shape.broker_port, listen_host=shape.network.host_address)
+        shape.forwarder = CuttingProxy(shape.broker_port, listen_host=shape.network.host_address)
     shape.enroll_box()
     box_settings(shape, sftp_port=str(proxy.port))
     return proxy

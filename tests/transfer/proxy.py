@@ -75,7 +75,11 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the target is away (restarting): refused, as a direct connection would be
+                client.close()
+                continue
             with self._lock:
                 self.connections += 1
                 limit = self.limit if self.connections <= self.cuts else None
