@@ -124,7 +124,8 @@ def test_poison_file_is_dead_lettered_and_others_finish(stack: Stack, tmp_path: 
 
 def test_redelivered_after_completion_is_not_run_again(stack: Stack, tmp_path: Path) -> None:
     """The worker dies after the task's outputs and completion, before its ack: the next
-    delivery finds the outputs complete and only reports them."""
+    delivery finds the task ended (the SFTP server closed its grant) and is acknowledged with a
+    note, run no more and dead-lettered never."""
     stack.start_server()
     stack.start_worker("cpu", "cpu-a", modules=("tests.chaos.crashing",))
     wait_consumers(stack, "cpu")
@@ -135,18 +136,19 @@ def test_redelivered_after_completion_is_not_run_again(stack: Stack, tmp_path: P
     wait_for("the worker to die", lambda: stack.processes["cpu-a"].poll() is not None, stack=stack)
     stack.start_worker("cpu", "cpu-b", modules=("tests.chaos.crashing",))
     reused = wait_for(
-        "the redelivery to be handled", lambda: events(t := task(stack, task_id), "completion ignored") and t
+        "the redelivery to be handled", lambda: events(t := task(stack, task_id), "skipped") and t
     )
     assert reused["state"] == "done"
     assert reused["worker"] == "cpu-a"  # the run that counts is the first
-    assert reused["result"].get("reused") is None
     assert [e["detail"]["worker"] for e in events(reused, "started")] == ["cpu-a"]
     [again] = events(reused, "redelivered")
     assert again["detail"]["delivery"] == 2 and again["detail"]["worker"] == "cpu-b"
-    assert events(reused, "completion ignored")[0]["detail"] == {"worker": "cpu-b", "state": "done"}
+    [skipped] = events(reused, "skipped")
+    assert skipped["detail"]["worker"] == "cpu-b" and "had already ended" in skipped["detail"]["reason"]
     assert len(events(reused, "done")) == 1
-    assert "outputs already complete: not run again" in stack.log("cpu-b")
+    assert "task already ended: nothing to do" in stack.log("cpu-b")
     assert "Finished converting" not in stack.log("cpu-b")  # docling never ran on cpu-b
+    assert stack.get("/api/v1/dead").json()["letters"] == []
     assert store_files(stack, task_id) == [
         "input/dies-before-ack.md",
         "output/.manifest.json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from pipeline.errors import TransferError
 from pipeline.transfer.checksums import sha256_file
 from pipeline.transfer.local import LocalStore
-from pipeline.transfer.sftp_client import SftpTransport, connect
+from pipeline.transfer.sftp_client import BLOCK, DEPTH, SftpTransport, connect
 from pipeline.transfer.sftp_server import SftpServer
 from tests.transfer.conftest import put_input, worker_settings
 from tests.transfer.proxy import DOWN, UP, CuttingProxy
@@ -52,7 +53,9 @@ def test_cut_connection_resumes(
     payload: bytes,
     tmp_path: Path,
     through: list[CuttingProxy],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.transfer.sftp_client")
     put_input(store, "r1", "in.bin", payload)
     (tmp_path / "ok").mkdir()
 
@@ -79,9 +82,22 @@ def test_cut_connection_resumes(
     finally:
         transport.close()
     assert cutting.cut_count == 2 and cutting.connections == 3
-    # Resumed, not restarted: restarting would move the payload at least twice.
     busy = DOWN if op == "download" else UP
-    assert cutting.moved[busy] < 1.4 * len(payload) + 3 * handshake[busy]
+    if busy == direction:
+        # Resumed, not restarted: restarting would move the payload at least twice.
+        assert cutting.moved[busy] < 1.4 * len(payload) + 3 * handshake[busy]
+    else:
+        # The replies were cut: what was in flight when a reply went missing is sent again (at most
+        # DEPTH requests of BLOCK bytes per cut, as many as the load let through), never the whole.
+        in_flight = DEPTH * BLOCK
+        assert cutting.moved[busy] < len(payload) + 2 * in_flight + 3 * handshake[busy]
+        if (
+            op == "upload"
+        ):  # the cut comes once data moved: each new attempt starts where the server's file ends
+            offsets = [
+                getattr(r, "offset", 0) for r in caplog.records if r.getMessage() == "sftp upload resumed"
+            ]
+            assert offsets and all(o > 0 for o in offsets), caplog.text
     assert not (tmp_path / "dl.partial").exists()
 
 
