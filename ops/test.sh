@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 ./ops/setup.sh
 .venv/bin/ruff check pipeline tests bench
 .venv/bin/ruff format --check pipeline tests bench
-exec .venv/bin/pytest -q -ra "$@"
+# Three test files at a time (most tests wait, not compute; each has its own vhost, ports and
+# folders); a file's tests share one process, as its module fixtures expect.
+exec .venv/bin/pytest -q -ra -n 3 --dist loadfile "$@"

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import MANAGEMENT, Stack
+from tests.conftest import MANAGEMENT, Stack, wait_for
 from tests.security.tls import TlsProxy, make_ca_and_server_cert
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -72,9 +72,14 @@ def test_amqps_broker_with_pinned_ca(
         # consumer of control sit on connections the TLS proxy forwarded, and so does every
         # other connection on the vhost (the publishers).
         through_tls = set(proxy.upstream_ports)
-        consumers = {
-            c["queue"]["name"]: c["channel_details"] for c in rabbitmq_api(f"/api/consumers/{vhost}")
-        }
+
+        def listed() -> dict[str, Any] | None:  # the management API's view lags behind the broker
+            found = {
+                c["queue"]["name"]: c["channel_details"] for c in rabbitmq_api(f"/api/consumers/{vhost}")
+            }
+            return found if {"cpu", "control"} <= set(found) else None
+
+        consumers = wait_for("the consumers in the management API", listed, timeout=60)
         for queue in ("cpu", "control"):
             assert consumers[queue]["peer_port"] in through_tls, (queue, consumers[queue], through_tls)
         connections = rabbitmq_api(f"/api/vhosts/{vhost}/connections")
