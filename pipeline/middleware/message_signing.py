@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, TypeGuard
 
 import dramatiq
 from dramatiq import Broker, Middleware
@@ -53,7 +53,9 @@ class MessageSigning(Middleware):
     """Signs ``control`` messages on workers; verifies them on the server.
 
     A worker holding a token (``MORAG_WORKER_TOKEN`` and ``MORAG_WORKER_KEY``)
-    signs with its token's key; a worker on the server's host, holding the
+    signs with its token's key, and the message names the token by its id
+    only: the token, which is also the worker's SFTP password, never travels
+    in a message. A worker on the server's host, holding the
     server's ``MORAG_SECRET_KEY`` and no token, signs with a key derived from
     that secret. A worker process with neither refuses to boot
     (``CANNOT_SIGN``), rather than take tasks whose results would be dropped;
@@ -97,7 +99,7 @@ class MessageSigning(Middleware):
             assert s.worker_token and s.worker_key
             token = s.worker_token.get_secret_value()
             message.options[signatures.OPTION] = signatures.sign(
-                message.actor_name, args, kwargs, token, _token_id(token), s.worker_key.get_secret_value()
+                message.actor_name, args, kwargs, _token_id(token), s.worker_key.get_secret_value()
             )
         elif how == "host":
             message.options[signatures.OPTION] = signatures.sign_as_host(
@@ -131,6 +133,19 @@ def _token_id(token: str) -> str:
         raise AuthError("MORAG_WORKER_TOKEN is not a worker token") from None
 
 
+def _well_formed(block: object) -> TypeGuard[dict[str, Any]]:
+    """Whether a signature block has the fields every block has, of the types they have."""
+    if not isinstance(block, dict) or not {"ts", "nonce", "mac"} <= set(block):
+        return False
+    ts, nonce, mac = block["ts"], block["nonce"], block["mac"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
+        return False
+    if not isinstance(nonce, str) or not isinstance(mac, str) or not 0 < len(nonce) <= 128:
+        return False
+    token_id = block.get(signatures.TOKEN_ID)
+    return token_id is None or (isinstance(token_id, str) and 0 < len(token_id) <= 128)
+
+
 class _Verifier:
     """The server side: tokens, keys and nonces."""
 
@@ -146,7 +161,7 @@ class _Verifier:
         self._unsigned_warned = False
 
     def verify(self, message: MessageProxy) -> None:
-        block: dict[str, Any] | None = message.options.get(signatures.OPTION)
+        block: object = message.options.get(signatures.OPTION)
         if block is None:
             if self.settings.dev_mode:
                 if not self._unsigned_warned:
@@ -154,7 +169,7 @@ class _Verifier:
                     self._unsigned_warned = True
                 return
             raise AuthError("unsigned message: the worker holds neither a token nor the server's secret")
-        if not isinstance(block, dict) or not {"ts", "nonce", "mac"} <= set(block):
+        if not _well_formed(block):
             raise AuthError("malformed signature block")
         actor, args, kwargs = message.actor_name, list(message.args), message.kwargs
         claimed = str(kwargs.get("worker", ""))
@@ -163,15 +178,21 @@ class _Verifier:
             key = signatures.host_key(self.tokens.secret)
             signatures.check_mac(actor, args, kwargs, block, signatures.HOST_SIGNER, key)
             worker, verified_capability = claimed, capability
+        elif signatures.TOKEN_ID in block:
+            # The block names the token by its id: the key is recomputed from the id, so only the
+            # holder of that key gets past the signature, and only then is the record read.
+            token_id = str(block[signatures.TOKEN_ID])
+            signatures.check_mac(actor, args, kwargs, block, token_id, self.tokens.signing_key(token_id))
+            record = self.tokens.check_id(token_id)
+            if claimed != record.worker and not claimed.startswith(record.worker + ":"):
+                raise AuthError(f"token of {record.worker} used for worker {claimed!r}")
+            if capability is not None and capability != record.capability:
+                raise AuthError(f"token is for {record.capability} workers, the message claims {capability}")
+            worker, verified_capability = record.worker, record.capability
         elif "token" in block:
-            claims = self.tokens.verify(str(block["token"]))
-            key = self.tokens.signing_key(claims["jti"])
-            signatures.check_mac(actor, args, kwargs, block, claims["jti"], key)
-            if claimed != claims["sub"] and not claimed.startswith(claims["sub"] + ":"):
-                raise AuthError(f"token of {claims['sub']} used for worker {claimed!r}")
-            if capability is not None and capability != claims["cap"]:
-                raise AuthError(f"token is for {claims['cap']} workers, the message claims {capability}")
-            worker, verified_capability = claims["sub"], claims["cap"]
+            raise AuthError(
+                "the signature block carries a whole token, which messages no longer do: upgrade the worker"
+            )
         else:
             raise AuthError("malformed signature block")
         nonce = str(block["nonce"])

@@ -2,9 +2,12 @@
 
 A worker signs each ``control`` message with the key that came with its
 token: an HMAC-SHA256 over the actor, the arguments, a timestamp, a nonce and
-the token id. The server recomputes the key from the token id, checks the
-token (valid, unrevoked), the HMAC and that the nonce was never applied, so a
-forged, altered, replayed or revoked message is refused.
+the token id. The block a message carries names the token by its id only,
+never the token itself (the token is also the worker's SFTP password, and
+anyone allowed to read ``control`` would hold it). The server recomputes the
+key from the token id, checks the HMAC, that its record is known, unexpired and
+unrevoked, and that the nonce was never applied, so a forged, altered,
+replayed or revoked message is refused.
 
 A worker on the server's host holds the server's secret instead of a token
 (the README's plain ``dramatiq pipeline.actors.cpu --queues cpu`` with the
@@ -27,6 +30,8 @@ from pipeline.security.tokens import AuthError
 OPTION = "morag_auth"
 #: The signer id of messages signed with the server's own secret (a worker on the server's host).
 HOST_SIGNER = "server-host"
+#: The key of a signature block that names the signer's token (by its id).
+TOKEN_ID = "token_id"
 
 
 def _payload(actor: str, args: Any, kwargs: Any, ts: float, nonce: str, token_id: str) -> bytes:
@@ -39,12 +44,15 @@ def _payload(actor: str, args: Any, kwargs: Any, ts: float, nonce: str, token_id
 
 
 def sign(
-    actor: str, args: Any, kwargs: Any, token: str, token_id: str, key: str, now: float | None = None
+    actor: str, args: Any, kwargs: Any, token_id: str, key: str, now: float | None = None
 ) -> dict[str, Any]:
-    """The signature block a worker attaches to a message (dated ``now``, by default the present)."""
+    """The signature block a worker attaches to a message (dated ``now``, by default the present).
+
+    It names the worker's token by its id (``token_id``); the token itself never travels.
+    """
     ts, nonce = time.time() if now is None else now, secrets.token_hex(16)
     mac = hmac.new(key.encode(), _payload(actor, args, kwargs, ts, nonce, token_id), hashlib.sha256)
-    return {"token": token, "ts": ts, "nonce": nonce, "mac": mac.hexdigest()}
+    return {TOKEN_ID: token_id, "ts": ts, "nonce": nonce, "mac": mac.hexdigest()}
 
 
 def host_key(secret: bytes) -> str:

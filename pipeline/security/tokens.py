@@ -3,7 +3,8 @@
 A token names its worker (``sub``), capability (``cap``: gpu or cpu), issue
 and expiry times and id (``jti``). With it comes the worker's signing key,
 derived from the server secret and the token id, that the worker signs its
-messages with. Revocation is a row in the server's database, read on every
+messages with; a signed message names the token by its id alone
+(``check_id``). Revocation is a row in the server's database, read on every
 check, so it takes effect without a restart.
 """
 
@@ -125,6 +126,20 @@ class TokenStore:
         if capability is not None and claims["cap"] != capability:
             raise AuthError(f"worker token is for {claims['cap']} workers, not {capability}")
         return claims
+
+    def check_id(self, token_id: str) -> TokenRecord:
+        """The record of a known, unexpired, unrevoked token, named by its id; AuthError otherwise.
+
+        What a signed message names: the token's id, never the token itself.
+        """
+        record = self.get(token_id)
+        if record is None:
+            raise AuthError("unknown worker token")
+        if record.revoked_at:
+            raise AuthError(f"worker token {record.id} was revoked")
+        if record.expires_at < time.time():
+            raise AuthError("worker token expired")
+        return record
 
     def touch(self, token_id: str) -> None:
         with self.db.transaction() as db:

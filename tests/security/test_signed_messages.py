@@ -125,10 +125,13 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
     args = {"task_id": task["id"], "attempt": 1, "worker": "gpu-box-2", "ts": time.time()}
 
     def signed(with_key: str = key, now: float | None = None, **kwargs: object) -> dict:
-        block = signatures.sign("task_started", [], {**args, **kwargs}, token, token_id, with_key, now)
+        block = signatures.sign("task_started", [], {**args, **kwargs}, token_id, with_key, now)
         return {signatures.OPTION: block}
 
     good = signed()
+    # The block names the token by its id; the token (the worker's SFTP password) is not in it.
+    assert good[signatures.OPTION][signatures.TOKEN_ID] == token_id
+    assert token not in json.dumps(good) and key not in json.dumps(good)
     publish(settings, "task_started", good, **args)
     publish(settings, "task_started", good, **args)  # the same message again: applied once
     publish(settings, "task_started", signed(with_key="0" * 64), **args)  # forged key
@@ -138,13 +141,12 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
     publish(settings, "task_started", {}, **args)  # unsigned
     beat = {"worker": "cpu-box-9", "capability": "gpu", "beat": {"kind": "beat"}}  # a cpu token claiming gpu
     other_block = signatures.sign(
-        "worker_heartbeat", [], beat, other["MORAG_WORKER_TOKEN"], _jti(other["MORAG_WORKER_TOKEN"]),
-        other["MORAG_WORKER_KEY"],
-    )  # fmt: skip
+        "worker_heartbeat", [], beat, _jti(other["MORAG_WORKER_TOKEN"]), other["MORAG_WORKER_KEY"]
+    )
     publish(settings, "worker_heartbeat", {signatures.OPTION: other_block}, **beat)
 
     own_beat = {"worker": "gpu-box-2", "capability": "gpu", "beat": {"kind": "beat"}}
-    old_block = signatures.sign("worker_heartbeat", [], own_beat, token, token_id, key, time.time() - 3600)
+    old_block = signatures.sign("worker_heartbeat", [], own_beat, token_id, key, time.time() - 3600)
     publish(settings, "worker_heartbeat", {signatures.OPTION: old_block}, **own_beat)  # an old heartbeat
 
     reasons = wait_for(
@@ -171,7 +173,7 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
     # An outcome is never refused for its age: a progress report signed an hour ago is applied.
     late = {"task_id": task["id"], "stage": "transcribing", "percent": 42.0, "eta_s": None,
             "worker": "gpu-box-2", "ts": time.time() - 3600}  # fmt: skip
-    late_block = signatures.sign("task_progress", [], late, token, token_id, key, time.time() - 3600)
+    late_block = signatures.sign("task_progress", [], late, token_id, key, time.time() - 3600)
     publish(settings, "task_progress", {signatures.OPTION: late_block}, **late)
     wait_for(
         "the late progress report",
@@ -184,6 +186,15 @@ def test_forged_replayed_and_revoked_messages_are_refused(secure: Stack, samples
     wait_for(
         "the revocation to bite",
         lambda: any("was revoked" in e.get("reason", "") for e in audit_events(secure)),
+    )
+
+    # A block in the old form, carrying the whole token, is refused with the reason.
+    whole = {**signed()[signatures.OPTION], "token": token}
+    del whole[signatures.TOKEN_ID]
+    publish(settings, "task_started", {signatures.OPTION: whole}, **args)
+    wait_for(
+        "the old block to be refused",
+        lambda: any("carries a whole token" in e.get("reason", "") for e in audit_events(secure)),
     )
 
 
