@@ -281,6 +281,9 @@ class Settings(BaseSettings):
                 data[name] = "**********" if data[name] else None
         url = self.broker_url.get_secret_value()
         data["broker_url"] = redact_url(url)
+        for name, value in data.items():
+            if isinstance(value, str) and "://" in value:  # a URL's password (broker_management_url)
+                data[name] = redact_url(value)
         return data
 
 
@@ -289,7 +292,10 @@ class ConfigError(Exception):
 
 
 def redact_url(url: str) -> str:
+    """``url`` with the password of its credentials hidden (with or without a scheme)."""
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     if "@" not in rest:
         return url
     creds, _, host = rest.rpartition("@")
@@ -297,13 +303,23 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{user}:****@{host}"
 
 
+def _shown(name: str, value: Any, kind: str) -> str:
+    """How a refused value is echoed: a secret never, a URL without its password."""
+    field = Settings.model_fields.get(name)
+    secret = field is not None and "SecretStr" in str(field.annotation)
+    if isinstance(value, dict) or kind == "extra_forbidden" or (secret and name != "broker_url"):
+        return ""  # a secret, or an unknown setting that may be a misspelt one
+    if isinstance(value, str) and (name == "broker_url" or "://" in value):
+        value = redact_url(value)
+    return f" (got {value!r})"
+
+
 def describe_errors(error: ValidationError) -> list[str]:
-    """One line per bad setting, naming the environment variable to fix."""
+    """One line per bad setting, naming the environment variable to fix; secrets are not echoed."""
     lines = []
     for item in error.errors():
         name = ".".join(str(part) for part in item["loc"])
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = _shown(name, item.get("input"), item["type"])
         label = name.upper() if name.upper().startswith("MORAG_") else f"MORAG_{name.upper()}"
         if item["type"] == "extra_forbidden":
             item["msg"] = "no such setting"
