@@ -7,14 +7,16 @@ defaults below. No other module reads the environment.
 
 from __future__ import annotations
 
+import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -66,6 +68,20 @@ class Settings(BaseSettings):
     # Upload limits, enforced while the upload streams in: audio and video, and documents.
     max_upload_mb: int = Field(4096, ge=1)
     max_document_mb: int = Field(256, ge=1)
+    # What one client may cost the server; each limit is refused with a 4xx and the reason.
+    # A ZIP container (DOCX, PPTX, XLSX) is refused before it is parsed when its
+    # directory holds more than max_zip_entries entries, or when its entries unpack
+    # to more than max_zip_uncompressed_mb in all.
+    max_zip_entries: int = Field(10_000, ge=1)
+    max_zip_uncompressed_mb: int = Field(1024, ge=1)
+    # The Whisper models a client may ask for (a list, or names separated by commas);
+    # empty: only whisper_model. Any other is refused at submit (HTTP 400).
+    whisper_allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # An upload is refused (HTTP 507) when the data directory's disk has less free
+    # space than this, checked before and while the file streams in.
+    min_free_disk_mb: int = Field(1024, ge=0)
+    # Megabytes each API key may upload per day (UTC); 0: no quota. Past it: HTTP 429.
+    quota_mb_per_day: int = Field(0, ge=0)
 
     # Workers.
     worker_name: str | None = None
@@ -191,6 +207,16 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    @field_validator("whisper_allowed_models", mode="before")
+    @classmethod
+    def _model_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
 
     @field_validator("max_time_limit_s", "max_backoff_ms")
     @classmethod
