@@ -81,7 +81,10 @@ def admin_router(
 
     @router.get("/dead/{letter_id}", tags=["dead letters"], dependencies=list(read))
     def show_dead(letter_id: str, queue: str | None = None) -> dict[str, Any]:
-        """Every dead letter of a message id or a task id: reason, traceback, options, body."""
+        """Every dead letter of a message id or a task id: reason, traceback, options, body.
+
+        Grants, signature blocks, tokens and URL passwords are shown as ``[redacted]``, to every key.
+        """
         with rabbitmq() as parameters:
             letters = [x for x in dead.browse(parameters, queues_of(queue)) if x.matches([letter_id])]
         if not letters:

@@ -13,11 +13,17 @@ chosen ones (``retry``: the task goes back to ``queued`` with its history,
 the message to its queue without its run counters) and purges them
 (``purge``). Dramatiq declares each ``<queue>.XQ`` with a 7-day message TTL:
 an unattended dead letter disappears after a week.
+
+What a dead letter shows (``DeadLetter``, the API's ``/dead`` and the CLI) is
+``redacted``: a task's transfer grant, a report's signature block and any
+token or URL password in its options, body, reason or traceback are replaced
+by ``[redacted]``, for every reader; a retry sends the message as it was.
 """
 
 from __future__ import annotations
 
 import calendar
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -42,6 +48,28 @@ logger = get_logger(__name__)
 
 #: Options that describe one run of a message; a retried dead letter starts without them.
 RUN_OPTIONS = frozenset({"retries", "traceback", "requeue_timestamp", "deliveries", "dead_letter", "eta"})
+
+
+#: What stands, in a dead letter shown to a reader, for a secret the message carried.
+REDACTED = "[redacted]"
+#: Keys whose values are credentials: a task's transfer grant, a signature block, tokens, passwords.
+SECRET_KEYS = frozenset({"grant", signatures.OPTION, "token", "password", "secret", "api_key",
+                         "worker_token", "worker_key", "secret_key", "sftp_password"})  # fmt: skip
+#: A JSON Web Token (grants and worker tokens are), wherever it appears in a string.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+#: The password of a URL's credentials (``scheme://user:password@host``).
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*):[^/\s@]*@")
+
+
+def redacted(value: Any) -> Any:
+    """``value`` (options, a body, a reason, a traceback) with every credential it holds replaced."""
+    if isinstance(value, dict):
+        return {k: REDACTED if str(k).lower() in SECRET_KEYS else redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", _JWT.sub(REDACTED, value))
+    return value
 
 
 def condemn(message: MessageProxy, reason: str) -> None:
@@ -79,7 +107,7 @@ def bury(broker: Broker, message: MessageProxy, reason: str) -> bool:
 
 @dataclass
 class DeadLetter:
-    """One message in a dead-letter queue, as the CLI and the API show it."""
+    """One message in a dead-letter queue, as the CLI and the API show it (``redacted``)."""
 
     queue: str
     message_id: str
@@ -116,7 +144,7 @@ def _letter(
     except DecodeError:
         return DeadLetter(
             queue, "?", "?", None, None, "undecodable message body", None, None, 0, 1,
-            body={"raw": body[:2000].decode("utf-8", errors="replace")},
+            body={"raw": redacted(body[:2000].decode("utf-8", errors="replace"))},
         ), None  # fmt: skip
     options = dict(message.options)
     record = options.get("dead_letter") or {}
@@ -136,14 +164,14 @@ def _letter(
         actor=message.actor_name,
         task_id=job.get("task_id"),
         filename=job.get("filename"),
-        reason=reason,
+        reason=redacted(str(reason)),
         dead_at=dead_at,
         worker=record.get("worker"),
         retries=int(options.get("retries", 0)),
         deliveries=int(options.get("deliveries", 1)),
-        traceback=traceback,
-        options=options,
-        body=message.asdict(),
+        traceback=redacted(traceback) if isinstance(traceback, str) else None,
+        options=redacted(options),
+        body=redacted(message.asdict()),
     )
     return letter, message
 
