@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 from pipeline.config import Settings
 from pipeline.errors import TaskCanceled
+from pipeline.outputs import output_folder, output_name
 from pipeline.processors import Progress, documents, media, whisper
 from pipeline.processors.transcripts import FORMATS
 from pipeline.transfer.checksums import FileRef
-from pipeline.transfer.local import LocalStore
 from pipeline.transfer.manifest import Manifest, read_manifest, write_manifest
 from pipeline.transfer.transport import Transport
 
@@ -90,14 +90,14 @@ def run_job(
             return done.outputs, {**done.result, "reused": True}
         progress("uploading", 0.0)
         refs = []
-        stem = Path(job["filename"]).stem or "output"
         for fmt, content in outputs.items():
             path = folder / f"out.{fmt}"
             if isinstance(content, bytes):
                 path.write_bytes(content)
             else:
                 path.write_text(content, encoding="utf-8")
-            uploaded = transport.upload(path, LocalStore.output_path(task_id, f"{stem}.{fmt}"))
+            name = output_name(job["filename"], fmt)  # the server refuses any other name
+            uploaded = transport.upload(path, output_folder(task_id) + name)
             refs.append({**uploaded.to_dict(), "format": fmt})
         write_manifest(transport, task_id, Manifest(refs, summary), folder)
     return refs, summary

@@ -21,6 +21,7 @@ from pipeline.brokers import current_broker
 from pipeline.errors import BadInput, ChecksumMismatch
 from pipeline.fleet.registry import BadHeartbeat, get_registry
 from pipeline.logs import get_logger
+from pipeline.outputs import check_outputs
 from pipeline.security.audit import audit
 from pipeline.services import get_services
 from pipeline.store import FINAL_STATES, State
@@ -58,28 +59,41 @@ def task_progress(
 def task_completed(
     task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any], worker: str, ts: float
 ) -> None:
-    """Verify every output on the server's side (size and SHA-256), then mark the task done.
+    """Verify every output on the server's side, then mark the task done.
+
+    Each output must be a file directly in this task's output folder, with a
+    safe name and a format of the task's kind (``pipeline.outputs``), reached
+    through no symbolic link, and match its size and SHA-256: a completion
+    that reports anything else (another task's file, ``.bashrc``, ``../x``)
+    fails the task with the reason.
 
     A task is done once: a second completion (a redelivered message whose
     worker found the outputs complete) is recorded and ignored. A completion
     for a canceled task (its worker missed the cancellation) is ignored too,
-    and the outputs it left are removed.
+    and the outputs it left are removed (never through a symbolic link).
     """
     services = get_services()
     log = {"task_id": task_id, "worker": worker}
-    state = services.store.get(task_id, events=False).state
+    task = services.store.get(task_id, events=False)
+    state = task.state
     if state in FINAL_STATES:
         detail = {"worker": worker, "state": state}
         services.store.add_event(task_id, "completion ignored", detail, nonce=applied_nonce())
         if state is State.canceled:
-            shutil.rmtree(services.files.resolve(f"tasks/{task_id}/output"), ignore_errors=True)
+            try:
+                shutil.rmtree(services.files.resolve_plain(f"tasks/{task_id}/output"), ignore_errors=True)
+            except BadInput as exc:
+                logger.warning("outputs of a canceled task not removed", extra={**log, "error": str(exc)})
         logger.info("completion for a finished task ignored", extra={**log, "state": state})
         return
     try:
+        outputs = check_outputs(task_id, task.kind, outputs)
         for output in outputs:
             services.files.check(FileRef.from_dict(output))
     except (ChecksumMismatch, BadInput) as exc:
         logger.warning("output failed verification", extra={**log, "error": str(exc)})
+        if isinstance(exc, BadInput):  # not where it must be, or not what it must be called
+            audit("output.refused", task=task_id, worker=worker, reason=str(exc))
         services.store.mark_failed(
             task_id, f"output failed verification: {exc}", worker, nonce=applied_nonce()
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import UnsafeOutput, check_outputs
 
 FINAL = {"done", "failed", "canceled"}
 # States of a file that never became a task: the server refused it, or the CLI stopped before sending it.
@@ -168,17 +171,53 @@ def main_format(task: TaskDict) -> str:
 
 
 def write_outputs(task: TaskDict, get_output: GetOutput, folder: Path) -> list[Path]:
-    """Write every output of a task into ``folder``, checking each SHA-256."""
+    """Write every output of a task into ``folder``, checking each SHA-256.
+
+    Before anything is written, every output must pass the rule the server
+    applies (``pipeline.outputs.check_outputs``: a safe name, a format of the
+    task's kind), and no file of those names in ``folder`` may be a symbolic
+    link or other than a regular file. Each file is written under a temporary
+    name in ``folder`` and renamed onto its own: nothing outside ``folder`` is
+    written or followed.
+    """
+    checked = check_outputs(str(task.get("id")), str(task.get("kind")), task.get("outputs"))
     folder.mkdir(parents=True, exist_ok=True)
+    place = folder.resolve()
+    targets = []
+    for output in checked:
+        name = output["path"].rsplit("/", 1)[-1]
+        target = place / name
+        if target.parent != place:
+            raise UnsafeOutput(f"{folder / name}: not inside {folder}; nothing written")
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            raise UnsafeOutput(f"{folder / name}: a symbolic link or not a regular file; nothing written")
+        targets.append((output, target))
     written = []
-    for output in task["outputs"]:
+    for output, target in targets:
         content = get_output(task, output["format"])
         if hashlib.sha256(content).hexdigest() != output["sha256"]:
             raise ValueError(f"{output['path']}: downloaded content does not match its SHA-256")
-        path = folder / output["path"].rsplit("/", 1)[-1]
-        path.write_bytes(content)
-        written.append(path)
+        _write_in_place(target, content)
+        written.append(folder / target.name)
     return written
+
+
+def _write_in_place(target: Path, content: bytes) -> None:
+    """Write ``content`` to a new file beside ``target`` and rename it onto ``target``.
+
+    The rename replaces whatever ``target`` is (a link included) and never
+    writes through it; the new file gets the usual permissions (umask).
+    """
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(partial, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def exit_code(entries: list[TaskDict]) -> int:

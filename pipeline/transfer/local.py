@@ -65,9 +65,24 @@ class LocalStore:
         shutil.move(src, dest)
         return ref
 
+    def resolve_plain(self, relpath: str) -> Path:
+        """``resolve``, refusing a path that passes through a symbolic link on its way.
+
+        Its resolved path must be its own path with ``.`` and ``..`` worked out:
+        a link, even one that points inside the store, would let a file stand
+        for another task's.
+        """
+        path = self.resolve(relpath)
+        if path != Path(os.path.abspath(self.root / relpath)):
+            raise BadInput(f"store path {relpath!r} passes through a symbolic link")
+        return path
+
     def check(self, ref: FileRef) -> None:
-        """Hash the stored file; ChecksumMismatch unless it matches the reference."""
-        path = self.resolve(ref.path)
+        """Hash the stored file; ChecksumMismatch unless it matches the reference.
+
+        BadInput when the file is missing or reached through a symbolic link.
+        """
+        path = self.resolve_plain(ref.path)
         if not path.is_file():
             raise BadInput(f"{ref.path}: not in the store")
         verify(ref, sha256_file(path), path.stat().st_size)
