@@ -8,7 +8,7 @@ the user meant a video and this is not one.
 
 from __future__ import annotations
 
-import zipfile
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 import filetype
 
 from pipeline.brokers import PRIORITIES
-from pipeline.config import Settings
+from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput, UnsupportedType
 from pipeline.processors import media
 from pipeline.processors.documents import count_pdf_pages
@@ -49,8 +49,11 @@ class Classification:
         return asdict(self)
 
 
-def classify(path: Path, filename: str) -> Classification:
-    """Sniff a file's content; BadInput or UnsupportedType with the reason when refused."""
+def classify(path: Path, filename: str, settings: Settings | None = None) -> Classification:
+    """Sniff a file's content; BadInput or UnsupportedType with the reason when refused.
+
+    ``settings`` give the limits on ZIP containers (the process's settings by default).
+    """
     size = path.stat().st_size
     if size == 0:
         raise BadInput(f"{filename}: the file is empty")
@@ -64,7 +67,7 @@ def classify(path: Path, filename: str) -> Classification:
             raise BadInput(f"{filename}: the PDF is damaged and cannot be opened")
         return _claimed(Classification("convert", "pdf", "application/pdf", size, pages=pages), suffix)
     if head.startswith(b"PK\x03\x04"):
-        return _claimed(_office(path, filename, size), suffix)
+        return _claimed(_office(path, filename, size, settings or get_settings()), suffix)
 
     text = _as_text(head)
     if text is not None:
@@ -117,17 +120,101 @@ def _text(text: str, filename: str, suffix: str, size: int) -> Classification:
     )
 
 
-def _office(path: Path, filename: str, size: int) -> Classification:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-    except zipfile.BadZipFile:
-        raise BadInput(f"{filename}: damaged ZIP container") from None
+def _office(path: Path, filename: str, size: int, settings: Settings) -> Classification:
+    names = zip_parts(
+        path, filename, settings.max_zip_entries, settings.max_zip_uncompressed_mb * 1024 * 1024,
+        wanted=set(_OFFICE_PARTS),
+    )  # fmt: skip
     for part, fmt in _OFFICE_PARTS.items():
         if part in names:
             mime = f"application/vnd.openxmlformats-officedocument.{fmt}"
             return Classification("convert", fmt, mime, size)
     raise UnsupportedType(f"{filename}: a ZIP archive, not a DOCX, PPTX or XLSX document")
+
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_ENTRY = struct.Struct("<4s6H3L5H2L")  # central directory file header
+_ZIP64_SIZE = 0xFFFFFFFF
+
+
+def zip_parts(path: Path, filename: str, max_entries: int, max_bytes: int, wanted: set[str]) -> set[str]:
+    """The names among ``wanted`` that a ZIP archive holds, read from its central directory.
+
+    The archive is refused (BadInput) before anything is parsed when its
+    end-of-central-directory record declares more than ``max_entries``
+    entries, and while the directory is read, one header at a time, when it
+    holds more entries than that or its entries' declared uncompressed sizes
+    add up to more than ``max_bytes``. Memory stays small whatever the file:
+    the directory is never loaded whole (Python's ``zipfile`` would build a
+    list of every entry first).
+    """
+    damaged = BadInput(f"{filename}: damaged ZIP container")
+    with path.open("rb") as f:
+        end = f.seek(0, 2)
+        tail_start = max(0, end - _EOCD.size - 0xFFFF)
+        f.seek(tail_start)
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _EOCD.size:
+            raise damaged
+        _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+        record_at = tail_start + at
+        if at >= _EOCD64_LOCATOR.size and tail[at - _EOCD64_LOCATOR.size : at - 16] == b"PK\x06\x07":
+            _, _, eocd64_at, _ = _EOCD64_LOCATOR.unpack_from(tail, at - _EOCD64_LOCATOR.size)
+            f.seek(eocd64_at)
+            raw = f.read(_EOCD64.size)
+            if len(raw) < _EOCD64.size or raw[:4] != b"PK\x06\x06":
+                raise damaged
+            *_, entries, cd_size, _ = _EOCD64.unpack(raw)
+            record_at = eocd64_at
+        if entries > max_entries:
+            raise BadInput(f"{filename}: a ZIP of {entries} entries; at most {max_entries} are accepted")
+        start = record_at - cd_size  # where the directory ends up when data was prepended, as zipfile
+        if start < 0:
+            raise damaged
+        f.seek(start)
+        found: set[str] = set()
+        count = total = read = 0
+        while read < cd_size:
+            header = f.read(_ENTRY.size)
+            if len(header) < _ENTRY.size or header[:4] != b"PK\x01\x02":
+                raise damaged
+            fields = _ENTRY.unpack(header)
+            uncompressed, name_len, extra_len, comment_len = fields[9], fields[10], fields[11], fields[12]
+            name = f.read(name_len)
+            extra = f.read(extra_len)
+            f.seek(comment_len, 1)
+            read += _ENTRY.size + name_len + extra_len + comment_len
+            if uncompressed == _ZIP64_SIZE:
+                uncompressed = _zip64_size(extra)
+                if uncompressed is None:
+                    raise damaged
+            count += 1
+            total += uncompressed
+            if count > max_entries:
+                raise BadInput(f"{filename}: a ZIP of more than {max_entries} entries, the most accepted")
+            if total > max_bytes:
+                raise BadInput(
+                    f"{filename}: a ZIP whose contents unpack to more than {max_bytes // (1024 * 1024)} MiB,"
+                    " the most accepted"
+                )
+            decoded = name.decode("utf-8", errors="replace")
+            if decoded in wanted:
+                found.add(decoded)
+    return found
+
+
+def _zip64_size(extra: bytes) -> int | None:
+    """The uncompressed size in a central directory entry's ZIP64 extra field, if there is one."""
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack_from("<2H", extra, at)
+        if tag == 0x0001 and length >= 8 and at + 12 <= len(extra):
+            return int(struct.unpack_from("<Q", extra, at + 4)[0])
+        at += 4 + length
+    return None
 
 
 def _claim(suffix: str) -> str:

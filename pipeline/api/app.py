@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from pipeline import __version__
 from pipeline.api.admin import admin_router
 from pipeline.api.auth import Authenticator
-from pipeline.api.uploads import Limits, receive_upload
+from pipeline.api.uploads import DailyQuota, Limits, receive_upload
 from pipeline.api.workers import workers_router
 from pipeline.brokers import PRIORITIES
 from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
@@ -95,7 +95,23 @@ def create_app(
             response.status_code = 503
         return {"status": "ok" if ok else "degraded", "version": __version__, "parts": parts}
 
-    limits = Limits(settings.max_upload_mb * 1024 * 1024, settings.max_document_mb * 1024 * 1024)
+    models = settings.whisper_allowed_models or [settings.whisper_model]
+
+    def check_option(name: str, value: str) -> None:
+        """Refuse a Whisper model not allowed, as soon as the field arrives."""
+        if name == "model" and value and value not in models:
+            raise HTTPException(
+                400, f"model {value!r} is not allowed here; allowed: {', '.join(models)} "
+                "(MORAG_WHISPER_ALLOWED_MODELS)",
+            )  # fmt: skip
+
+    limits = Limits(
+        settings.max_upload_mb * 1024 * 1024,
+        settings.max_document_mb * 1024 * 1024,
+        min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+        check_field=check_option,
+    )
+    quota = DailyQuota(settings.quota_mb_per_day * 1024 * 1024)
 
     @app.post(
         "/api/v1/tasks", status_code=201, tags=["tasks"], dependencies=client, openapi_extra=UPLOAD_FORM
@@ -106,7 +122,10 @@ def create_app(
         Form fields: ``file`` (audio, video or document), ``priority``, ``gpu``,
         ``language``, ``model``.
         """
-        upload = await receive_upload(request, uploads, limits)
+        principal = request.state.principal
+        key = principal.key_id or principal.name
+        upload = await receive_upload(request, uploads, limits, max_bytes=quota.left(key))
+        quota.charge(key, upload.size)
         try:
             options = SubmitOptions(
                 priority=upload.fields.get("priority") or "normal",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from pipeline.security.ratelimit import FailureLimiter
 from pipeline.security.tokens import AuthError, TokenStore
 
 logger = get_logger(__name__)
+
+_WELL_FORMED = re.compile(r"mpk_([0-9a-f]{12})_[A-Za-z0-9_-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Authenticator:
     Parameters:
       keys: the API key store.
       tokens: worker tokens, to tell a worker token apart from a bad key.
-      limiter: counts failures per client address.
+      limiter: counts failures per presented key and address, and per address for garbage.
       dev_mode: let requests without a key through as admin.
     """
 
@@ -61,26 +64,31 @@ class Authenticator:
         return dependency
 
     def authenticate(self, request: Request) -> Principal:
-        client = request.client.host if request.client else "?"
-        wait = self.limiter.retry_after(client)
+        address = request.client.host if request.client else "?"
+        key = _presented_key(request)
+        key_id = key_id_of(key)
+        # A well-formed key's failures count against that key from that address only, so one bad
+        # key behind a NAT locks out no one else; garbage (no key, a malformed key, a worker
+        # token) counts against the whole address, and blocks it.
+        bucket = (address, key_id) if key_id else address
+        wait = max(self.limiter.retry_after(address), self.limiter.retry_after(bucket))
         if wait:
             raise HTTPException(
                 429, "too many failed authentications; try again later",
                 headers={"Retry-After": str(int(wait) + 1)},
             )  # fmt: skip
-        key = _presented_key(request)
         if key is None:
             if self.dev_mode:
                 return Principal("development", "admin")
-            self._fail(client, request, "no API key")
+            self._fail(bucket, request, "no API key")
         try:
             record = self.keys.check(key)
         except AuthError as exc:
             if key.count(".") == 2 and self._is_worker_token(key):
-                audit("auth.worker_token_on_api", client=client, path=request.url.path)
-                self.limiter.failed(client)
+                audit("auth.worker_token_on_api", client=address, path=request.url.path)
+                self.limiter.failed(bucket)
                 raise HTTPException(403, "worker tokens cannot use the API; use an API key") from None
-            self._fail(client, request, str(exc))
+            self._fail(bucket, request, str(exc))
         return Principal(record.name, record.role, record.id)
 
     def _is_worker_token(self, token: str) -> bool:
@@ -90,11 +98,18 @@ class Authenticator:
         except AuthError:
             return False
 
-    def _fail(self, client: str, request: Request, reason: str) -> None:
-        self.limiter.failed(client)
-        audit("auth.failed", client=client, path=request.url.path, reason=reason)
-        logger.warning("authentication failed", extra={"client": client, "reason": reason})
+    def _fail(self, bucket: str | tuple[str, str], request: Request, reason: str) -> None:
+        self.limiter.failed(bucket)
+        address, key_id = bucket if isinstance(bucket, tuple) else (bucket, None)
+        audit("auth.failed", client=address, key=key_id, path=request.url.path, reason=reason)
+        logger.warning("authentication failed", extra={"client": address, "key": key_id, "reason": reason})
         raise HTTPException(401, f"authentication required: {reason}", headers={"WWW-Authenticate": "Bearer"})
+
+
+def key_id_of(key: str | None) -> str | None:
+    """The id of a well-formed API key (``mpk_<12 hex>_<secret>``), or None for anything else."""
+    found = _WELL_FORMED.fullmatch(key or "")
+    return found.group(1) if found else None
 
 
 def _presented_key(request: Request) -> str | None:

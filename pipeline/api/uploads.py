@@ -8,7 +8,11 @@ own size limit, enforced during the upload, not after it.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -23,6 +27,9 @@ from pipeline.routing import looks_like_document
 MAX_FIELD_BYTES = 1024
 MAX_FIELDS = 16
 SNIFF_BYTES = 8192
+#: Free disk space is checked again after every this many bytes received.
+DISK_CHECK_BYTES = 8 * 1024 * 1024
+MIB = 1024 * 1024
 
 
 @dataclass
@@ -38,8 +45,21 @@ class Upload:
 
 @dataclass
 class Limits:
+    """What an upload may be.
+
+    Parameters:
+      media_bytes: the largest audio or video file.
+      document_bytes: the largest document.
+      min_free_bytes: free space the data directory's disk keeps; an upload that would
+        leave less is refused with 507, before it starts and while it streams in.
+      check_field: called with each form field's name and value as soon as the field
+        has arrived; raises HTTPException to refuse the upload.
+    """
+
     media_bytes: int
     document_bytes: int
+    min_free_bytes: int = 0
+    check_field: Callable[[str, str], None] | None = None
 
     def for_head(self, head: bytes) -> tuple[int, str]:
         if looks_like_document(head):
@@ -50,9 +70,11 @@ class Limits:
 class _Receiver:
     """Collects one multipart body through the parser's callbacks."""
 
-    def __init__(self, folder: Path, limits: Limits) -> None:
+    def __init__(self, folder: Path, limits: Limits, max_bytes: tuple[int, str] | None = None) -> None:
         self.folder = folder
         self.limits = limits
+        self.max_bytes = max_bytes
+        self._disk_checked_at = 0
         self.fields: dict[str, str] = {}
         self.file: IO[bytes] | None = None
         self.path: Path | None = None
@@ -108,6 +130,11 @@ class _Receiver:
         if self.file is None:
             return
         self.size += len(chunk)
+        if self.size - self._disk_checked_at >= DISK_CHECK_BYTES:
+            self._disk_checked_at = self.size
+            check_free_space(self.folder, self.limits.min_free_bytes)
+        if self.max_bytes is not None and self.size > self.max_bytes[0]:
+            raise HTTPException(429, f"{self.filename}: {self.max_bytes[1]}")
         if self.limit is None:
             self.head += chunk[: SNIFF_BYTES - len(self.head)]
             if len(self.head) >= SNIFF_BYTES:
@@ -123,7 +150,10 @@ class _Receiver:
 
     def on_part_end(self) -> None:
         if self._field_name is not None:
-            self.fields[self._field_name] = self._field_value.decode(errors="replace")
+            value = self._field_value.decode(errors="replace")
+            self.fields[self._field_name] = value
+            if self.limits.check_field is not None:
+                self.limits.check_field(self._field_name, value)
             self._field_name = None
 
     def callbacks(self) -> dict:
@@ -144,8 +174,27 @@ class _Receiver:
             self.path.unlink(missing_ok=True)
 
 
-async def receive_upload(request: Request, folder: Path, limits: Limits) -> Upload:
-    """Read a ``multipart/form-data`` body with one ``file`` part; 4xx HTTPException when refused."""
+def check_free_space(folder: Path, min_free_bytes: int, incoming: int = 0) -> None:
+    """HTTPException 507 when ``folder``'s disk would keep under ``min_free_bytes`` after ``incoming``."""
+    if min_free_bytes <= 0:
+        return
+    free = shutil.disk_usage(folder).free
+    if free - incoming < min_free_bytes:
+        raise HTTPException(
+            507,
+            f"the server is short of disk space: {free // MIB} MiB free, and it keeps "
+            f"{min_free_bytes // MIB} MiB free (MORAG_MIN_FREE_DISK_MB); try again later",
+        )
+
+
+async def receive_upload(
+    request: Request, folder: Path, limits: Limits, max_bytes: tuple[int, str] | None = None
+) -> Upload:
+    """Read a ``multipart/form-data`` body with one ``file`` part; 4xx HTTPException when refused.
+
+    ``max_bytes``, when given, is the most the file may hold and the reason
+    given when it holds more (HTTP 429: a quota).
+    """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise HTTPException(415, "send the file as multipart/form-data with a 'file' part")
@@ -156,7 +205,8 @@ async def receive_upload(request: Request, folder: Path, limits: Limits) -> Uplo
         and int(declared) > max(limits.media_bytes, limits.document_bytes) + 65536
     ):
         raise HTTPException(413, "upload larger than the server accepts")
-    receiver = _Receiver(folder, limits)
+    check_free_space(folder, limits.min_free_bytes, int(declared) if declared and declared.isdigit() else 0)
+    receiver = _Receiver(folder, limits, max_bytes)
     parser = MultipartParser(options[b"boundary"], receiver.callbacks())
     try:
         async for chunk in request.stream():
@@ -172,6 +222,58 @@ async def receive_upload(request: Request, folder: Path, limits: Limits) -> Uplo
         receiver.discard()
         raise HTTPException(400, "no 'file' part in the upload")
     receiver.file.close()
+    try:
+        check_free_space(folder, limits.min_free_bytes)
+    except HTTPException:
+        receiver.discard()
+        raise
     return Upload(
         receiver.path, receiver.filename, receiver.digest.hexdigest(), receiver.size, receiver.fields
     )
+
+
+class DailyQuota:
+    """Bytes each API key may upload per day (UTC), counted in this server process.
+
+    Parameters:
+      bytes_per_day: the quota of each key; 0: none.
+      clock: the time source (seconds since the epoch).
+    """
+
+    def __init__(self, bytes_per_day: int, clock: Callable[[], float] = time.time) -> None:
+        self.bytes_per_day = bytes_per_day
+        self._clock = clock
+        self._day = -1
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _today(self) -> dict[str, int]:
+        day = int(self._clock() // 86400)
+        if day != self._day:
+            self._day, self._used = day, {}
+        return self._used
+
+    def left(self, key: str) -> tuple[int, str] | None:
+        """The bytes ``key`` may still upload today and the reason past them; None: no quota.
+
+        HTTPException 429 when nothing is left.
+        """
+        if self.bytes_per_day <= 0:
+            return None
+        with self._lock:
+            left = self.bytes_per_day - self._today().get(key, 0)
+        reason = (
+            f"over the daily upload quota of {self.bytes_per_day // MIB} MiB for this API key "
+            "(MORAG_QUOTA_MB_PER_DAY); it renews at midnight UTC"
+        )
+        if left <= 0:
+            raise HTTPException(429, reason)
+        return left, reason
+
+    def charge(self, key: str, size: int) -> None:
+        """Count ``size`` bytes uploaded by ``key``."""
+        if self.bytes_per_day <= 0:
+            return
+        with self._lock:
+            used = self._today()
+            used[key] = used.get(key, 0) + size
