@@ -18,6 +18,7 @@ from pipeline.api.uploads import DailyQuota, Limits, receive_upload
 from pipeline.api.workers import workers_router
 from pipeline.brokers import PRIORITIES
 from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
+from pipeline.outputs import check_output
 from pipeline.routing import GPU_PREFERENCES
 from pipeline.services import Services
 from pipeline.store import State
@@ -178,8 +179,11 @@ def create_app(
         wanted = format or ("txt" if "txt" in outputs else "md")
         if wanted not in outputs:
             raise HTTPException(404, f"no {wanted} output; this task has {', '.join(sorted(outputs))}")
-        ref = FileRef.from_dict(outputs[wanted])
-        content = services.files.resolve(ref.path).read_bytes()
+        try:  # never a file outside the task's output folder, nor through a link
+            ref = FileRef.from_dict(check_output(task_id, task["kind"], outputs[wanted]))
+            content = services.files.resolve_plain(ref.path).read_bytes()
+        except BadInput as exc:
+            raise HTTPException(409, f"no result: {exc}") from None
         headers = {"X-Content-SHA256": ref.sha256}
         return Response(content, media_type=MEDIA_TYPES.get(wanted), headers=headers)
 
