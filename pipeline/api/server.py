@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -47,6 +50,78 @@ def check_broker(settings: Settings) -> None:
         raise BrokerUnreachable(f"cannot reach RabbitMQ at {url}: {reason}{fix}") from None
 
 
+class AnotherServer(PipelineError):
+    """A server already consumes ``control`` on this vhost."""
+
+
+class ServerLock:
+    """One server per vhost: an exclusive queue, ``morag.server``, held by this server.
+
+    RabbitMQ lets only the connection that declared an exclusive queue use it,
+    and deletes it when that connection closes, so a second server's declare
+    is refused (RESOURCE_LOCKED) while the first lives, and succeeds once it
+    died, however it died. The queue is on a connection of its own, kept open
+    (and its heartbeats answered) by a thread; should RabbitMQ drop it, the
+    thread takes the queue again. Two servers would each consume ``control``
+    into their own database: workers would flap between them and completions
+    would be lost.
+
+    Parameters:
+      settings: how to reach RabbitMQ.
+    """
+
+    QUEUE = "morag.server"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._connection: pika.BlockingConnection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock, or raises AnotherServer with the reason and the fix."""
+        self._connection = self._take()
+        self._thread = threading.Thread(target=self._hold, name="morag-server-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _take(self) -> pika.BlockingConnection:
+        params = connection_parameters(self.settings)
+        name = f"morag-pipeline server on {socket.gethostname()} (pid {os.getpid()})"
+        params.client_properties = {"connection_name": name}
+        connection = pika.BlockingConnection(params)
+        try:
+            connection.channel().queue_declare(self.QUEUE, exclusive=True, auto_delete=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            connection.close()
+            if exc.reply_code != 405:  # RESOURCE_LOCKED
+                raise
+            url = redact_url(self.settings.broker_url.get_secret_value())
+            raise AnotherServer(
+                f"another morag-pipeline server consumes this vhost ({url}: it holds the queue"
+                f" {self.QUEUE}); run one server per vhost, or give each its own MORAG_BROKER_URL vhost"
+            ) from None
+        return connection
+
+    def _hold(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._connection is None or not self._connection.is_open:
+                    self._connection = self._take()
+                    logger.warning("server lock taken again after RabbitMQ dropped it")
+                self._connection.process_data_events(time_limit=1)
+            except Exception as exc:
+                logger.error("server lock lost; taking it again", extra={"error": str(exc)})
+                self._connection = None
+                self._stop.wait(5)
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+
 def server_parts(
     settings: Settings, control: Worker, liveness: Liveness, files: FileServices, started: float
 ) -> dict[str, Callable[[], Part]]:
@@ -85,6 +160,8 @@ def server_parts(
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     check_broker(settings)
+    lock = ServerLock(settings)
+    lock.acquire()  # before anything consumes: a second server on this vhost refuses to start
     services = get_services()
     broker = current_broker()
     import pipeline.actors.control  # noqa: F401
@@ -125,3 +202,4 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         liveness.stop()
         control.stop()
         broker.close()
+        lock.release()
