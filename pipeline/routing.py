@@ -163,6 +163,8 @@ def zip_parts(path: Path, filename: str, max_entries: int, max_bytes: int, wante
         record_at = tail_start + at
         if at >= _EOCD64_LOCATOR.size and tail[at - _EOCD64_LOCATOR.size : at - 16] == b"PK\x06\x07":
             _, _, eocd64_at, _ = _EOCD64_LOCATOR.unpack_from(tail, at - _EOCD64_LOCATOR.size)
+            if eocd64_at > end:
+                raise damaged
             f.seek(eocd64_at)
             raw = f.read(_EOCD64.size)
             if len(raw) < _EOCD64.size or raw[:4] != b"PK\x06\x06":
