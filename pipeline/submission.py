@@ -80,7 +80,7 @@ def record(
     ``gpu_workers`` says what is known of the workers: the number of live GPU
     workers, or a ``Capacity`` with each queue's load too (None: unknown).
     """
-    found = classify(upload, filename)
+    found = classify(upload, filename, services.settings)
     known = gpu_workers() if found.kind == "transcribe" and options.gpu == "prefer" else None
     route = choose_route(
         found,

@@ -32,7 +32,11 @@ def _task_options(parser: argparse.ArgumentParser) -> None:
         help="prefer: GPU when one is there (default); require: wait for one; never: CPU",
     )  # fmt: skip
     parser.add_argument("--language", help="spoken language (default: detected)")
-    parser.add_argument("--model", help="Whisper model name or folder (default: MORAG_WHISPER_MODEL)")
+    parser.add_argument(
+        "--model",
+        help="Whisper model (default: the server's MORAG_WHISPER_MODEL; the server accepts only"
+        " the models in its MORAG_WHISPER_ALLOWED_MODELS)",
+    )
     _result_options(parser)
 
 
