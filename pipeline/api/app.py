@@ -183,7 +183,7 @@ def create_app(
             ref = FileRef.from_dict(check_output(task_id, task["kind"], outputs[wanted]))
             content = services.files.resolve_plain(ref.path).read_bytes()
         except BadInput as exc:
-            raise HTTPException(409, f"no result: {exc}") from None
+            raise HTTPException(409, str(exc)) from None
         headers = {"X-Content-SHA256": ref.sha256}
         return Response(content, media_type=MEDIA_TYPES.get(wanted), headers=headers)
 
