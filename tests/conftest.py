@@ -71,7 +71,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _management() -> tuple[str, tuple[str, str]]:
+def management() -> tuple[str, tuple[str, str]]:
     parts = urllib.parse.urlsplit(MANAGEMENT)
     base = f"{parts.scheme}://{parts.hostname}:{parts.port}"
     return base, (parts.username or "guest", parts.password or "guest")
@@ -90,7 +90,7 @@ def rabbitmq_available() -> None:
 def fresh_vhost() -> Iterator[str]:
     """A new RabbitMQ vhost for the broker user; yields its AMQP URL, deletes it afterwards."""
     name = f"morag-test-{uuid.uuid4().hex[:10]}"
-    base, auth = _management()
+    base, auth = management()
     quoted = urllib.parse.quote(name, safe="")
     user = urllib.parse.urlsplit(BROKER).username or "guest"
     with httpx.Client(base_url=base, auth=auth, timeout=10) as api:
@@ -125,7 +125,7 @@ def queue_depth(amqp_url: str, queue: str) -> int:
 
 def queue_info(amqp_url: str, queue: str) -> dict:
     """What RabbitMQ's management API says of a queue in the URL's vhost."""
-    base, auth = _management()
+    base, auth = management()
     vhost_name = urllib.parse.urlsplit(amqp_url).path.lstrip("/") or "%2F"
     response = httpx.get(f"{base}/api/queues/{vhost_name}/{queue}", auth=auth, timeout=10)
     response.raise_for_status()
@@ -279,6 +279,22 @@ class Stack:
         for name in list(self.processes):
             self.stop(name)
 
+    def secrets(self) -> dict[str, str]:
+        """Every secret the stack handed out: the server's, the admin key, enrolled workers' own."""
+        found = {k: v for k, v in self.env.items() if k in ("MORAG_SECRET_KEY", "MORAG_API_KEY") and v}
+        for name, bundle in self.bundles.items():
+            for setting in ("MORAG_WORKER_TOKEN", "MORAG_WORKER_KEY"):
+                if bundle.get(setting):
+                    found[f"{name} {setting}"] = bundle[setting]
+        return found
+
+    def leaked_secrets(self) -> list[str]:
+        """Which secrets appear in a log of the stack's processes or in its audit log (never any)."""
+        files = [*self.logs.glob("*.log"), *self.data_dir.glob("audit.log*")]
+        texts = [path.read_text(errors="replace") for path in files]
+        return [f"{what} in {path.name}" for what, secret in self.secrets().items() for path, text in
+                zip(files, texts, strict=True) if secret in text]  # fmt: skip
+
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -330,6 +346,8 @@ def open_stack(
         node = request.node if request is not None else None
         if getattr(node, "rep_call", None) is not None and node.rep_call.failed:
             sys.stderr.write(s.all_logs())
+    leaked = s.leaked_secrets()
+    assert not leaked, f"secrets written to logs: {leaked}"
 
 
 @pytest.fixture

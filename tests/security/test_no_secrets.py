@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, Settings, load_settings
 from pipeline.middleware.message_signing import MessageSigning
 from pipeline.security import signatures
 from pipeline.security.tokens import TokenStore
-from tests.conftest import BIN, _management, open_stack, wait_for
+from tests.conftest import BIN, management, open_stack, wait_for
 
 
 def test_a_worker_s_messages_name_its_token_by_id_only(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_a_refused_secret_setting_is_not_echoed() -> None:
 @pytest.fixture
 def broker_user(vhost: str) -> Iterator[tuple[str, str]]:
     """A RabbitMQ user of the test's own with a password of its own; yields its AMQP URL and password."""
-    base, auth = _management()
+    base, auth = management()
     parts = urllib.parse.urlsplit(vhost)
     name, password = f"morag-{uuid.uuid4().hex[:8]}", f"broker-pw-{uuid.uuid4().hex}"
     with httpx.Client(base_url=base, auth=auth, timeout=10) as api:
