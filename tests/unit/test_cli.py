@@ -85,6 +85,8 @@ def test_run_transcribes_without_broker_or_server(samples: Path, tmp_path: Path)
 def test_run_converts_a_document_as_json(samples: Path) -> None:
     proc = run_cli("run", "--json", str(samples / "report.html"), **NO_BROKER)
     assert proc.returncode == 0, proc.stderr
+    # One process with nothing to verify: no warning about signatures, no JSON log line at all.
+    assert "unsigned" not in proc.stderr and '"level"' not in proc.stderr, proc.stderr
     task = json.loads(proc.stdout)
     assert task["state"] == "done" and task["route"]["queue"] == "cpu"
     assert "| Audio" in task["text"]
