@@ -43,9 +43,15 @@ class SubmitOptions:
     model: str | None = None
 
 
-def grant_for(services: Services, task_id: str, input_path: str) -> str:
-    """A transfer grant for one task: read its input, read and write its outputs."""
-    return issue_grant(services.tokens.secret, task_id, [input_path], services.settings.grant_ttl_s)
+def grant_for(services: Services, task_id: str, input_path: str, queue: str | None = None) -> str:
+    """A transfer grant for one task: read its input, read and write its outputs.
+
+    The grant is issued to the workers of ``queue`` (gpu or cpu; by default
+    the queue the store routes the task to now): only their tokens may present it.
+    """
+    if queue is None:
+        queue = str(services.store.get(task_id, events=False).route["queue"])
+    return issue_grant(services.tokens.secret, task_id, [input_path], services.settings.grant_ttl_s, queue)
 
 
 def publish(broker: Broker, task: Task, settings: Settings, grant: str | None = None) -> str:
@@ -127,7 +133,7 @@ def deliver(services: Services, broker: Broker, task: Task, by: str, wait_s: flo
     pause = 0.5
     while True:
         try:
-            grant = grant_for(services, task.id, task.input["path"])
+            grant = grant_for(services, task.id, task.input["path"], task.route["queue"])
             message_id = publish(broker, task, services.settings, grant)
             break
         except Exception as exc:

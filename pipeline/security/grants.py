@@ -12,6 +12,14 @@ honoured whatever its age (a task may wait in a backlog longer than any
 expiry), and a grant whose task is done, failed or canceled is closed at
 once, on presentation and on every later use. The grant's own expiry
 (``MORAG_GRANT_TTL_S``) decides only for tasks the store does not know.
+
+A grant is bound to the workers it was issued to: it names the queue its task
+was routed to (``cap``: gpu or cpu), and only a worker whose token has that
+capability may present it. When the task is rerouted since (the sweep moves
+it, or a GPU worker falls back to the CPU queue), a worker of the new queue
+may present it too: the task store's route decides, not the grant's word.
+Every presentation and every use also asks whether the worker's token still
+stands (``TokenStanding``): a revoked token opens nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 import jwt
 
 from pipeline.logs import get_logger
-from pipeline.security.tokens import ISSUER, AuthError
+from pipeline.security.tokens import CAPABILITIES, ISSUER, AuthError
 
 logger = get_logger(__name__)
 
@@ -39,13 +47,29 @@ STATE_CACHE_SIZE = 10_000
 
 #: The state of a task by its id, or None when the store does not know it.
 TaskStateLookup = Callable[[str], str | None]
+#: The queue a task is routed to now (gpu or cpu) by its id, or None when the store does not know it.
+TaskRouteLookup = Callable[[str], str | None]
+#: Whether a session's worker token still stands: None if it does, else why not (revoked, expired).
+TokenStanding = Callable[[], str | None]
+#: The capability a grant that names none is read as (grants signed before grants named one).
+DEFAULT_CAPABILITY = "gpu"
 
 
 def output_folder(task_id: str) -> str:
     return f"tasks/{task_id}/output"
 
 
-def issue_grant(secret: bytes, task_id: str, inputs: list[str], ttl_s: float) -> str:
+def issue_grant(
+    secret: bytes, task_id: str, inputs: list[str], ttl_s: float, capability: str = DEFAULT_CAPABILITY
+) -> str:
+    """A signed grant to ``inputs`` and the task's output folder, for workers of ``capability``.
+
+    ``capability`` is the queue the task is routed to (gpu or cpu): only a
+    worker whose token has it may present the grant, unless the task store
+    routes the task elsewhere since (see ``GrantCheck``).
+    """
+    if capability not in CAPABILITIES:
+        raise ValueError(f"a grant's capability must be gpu or cpu, not {capability!r}")
     now = int(time.time())
     claims = {
         "iss": ISSUER,
@@ -53,6 +77,7 @@ def issue_grant(secret: bytes, task_id: str, inputs: list[str], ttl_s: float) ->
         "task": task_id,
         "read": inputs,
         "write": output_folder(task_id),
+        "cap": capability,
         "iat": now,
         "exp": now + int(ttl_s),
     }
@@ -85,6 +110,7 @@ class TaskGrant:
     read: tuple[str, ...]
     write: str
     expires_at: float
+    capability: str = DEFAULT_CAPABILITY
 
     @property
     def expired(self) -> bool:
@@ -121,7 +147,10 @@ def verify_grant(secret: bytes, token: str, *, check_expiry: bool = True) -> Tas
         isinstance(p, str) and p.startswith(f"tasks/{task}/input/") for p in claims["read"]
     ):
         raise GrantRefused("transfer grant names paths outside its task")
-    return TaskGrant(task, tuple(claims["read"]), claims["write"], float(claims["exp"]))
+    capability = claims.get("cap", DEFAULT_CAPABILITY)
+    if capability not in CAPABILITIES:
+        raise GrantRefused("transfer grant names no known capability (gpu or cpu)")
+    return TaskGrant(task, tuple(claims["read"]), claims["write"], float(claims["exp"]), capability)
 
 
 class GrantCheck:
@@ -135,22 +164,54 @@ class GrantCheck:
     opens a few files a second), a closed one is read again each time, since a
     dead-letter retry may queue the task again.
 
+    A grant presented by a worker of another capability than the grant's is
+    refused, unless ``task_route`` says the task is routed to the worker's
+    queue now (it was rerouted after the grant was signed).
+
     Parameters:
       secret: the server secret grants are signed with.
       task_state: the state of a task by id (None when unknown), or None to go by expiry alone.
+      task_route: the queue a task is routed to now, or None to hold every grant to its own capability.
     """
 
-    def __init__(self, secret: bytes, task_state: TaskStateLookup | None = None) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        task_state: TaskStateLookup | None = None,
+        task_route: TaskRouteLookup | None = None,
+    ) -> None:
         self.secret = secret
         self.task_state = task_state
+        self.task_route = task_route
         self._states: dict[str, tuple[float, str | None]] = {}
         self._lock = threading.Lock()
 
-    def verify(self, token: str) -> TaskGrant:
-        """The grant ``token`` carries, if it opens its task now; GrantRefused with the reason otherwise."""
+    def verify(self, token: str, capability: str | None = None) -> TaskGrant:
+        """The grant ``token`` carries, if it opens its task now to a worker of ``capability``
+        (None: any); GrantRefused with the reason otherwise."""
         grant = verify_grant(self.secret, token, check_expiry=self.task_state is None)
         self.check(grant, fresh=True)
+        if capability is not None and grant.capability != capability:
+            self._check_route(grant, capability)
         return grant
+
+    def _check_route(self, grant: TaskGrant, capability: str) -> None:
+        """Return if the store routes the task to ``capability`` workers now; GrantRefused otherwise."""
+        route = None
+        if self.task_route is not None:
+            try:
+                route = self.task_route(grant.task)
+            except Exception as exc:  # the store is busy or down: the worker tries again later
+                logger.warning(
+                    "cannot read a task's route for its grant",
+                    extra={"task_id": grant.task, "error": str(exc)},
+                )
+                raise GrantRefused(f"cannot check task {grant.task} now; try again", retryable=True) from None
+        if route != capability:
+            raise GrantRefused(
+                f"transfer grant of task {grant.task} is for {grant.capability} workers, not {capability}"
+                f" (the task is routed to {route or 'no queue the server knows'})"
+            )
 
     def check(self, grant: TaskGrant, *, fresh: bool = False) -> None:
         """Return if ``grant`` still opens its task; GrantRefused with the reason otherwise.
@@ -196,22 +257,41 @@ class SessionGrants:
     """The grants a worker presented on one SFTP session; allows what any open one allows.
 
     Every use checks the grant again: a grant whose task ended since it was
-    presented is dropped from the session.
+    presented is dropped from the session. Every presentation and every use
+    first asks whether the worker's token still stands: once it is revoked,
+    the session reaches nothing.
 
     Parameters:
       check: decides whether a grant opens its task now.
       owner: who presented them (the worker's name, for logs).
+      capability: the worker's capability (gpu or cpu), or None to accept grants of any.
+      standing: whether the worker's token still stands, or None when nothing can revoke it.
     """
 
-    def __init__(self, check: GrantCheck, owner: str = "") -> None:
+    def __init__(
+        self,
+        check: GrantCheck,
+        owner: str = "",
+        capability: str | None = None,
+        standing: TokenStanding | None = None,
+    ) -> None:
         self.check = check
         self.owner = owner
+        self.capability = capability
+        self.standing = standing
         self._grants: dict[str, TaskGrant] = {}
         self._lock = threading.Lock()
 
+    def revoked(self) -> str | None:
+        """Why the worker's token no longer stands, or None while it does."""
+        return self.standing() if self.standing is not None else None
+
     def add(self, token: str) -> TaskGrant:
         """Verify and keep a grant; GrantRefused with the reason when it does not open its task."""
-        grant = self.check.verify(token)
+        reason = self.revoked()
+        if reason is not None:
+            raise GrantRefused(reason)
+        grant = self.check.verify(token, self.capability)
         with self._lock:
             self._grants[grant.task] = grant
         return grant
@@ -227,6 +307,8 @@ class SessionGrants:
             return list(self._grants)
 
     def allows(self, path: str, *, write: bool) -> bool:
+        if self.revoked() is not None:
+            return False
         with self._lock:
             grants = list(self._grants.values())
         for grant in grants:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.config import Settings
 from pipeline.errors import TaskNotFound
 from pipeline.logs import get_logger
-from pipeline.security.grants import TaskStateLookup
+from pipeline.security.grants import TaskRouteLookup, TaskStateLookup
 from pipeline.security.tokens import TokenStore
 from pipeline.store import TaskStore
 from pipeline.transfer.local import LocalStore
@@ -46,6 +46,19 @@ def task_state_of(tasks: TaskStore) -> TaskStateLookup:
     return state
 
 
+def task_route_of(tasks: TaskStore) -> TaskRouteLookup:
+    """How the SFTP server reads the queue a task is routed to now, to honour a grant after a reroute."""
+
+    def route(task_id: str) -> str | None:
+        try:
+            queue = tasks.get(task_id, events=False).route.get("queue")
+        except TaskNotFound:
+            return None
+        return str(queue) if queue else None
+
+    return route
+
+
 def start_file_services(
     settings: Settings, tasks: TaskStore, files: LocalStore, tokens: TokenStore | None = None
 ) -> FileServices:
@@ -53,11 +66,11 @@ def start_file_services(
 
     With ``tokens``, enrolled workers log in to SFTP with their tokens, and a
     task's transfer grant opens its files for as long as ``tasks`` holds the
-    task queued or running.
+    task queued or running, to workers of the queue ``tasks`` routes it to.
     """
     sftp = None
     if settings.sftp_embedded:
-        sftp = start_sftp_server(settings, files.root, tokens, task_state_of(tasks))
+        sftp = start_sftp_server(settings, files.root, tokens, task_state_of(tasks), task_route_of(tasks))
     if sftp is None:
         logger.info("embedded sftp server off: workers use the configured SFTP server or a shared store")
     retention = None

@@ -6,7 +6,11 @@ they send, whatever ``..``, absolute path or symlink it holds, reaches outside
 it. Every request is also checked against the ``Grant`` of the authenticated
 ``Principal``: the shared worker account reaches the whole store, an enrolled
 worker (``TokenLogins``) only the tasks whose transfer grants it presented on
-its session, for as long as those tasks are open (``pipeline.security.grants``).
+its session, for as long as those tasks are open (``pipeline.security.grants``),
+and only grants of its own capability's queue (or of a task rerouted to it).
+An enrolled worker's token is checked again on every grant and every open,
+and a watcher closes the sessions of a revoked token within seconds
+(``TOKEN_CHECK_S``, ``WATCH_INTERVAL_S``).
 
 Besides plain SFTP v3 the server answers four extensions: ``check-file`` with
 the ``sha256`` algorithm (the client asks the server to hash what it holds, so
@@ -30,6 +34,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from base64 import b64decode
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +63,14 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.logs import get_logger
 from pipeline.security.audit import audit
-from pipeline.security.grants import GrantCheck, GrantRefused, SessionGrants, TaskStateLookup
+from pipeline.security.grants import (
+    GrantCheck,
+    GrantRefused,
+    SessionGrants,
+    TaskRouteLookup,
+    TaskStateLookup,
+    TokenStanding,
+)
 from pipeline.security.tokens import AuthError, TokenStore
 
 logger = get_logger(__name__)
@@ -83,6 +95,10 @@ MAX_PACKET_SIZE = 256 * 1024
 MAX_CONNECTIONS = 64
 #: Seconds a client has to finish the SSH handshake and to authenticate.
 HANDSHAKE_TIMEOUT = 30.0
+#: Seconds a worker token found standing is trusted before its record is read again.
+TOKEN_CHECK_S = 1.0
+#: Seconds between two rounds of the watcher that closes the sessions of revoked tokens.
+WATCH_INTERVAL_S = 1.0
 
 HOST_KEY_NAME = "sftp_host_ed25519_key"
 #: The SFTP extension a worker presents a task's transfer grant with.
@@ -116,10 +132,12 @@ class WholeStore:
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated client: its name (for logs) and what it may touch."""
+    """An authenticated client: its name (for logs), what it may touch, and whether its
+    credential still stands (None: nothing revokes it; else None while it stands, or why not)."""
 
     name: str
     grant: Grant = field(default_factory=WholeStore)
+    standing: TokenStanding | None = None
 
 
 class Authenticator(Protocol):
@@ -178,6 +196,48 @@ class WorkerCredentials:
         return None
 
 
+class TokenStandings:
+    """Whether worker tokens still stand, by token id, each record read at most every ``cache_s``.
+
+    A token stands while the server knows it, has not revoked it and it has
+    not expired. When the database cannot be read, the last answer holds (a
+    token never read stands) until it can.
+
+    Parameters:
+      tokens: the server's worker tokens.
+      cache_s: seconds an answer is reused.
+    """
+
+    def __init__(self, tokens: TokenStore, cache_s: float = TOKEN_CHECK_S) -> None:
+        self.tokens = tokens
+        self.cache_s = cache_s
+        self._known: dict[str, tuple[float, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def reason(self, token_id: str) -> str | None:
+        """None while the token stands; why it does not otherwise."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._known.get(token_id)
+        if cached is not None and now - cached[0] < self.cache_s:
+            return cached[1]
+        try:
+            self.tokens.check_id(token_id)
+            found = None
+        except AuthError as exc:
+            found = str(exc)
+        except Exception as exc:  # the database is busy: keep the last answer
+            logger.warning("cannot read a worker token", extra={"token": token_id, "error": str(exc)})
+            return cached[1] if cached is not None else None
+        with self._lock:
+            self._known[token_id] = (now, found)
+        return found
+
+    def standing(self, token_id: str) -> TokenStanding:
+        """The check of one token, for a session that logged in with it."""
+        return lambda: self.reason(token_id)
+
+
 class TokenLogins:
     """Enrolled workers log in with their token as password and get only the grants they present.
 
@@ -186,7 +246,9 @@ class TokenLogins:
     ``grant@morag-pipeline`` extension, opens that task's input for reading
     and its output folder for reading and writing, for as long as ``GrantCheck``
     holds it open (while the task is queued or running; by its expiry for a
-    task the store does not know). Logins that are not tokens go to
+    task the store does not know), if the grant is for the token's capability
+    or the task is routed to it now. The token is checked again on every
+    grant and every open (``TokenStandings``). Logins that are not tokens go to
     ``fallback`` (the configured shared account, whole-store access), when
     there is one.
 
@@ -196,6 +258,8 @@ class TokenLogins:
       fallback: the shared worker account, or None.
       task_state: the state of a task by id (None when unknown), or None to
         honour grants by their expiry alone.
+      task_route: the queue a task is routed to now, or None to hold every
+        grant to the capability it was issued for.
     """
 
     def __init__(
@@ -204,11 +268,13 @@ class TokenLogins:
         secret: bytes,
         fallback: WorkerCredentials | None = None,
         task_state: TaskStateLookup | None = None,
+        task_route: TaskRouteLookup | None = None,
     ) -> None:
         self.tokens = tokens
         self.secret = secret
         self.fallback = fallback
-        self.grants = GrantCheck(secret, task_state)
+        self.grants = GrantCheck(secret, task_state, task_route)
+        self.standings = TokenStandings(tokens)
 
     def methods(self, username: str) -> list[str]:
         extra = self.fallback.methods(username) if self.fallback else []
@@ -227,7 +293,9 @@ class TokenLogins:
             return None
         self.tokens.touch(claims["jti"])
         audit("token.used", token=claims["jti"], worker=username, via="sftp")
-        return Principal(username, SessionGrants(self.grants, username))
+        standing = self.standings.standing(claims["jti"])
+        grants = SessionGrants(self.grants, username, claims["cap"], standing)
+        return Principal(username, grants, standing)
 
     def check_public_key(self, username: str, key: paramiko.PKey) -> Principal | None:
         return self.fallback.check_public_key(username, key) if self.fallback else None
@@ -793,6 +861,10 @@ class SshSession(paramiko.ServerInterface):
 class SftpServer:
     """Serves a store folder over SFTP on a TCP port, each connection in its own threads.
 
+    A watcher thread closes, every ``WATCH_INTERVAL_S``, each session whose
+    principal's credential no longer stands (a revoked worker token): the
+    worker is cut off mid-transfer, and its token logs in no more.
+
     Parameters:
       root: the folder served as ``/``.
       host_key: the server's private host key.
@@ -817,8 +889,10 @@ class SftpServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._transports: set[paramiko.Transport] = set()
+        self._sessions: dict[paramiko.Transport, SshSession] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -844,6 +918,8 @@ class SftpServer:
         self.port = listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="sftp-accept", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="sftp-revocations", daemon=True)
+        self._watcher.start()
 
     def stop(self) -> None:
         """Stop listening and close every connection."""
@@ -858,6 +934,8 @@ class SftpServer:
             transport.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
 
     def __enter__(self) -> SftpServer:
         self.start()
@@ -877,6 +955,7 @@ class SftpServer:
                 continue
             with self._lock:
                 self._transports = {t for t in self._transports if t.is_active()}
+                self._sessions = {t: s for t, s in self._sessions.items() if t in self._transports}
                 busy = len(self._transports) >= MAX_CONNECTIONS
             if busy:
                 logger.warning("sftp connection refused: too many connections", extra={"peer": address[0]})
@@ -896,13 +975,40 @@ class SftpServer:
         transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = HANDSHAKE_TIMEOUT
         transport.add_server_key(self.host_key)
         transport.set_subsystem_handler("sftp", StoreSftpServer, StoreHandler, self.folder)
+        session = SshSession(self.authenticator, peer, transport)
         with self._lock:
             self._transports.add(transport)
+            self._sessions[transport] = session
         try:
-            transport.start_server(server=SshSession(self.authenticator, peer, transport))
+            transport.start_server(server=session)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             logger.info("sftp handshake failed", extra={"peer": peer, "error": str(exc)})
             transport.close()
+
+    def _watch(self) -> None:
+        """Close, every ``WATCH_INTERVAL_S``, the sessions whose credential no longer stands."""
+        while not self._stopping.wait(WATCH_INTERVAL_S):
+            with self._lock:
+                sessions = list(self._sessions.items())
+            for transport, session in sessions:
+                principal = session.principal
+                if principal is None or principal.standing is None or not transport.is_active():
+                    continue
+                try:
+                    reason = principal.standing()
+                except Exception as exc:  # never let one session stop the watcher
+                    logger.warning(
+                        "cannot check an sftp session", extra={"peer": session.peer, "error": str(exc)}
+                    )
+                    continue
+                if reason is None:
+                    continue
+                logger.warning(
+                    "sftp session closed",
+                    extra={"worker": session.username, "peer": session.peer, "reason": reason},
+                )
+                audit("sftp.session_closed", worker=session.username, reason=reason)
+                transport.close()
 
 
 def start_sftp_server(
@@ -910,6 +1016,7 @@ def start_sftp_server(
     root: Path,
     tokens: TokenStore | None = None,
     task_state: TaskStateLookup | None = None,
+    task_route: TaskRouteLookup | None = None,
 ) -> SftpServer:
     """Start the embedded SFTP server the settings describe, serving ``root``.
 
@@ -917,14 +1024,15 @@ def start_sftp_server(
     the tasks whose grants they present; the shared account of the settings,
     if configured, still reaches the whole store. With ``task_state`` a grant
     stays open while its task is queued or running, whatever its age, and
-    closes when the task ends.
+    closes when the task ends. With ``task_route`` a worker of the queue a
+    task was rerouted to may present the grant signed for the first one.
     """
     key = load_host_key(host_key_path(settings))
     credentials = WorkerCredentials.from_settings(settings)
     shared = credentials if credentials.methods(settings.sftp_username) else None
     authenticator: Authenticator
     if tokens is not None:
-        authenticator = TokenLogins(tokens, tokens.secret, shared, task_state)
+        authenticator = TokenLogins(tokens, tokens.secret, shared, task_state, task_route)
     elif shared is not None:
         authenticator = shared
     else:
