@@ -62,7 +62,7 @@ def grant_claims(draw: st.DrawFn) -> dict[str, Any]:
         if draw(st.booleans()):
             del claims[name]
         else:
-            claims[name] = draw(fields[name] if name in fields else json_values)
+            claims[name] = draw(fields.get(name, json_values))
     claims.update(draw(st.dictionaries(st.text(max_size=8), json_values, max_size=3)))
     return claims
 
