@@ -13,6 +13,13 @@ Every message of the source queue is read once, unacknowledged, and a
 - ``keep``: the original is held until the scan ends, then requeued, so the
   scan never reads it twice.
 
+Nothing here counts deliveries. RabbitMQ flags a requeued message
+``redelivered``, but workers count only a run that began and died with its
+worker, by the start mark kept under the message's id
+(``pipeline.middleware.delivery_count``); a moved copy keeps that id, so a
+file that kills workers is still caught on the queue it moves to, and a
+message kept across many sweeps is never counted.
+
 Publishing is pipelined: many copies are in flight at once and each
 confirmation releases its original, which is why this uses pika's
 asynchronous connection rather than a blocking one (one round trip per
@@ -221,10 +228,6 @@ class _Mover:
         if publish and message is not None:
             copy = decision.message
             assert copy is not None and self.dst is not None
-            if method.redelivered and decision.action is Action.move:
-                # Its last consumer went away holding it: counted as a delivery, as a worker would
-                # (pipeline.middleware.delivery_count), so a file that kills workers is still caught.
-                copy.options["deliveries"] = int(copy.options.get("deliveries", 1)) + 1
             self.seq += 1
             handled = Handled(copy.message_id, task_id_of(copy), decision.reason, dict(copy.options))
             self.pending[self.seq] = (tag, decision.action, handled)
