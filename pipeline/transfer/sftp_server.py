@@ -909,6 +909,13 @@ class SftpServer:
         with self._lock:
             return len(self._transports)
 
+    @property
+    def logins(self) -> list[str]:
+        """The names of the clients logged in on the connections still open."""
+        with self._lock:
+            sessions = list(self._sessions.items())
+        return [s.username for t, s in sessions if s.username is not None and t.is_active()]
+
     def start(self) -> None:
         try:
             listener = socket.create_server((self.host, self.port), reuse_port=False)
