@@ -166,7 +166,11 @@ class GrantCheck:
 
     A grant presented by a worker of another capability than the grant's is
     refused, unless ``task_route`` says the task is routed to the worker's
-    queue now (it was rerouted after the grant was signed).
+    queue now (it was rerouted after the grant was signed). While the store
+    holds the task open that refusal is retryable: a task's message is moved
+    before its move is recorded (the sweep records it just after; a GPU
+    worker's fallback reaches the server as a report), so a worker of the new
+    queue may present the grant a moment before the store says so.
 
     Parameters:
       secret: the server secret grants are signed with.
@@ -208,9 +212,19 @@ class GrantCheck:
                 )
                 raise GrantRefused(f"cannot check task {grant.task} now; try again", retryable=True) from None
         if route != capability:
+            logger.warning(
+                "transfer grant of another capability",
+                extra={
+                    "task_id": grant.task,
+                    "grant": grant.capability,
+                    "capability": capability,
+                    "route": route,
+                },
+            )
             raise GrantRefused(
                 f"transfer grant of task {grant.task} is for {grant.capability} workers, not {capability}"
-                f" (the task is routed to {route or 'no queue the server knows'})"
+                f" (the task is routed to {route or 'no queue the server knows'})",
+                retryable=route is not None,
             )
 
     def check(self, grant: TaskGrant, *, fresh: bool = False) -> None:

@@ -747,8 +747,10 @@ class StoreSftpServer(paramiko.SFTPServer):
         """``grant@morag-pipeline``: the client presents a task's transfer grant.
 
         A refusal says why: ``permission denied`` when the grant will never
-        open its task (forged, its task ended, expired), ``failure`` when the
-        task's state cannot be read just now and the client may try again.
+        open its task (forged, its task ended, expired, the worker's token
+        revoked), ``failure`` when the client may try again (the task's state
+        cannot be read just now, or the task is open but not routed to the
+        worker's capability: its move to that queue may not be recorded yet).
         """
         token = msg.get_text()
         session: SshSession = self.server.session
@@ -759,10 +761,10 @@ class StoreSftpServer(paramiko.SFTPServer):
         try:
             grant = grants.add(token)
         except GrantRefused as exc:
+            audit("sftp.grant_refused", worker=session.username, reason=str(exc))
             if exc.retryable:
                 self._send_status(request_number, SFTP_FAILURE, str(exc))
                 return
-            audit("sftp.grant_refused", worker=session.username, reason=str(exc))
             self._send_status(request_number, SFTP_PERMISSION_DENIED, str(exc))
             return
         logger.info("sftp grant", extra={"worker": session.username, "task_id": grant.task})
