@@ -55,8 +55,8 @@ SEEDS = {
     "docx": _docx(),
     "zip": _zip(3),
     "mp3": (SAMPLES / "speech.mp3").read_bytes()[:8192],
-    "pdf": b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Count 1/Kids[]>>endobj\n"
-    b"trailer<</Root 1 0 R>>\n%%EOF\n",
+    "pdf": b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+    b"2 0 obj<</Type/Pages/Count 1/Kids[]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n",
     "markdown": b"# Title\n\nSome *text*.\n",
 }
 
