@@ -21,10 +21,11 @@ from pathlib import Path
 from dramatiq import Broker
 
 from pipeline.config import Settings
+from pipeline.errors import TaskNotFound
 from pipeline.logs import get_logger
 from pipeline.routing import WorkerView, as_capacity, choose_route, classify, fit_job
 from pipeline.security.audit import audit
-from pipeline.security.grants import issue_grant
+from pipeline.security.grants import DEFAULT_CAPABILITY, issue_grant
 from pipeline.services import Services
 from pipeline.store import State, Task, new_task_id
 from pipeline.task_message import build_job
@@ -47,10 +48,15 @@ def grant_for(services: Services, task_id: str, input_path: str, queue: str | No
     """A transfer grant for one task: read its input, read and write its outputs.
 
     The grant is issued to the workers of ``queue`` (gpu or cpu; by default
-    the queue the store routes the task to now): only their tokens may present it.
+    the queue the store routes the task to now, gpu for a task it does not
+    know): only their tokens may present it, or those of a queue the task is
+    rerouted to later.
     """
     if queue is None:
-        queue = str(services.store.get(task_id, events=False).route["queue"])
+        try:
+            queue = str(services.store.get(task_id, events=False).route["queue"])
+        except TaskNotFound:
+            queue = DEFAULT_CAPABILITY
     return issue_grant(services.tokens.secret, task_id, [input_path], services.settings.grant_ttl_s, queue)
 
 
