@@ -95,6 +95,13 @@ class Reporter:
         self._forget(task_id)
         self._send_quietly(control.TASK_FAILED, task_id=task_id, reason=reason, attempts=attempts)
 
+    def rerouted(self, task_id: str, source: str, target: str, reason: str) -> None:
+        """This worker moved the task's message to ``target``: sent like an outcome, since the
+        server opens the task's files to ``target``'s workers once it has recorded the move."""
+        self._send_quietly(
+            control.TASK_REROUTED, task_id=task_id, source=source, target=target, reason=reason
+        )
+
     def note(self, task_id: str, event: str, detail: dict[str, Any]) -> None:
         """An event for the task's history: redelivered, skipped, stopped, reused."""
         self._forget(task_id)

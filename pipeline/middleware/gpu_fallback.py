@@ -10,11 +10,11 @@ from dramatiq import Actor, Broker, Middleware
 from dramatiq.broker import MessageProxy
 from dramatiq.middleware import CurrentMessage, SkipMessage
 
-from pipeline import control
 from pipeline.config import Settings, get_settings
 from pipeline.errors import GpuError
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
+from pipeline.reporting import reporter_for
 from pipeline.routing import fit_job
 from pipeline.task_message import gpu_preference, job_of, moved
 
@@ -103,7 +103,8 @@ class GpuFallback(Middleware):
             return False
         logger.warning("GPU failure: task moved to cpu", extra={**log, "error": str(error)})
         if task_id:
-            _tell_server(broker, task_id=task_id, source="gpu", target="cpu", reason=reason)
+            # The server records the move, and only then opens the task's files to CPU workers.
+            reporter_for(broker).rerouted(task_id, "gpu", "cpu", reason)
         return True
 
     def stays_on_gpu(self, message: MessageProxy) -> str | None:
@@ -116,11 +117,3 @@ class GpuFallback(Middleware):
             return None
         on_cpu = fit_job(job, "cpu", self.settings)
         return None if on_cpu.ok else f"not moved to cpu: too long for a CPU worker ({on_cpu.refused})"
-
-
-def _tell_server(broker: Broker, **kwargs: Any) -> None:
-    """A ``task_rerouted`` report for the server; best effort (the move itself already happened)."""
-    try:
-        control.send(broker, control.TASK_REROUTED, **kwargs)
-    except Exception as exc:
-        logger.warning("reroute not reported", extra={"task_id": kwargs["task_id"], "error": str(exc)})

@@ -21,6 +21,7 @@ from pipeline.brokers.cancellations import STREAM
 from pipeline.brokers.rabbitmq import EXCHANGE
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
+from pipeline.middleware.delivery_count import DeliveryCount
 from pipeline.security.tokens import TokenRecord
 
 
@@ -39,10 +40,11 @@ def permissions(capability: str) -> dict[str, str]:
     own = rf"{capability}(\.DQ|\.XQ)?"
     cancellations = re.escape(STREAM)
     declared = "control|cpu" if capability == "gpu" else "control"
+    marks = rf"{re.escape(DeliveryCount.PREFIX)}.+"  # start marks of the tasks it runs (DeliveryCount)
     return {
-        "configure": rf"^({own}|({declared})(\.DQ|\.XQ)?|{cancellations})$",
+        "configure": rf"^({own}|({declared})(\.DQ|\.XQ)?|{cancellations}|{marks})$",
         "write": rf"^{EXCHANGE}$",
-        "read": rf"^({own}|{cancellations})$",
+        "read": rf"^({own}|{cancellations}|{marks})$",
     }
 
 

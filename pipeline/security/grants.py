@@ -24,6 +24,7 @@ stands (``TokenStanding``): a revoked token opens nothing.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -129,6 +130,15 @@ class TaskGrant:
         return not self.expired and self.covers(path, write=write)
 
 
+#: What a task id may be (the server makes uuid4 hex ids): one plain path segment.
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _plain(path: str) -> bool:
+    """A store path with no ``.``/``..`` segment, no empty segment and no NUL: it means what it says."""
+    return "\x00" not in path and all(part not in ("", ".", "..") for part in path.split("/"))
+
+
 def verify_grant(secret: bytes, token: str, *, check_expiry: bool = True) -> TaskGrant:
     """The grant a token carries; GrantRefused when forged, malformed or (with ``check_expiry``) expired."""
     try:
@@ -142,15 +152,22 @@ def verify_grant(secret: bytes, token: str, *, check_expiry: bool = True) -> Tas
         raise GrantRefused(f"invalid transfer grant: {exc}") from None
     if claims.get("typ") != GRANT_TYPE:
         raise GrantRefused("not a transfer grant")
-    task = str(claims["task"])
-    if claims["write"] != output_folder(task) or not all(
-        isinstance(p, str) and p.startswith(f"tasks/{task}/input/") for p in claims["read"]
+    task, read, expires = claims["task"], claims["read"], claims["exp"]
+    if not isinstance(task, str) or not TASK_ID.fullmatch(task):
+        raise GrantRefused("transfer grant names no valid task")
+    if not isinstance(expires, int | float):
+        raise GrantRefused("transfer grant has no valid expiry")
+    inputs = f"tasks/{task}/input/"
+    if (
+        claims["write"] != output_folder(task)
+        or not isinstance(read, list)
+        or not all(isinstance(p, str) and p.startswith(inputs) and _plain(p) for p in read)
     ):
         raise GrantRefused("transfer grant names paths outside its task")
     capability = claims.get("cap", DEFAULT_CAPABILITY)
     if capability not in CAPABILITIES:
         raise GrantRefused("transfer grant names no known capability (gpu or cpu)")
-    return TaskGrant(task, tuple(claims["read"]), claims["write"], float(claims["exp"]), capability)
+    return TaskGrant(task, tuple(read), claims["write"], float(expires), capability)
 
 
 class GrantCheck:

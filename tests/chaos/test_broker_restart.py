@@ -66,9 +66,11 @@ def test_broker_restart_mid_run(
         ]
         assert f"# Document {n}" in stack.get(f"/api/v1/tasks/{task_id}/result").text
     print(f"\n{done_before} of {TASKS} done when RabbitMQ restarted; events after: {seen}")
-    # The restart took messages from the workers: RabbitMQ delivered them again (flagged
-    # redelivered), and each such task says so, with its delivery count, and still ended once.
-    assert redelivered, f"no message was redelivered after the restart: events {seen}"
+    # The restart took messages from the workers: RabbitMQ delivered them again. A run that was
+    # under way when the connection dropped is counted (a `redelivered` note with its delivery
+    # count); one that finished meanwhile is acknowledged with a `skipped` note. Either way the
+    # task says so and ended once.
+    assert redelivered or seen.get("skipped"), f"no message was delivered again after the restart: {seen}"
     for t in redelivered:
         assert all(e["detail"]["delivery"] >= 2 for e in events(t, "redelivered")), t["events"]
         assert t["state"] == "done" and len(events(t, "done")) == 1
