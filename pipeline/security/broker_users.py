@@ -21,7 +21,7 @@ from pipeline.brokers.cancellations import STREAM
 from pipeline.brokers.rabbitmq import EXCHANGE
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
-from pipeline.middleware.delivery_count import DeliveryCount
+from pipeline.middleware.delivery_count import StartMarks
 from pipeline.security.tokens import TokenRecord
 
 
@@ -40,7 +40,7 @@ def permissions(capability: str) -> dict[str, str]:
     own = rf"{capability}(\.DQ|\.XQ)?"
     cancellations = re.escape(STREAM)
     declared = "control|cpu" if capability == "gpu" else "control"
-    marks = rf"{re.escape(DeliveryCount.PREFIX)}.+"  # start marks of the tasks it runs (DeliveryCount)
+    marks = rf"{re.escape(StartMarks.PREFIX)}.+"  # start marks of the tasks it runs
     return {
         "configure": rf"^({own}|({declared})(\.DQ|\.XQ)?|{cancellations}|{marks})$",
         "write": rf"^{EXCHANGE}$",
