@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.chaos.conftest import PrivateRabbitmq
@@ -55,5 +56,17 @@ def test_the_broker_restarted_at_a_sweep_tick(
 
     tasks = check_every_task_ended(shape, "broker restarted at a sweep tick", ids, timeout=420)
     assert all(t["state"] == "done" for t in tasks.values()), {i: t["error"] for i, t in tasks.items()}
+    # The box is gone for good: the sweep moved what it left, before the restart or after it
+    # (on a busy machine the broker may stop a moment after the tick).
     moves = [e for t in tasks.values() for e in t["events"] if e["event"] == "rerouted"]
-    assert any(e["ts"] > restarted_at for e in moves), "no sweep moved a task after the broker came back"
+    assert moves and all(e["detail"]["by"] == "sweep" for e in moves), moves
+
+    # The scheduler outlived the blip: a tick after the broker came back is swept, by the same
+    # liveness process (the tick lost to the restart cost that tick only).
+    def swept_after() -> dict | None:
+        parts = httpx.get(f"{shape.stack.url}/healthz", timeout=30).json()["parts"]
+        last = parts["scheduler"]["last_sweep"] or 0
+        return parts["scheduler"] if last > restarted_at else None
+
+    scheduler = wait_for("a sweep after the broker came back", swept_after, 150, shape.stack, interval=2)
+    assert scheduler["ok"] and scheduler["process"] and scheduler["restarts"] == 0, scheduler
