@@ -20,6 +20,8 @@ have espeak-ng || need+=(espeak-ng)
 have sftp || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 have curl || need+=(curl)
+# The deployment-shapes tests run a worker box in its own network namespace (ip netns).
+have ip || need+=(iproute2)
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up && ! have rabbitmq-server && [ ! -x /usr/sbin/rabbitmq-server ]; then
