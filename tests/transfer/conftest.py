@@ -12,8 +12,11 @@ import paramiko
 import pytest
 
 from pipeline.config import FileAccess, Settings
+from pipeline.security.tokens import TokenStore
+from pipeline.store import TaskStore
 from pipeline.transfer.checksums import FileRef, sha256_file
 from pipeline.transfer.local import LocalStore
+from pipeline.transfer.serving import FileServices, start_file_services
 from pipeline.transfer.sftp_server import SftpServer, WorkerCredentials, load_host_key, public_key_line
 from tests.transfer.openssh import OpenSsh, ssh_keygen, sshd
 
@@ -94,3 +97,34 @@ def openssh(tmp_path: Path, client_key: Path) -> Iterator[OpenSsh]:
 
 def known_hosts_line(port: int, key: paramiko.PKey) -> str:
     return f"[127.0.0.1]:{port} {public_key_line(key)}\n"
+
+
+#: The server secret of the tests that run the file services over a task store.
+SERVER_SECRET = b"S" * 48
+
+
+@pytest.fixture
+def tasks(server_settings: Settings) -> TaskStore:
+    """The task store of ``server_settings`` (a module of tests defines that fixture)."""
+    return TaskStore(server_settings.db_path)
+
+
+@pytest.fixture
+def files(server_settings: Settings) -> LocalStore:
+    return LocalStore(server_settings.files_dir)
+
+
+@pytest.fixture
+def tokens(server_settings: Settings) -> TokenStore:
+    return TokenStore(server_settings.db_path, SERVER_SECRET)
+
+
+@pytest.fixture
+def served(
+    server_settings: Settings, tasks: TaskStore, files: LocalStore, tokens: TokenStore
+) -> Iterator[FileServices]:
+    """What ``morag-pipeline server`` starts for files: the embedded SFTP server reading the task store."""
+    running = start_file_services(server_settings, tasks, files, tokens)
+    assert running.sftp is not None
+    yield running
+    running.stop()

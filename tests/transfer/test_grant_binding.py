@@ -19,44 +19,18 @@ from pipeline.store import State, Task, TaskStore
 from pipeline.transfer import sftp_client
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.local import LocalStore
-from pipeline.transfer.serving import FileServices, start_file_services
+from pipeline.transfer.serving import FileServices
 from pipeline.transfer.sftp_client import SftpTransport
 from tests.conftest import wait_for
-from tests.transfer.conftest import put_input, worker_settings
+from tests.transfer.conftest import SERVER_SECRET, put_input, worker_settings
 from tests.transfer.openssh import free_port
 
-SECRET = b"B" * 48
+SECRET = SERVER_SECRET
 
 
 @pytest.fixture
 def server_settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "server", sftp_port=free_port(), grant_ttl_s=600)
-
-
-@pytest.fixture
-def tasks(server_settings: Settings) -> TaskStore:
-    return TaskStore(server_settings.db_path)
-
-
-@pytest.fixture
-def files(server_settings: Settings) -> LocalStore:
-    return LocalStore(server_settings.files_dir)
-
-
-@pytest.fixture
-def tokens(server_settings: Settings) -> TokenStore:
-    return TokenStore(server_settings.db_path, SECRET)
-
-
-@pytest.fixture
-def served(
-    server_settings: Settings, tasks: TaskStore, files: LocalStore, tokens: TokenStore
-) -> Iterator[FileServices]:
-    """What ``morag-pipeline server`` starts for files: the embedded SFTP server reading the task store."""
-    running = start_file_services(server_settings, tasks, files, tokens)
-    assert running.sftp is not None
-    yield running
-    running.stop()
 
 
 @pytest.fixture

@@ -18,15 +18,15 @@ from pipeline.security.tokens import TokenStore
 from pipeline.store import State, Task, TaskStore
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.local import LocalStore
-from pipeline.transfer.serving import FileServices, start_file_services, task_state_of
+from pipeline.transfer.serving import FileServices, task_state_of
 from pipeline.transfer.sftp_client import MAX_GRANTS, SftpTransport
 from pipeline.transfer.sftp_server import SftpServer, TokenLogins
 from tests.conftest import wait_for
-from tests.transfer.conftest import put_input, worker_settings
+from tests.transfer.conftest import SERVER_SECRET, put_input, worker_settings
 from tests.transfer.openssh import free_port
 from tests.transfer.proxy import CuttingProxy
 
-SECRET = b"L" * 48
+SECRET = SERVER_SECRET
 #: The shortest grant lifetime the settings allow (MORAG_GRANT_TTL_S).
 TTL = 60
 
@@ -34,32 +34,6 @@ TTL = 60
 @pytest.fixture
 def server_settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "server", sftp_port=free_port(), grant_ttl_s=TTL)
-
-
-@pytest.fixture
-def tasks(server_settings: Settings) -> TaskStore:
-    return TaskStore(server_settings.db_path)
-
-
-@pytest.fixture
-def files(server_settings: Settings) -> LocalStore:
-    return LocalStore(server_settings.files_dir)
-
-
-@pytest.fixture
-def tokens(server_settings: Settings) -> TokenStore:
-    return TokenStore(server_settings.db_path, SECRET)
-
-
-@pytest.fixture
-def served(
-    server_settings: Settings, tasks: TaskStore, files: LocalStore, tokens: TokenStore
-) -> Iterator[FileServices]:
-    """What ``morag-pipeline server`` starts for files: the embedded SFTP server reading the task store."""
-    running = start_file_services(server_settings, tasks, files, tokens)
-    assert running.sftp is not None
-    yield running
-    running.stop()
 
 
 def worker_transport(
