@@ -53,11 +53,13 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
     """Sniff a file's content; BadInput or UnsupportedType with the reason when refused.
 
     ``settings`` give the limits on ZIP containers (the process's settings by default).
+    Reasons name the file on one line: control characters in ``filename`` are escaped.
     """
+    suffix = Path(filename).suffix.lower()
+    filename = shown_name(filename)
     size = path.stat().st_size
     if size == 0:
         raise BadInput(f"{filename}: the file is empty")
-    suffix = Path(filename).suffix.lower()
     with path.open("rb") as f:
         head = f.read(8192)
 
@@ -88,6 +90,11 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
         f"{filename}: unsupported content ({detected}); expected audio, video, PDF, DOCX, "
         "PPTX, XLSX, HTML or Markdown"
     )
+
+
+def shown_name(filename: str) -> str:
+    """``filename`` as it may appear in a one-line message: non-printable characters escaped."""
+    return filename if filename.isprintable() else repr(filename)[1:-1]
 
 
 def looks_like_document(head: bytes) -> bool:

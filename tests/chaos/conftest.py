@@ -78,12 +78,6 @@ class PrivateRabbitmq:
             env=self.env, check=True, capture_output=True, timeout=timeout,
         )  # fmt: skip
 
-    def restart_app(self) -> None:
-        """Stop and start the RabbitMQ application: every connection closes; durable queues and
-        persistent messages stay."""
-        self.ctl("stop_app")
-        self.ctl("start_app")
-
 
 @pytest.fixture
 def private_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbitmq]:
