@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(1024, ge=0)
     # Megabytes each API key may upload per day (UTC); 0: no quota. Past it: HTTP 429.
     quota_mb_per_day: int = Field(0, ge=0)
+    # Document conversion runs in a child process capped at this much memory and
+    # this many seconds; past either the document is refused as bad input.
+    document_max_memory_mb: int = Field(4096, ge=256)
+    document_time_limit_s: int = Field(600, ge=10)
+    # Whisper models a worker process keeps loaded; the least recently used is
+    # dropped when another is needed.
+    whisper_max_loaded_models: int = Field(1, ge=1, le=8)
 
     # Workers.
     worker_name: str | None = None
@@ -124,6 +131,22 @@ class Settings(BaseSettings):
     sftp_backoff_s: float = Field(1.0, ge=0)
     sftp_max_backoff_s: float = Field(30.0, ge=0)
     sftp_timeout_s: float = Field(30.0, gt=0)
+    # Worker side: SSH connections one worker process keeps to the SFTP server,
+    # shared by its threads (one SFTP channel each), closed after sftp_pool_idle_s unused.
+    sftp_pool_connections: int = Field(2, ge=1, le=16)
+    sftp_pool_idle_s: float = Field(60.0, gt=0)
+    # Server side (embedded SFTP server): connections served at once; handshakes not yet
+    # logged in, per peer address; failed logins per peer address before it must wait
+    # (doubling, up to sftp_login_backoff_max_s); a logged-in connection with no
+    # request for sftp_idle_timeout_s is closed.
+    sftp_max_connections: int = Field(1024, ge=1)
+    sftp_max_preauth_per_peer: int = Field(16, ge=1)
+    sftp_login_failures_per_peer: int = Field(5, ge=1)
+    sftp_login_backoff_max_s: float = Field(300.0, ge=1)
+    sftp_idle_timeout_s: float = Field(600.0, ge=1)
+    # The shared password/key account (sftp_username) reaches the whole store; it is
+    # served only when this is true (see docs/sftp.md for the risk).
+    sftp_shared_account: bool = False
     # Files of finished tasks are removed after this many hours; 0 keeps them.
     store_retention_hours: float = Field(7 * 24.0, ge=0)
 
