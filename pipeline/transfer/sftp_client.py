@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,11 +48,19 @@ from paramiko.sftp import (
 from paramiko.sftp_client import int64
 
 from pipeline.config import Settings
-from pipeline.errors import AccessRefused, BadInput, ChecksumMismatch, TaskEnded, TransferError
+from pipeline.errors import (
+    AccessRefused,
+    BadInput,
+    ChecksumMismatch,
+    PipelineError,
+    TaskEnded,
+    TransferError,
+)
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
 from pipeline.security.grants import ENDED
 from pipeline.transfer.checksums import FileRef
+from pipeline.transfer.sftp_pool import Connection, ConnectionPool, Lease, detach, pool_for
 from pipeline.transfer.sftp_server import GRANT_EXTENSION, GRANT_RELEASE_EXTENSION
 
 logger = get_logger(__name__)
@@ -184,29 +192,36 @@ class HostKeyCheck:
 
 
 class SftpSession:
-    """One authenticated SFTP session, with many requests in flight at once.
+    """One SFTP channel on an authenticated SSH connection, with many requests in flight at once.
 
     Parameters:
       transport: the SSH connection.
-      sftp: the SFTP client on it.
+      sftp: the SFTP client on one of its channels.
+      owns_transport: whether closing the session closes the connection too
+        (false for a channel of a pooled connection).
     """
 
-    def __init__(self, transport: paramiko.Transport, sftp: paramiko.SFTPClient) -> None:
+    def __init__(
+        self, transport: paramiko.Transport, sftp: paramiko.SFTPClient, owns_transport: bool = True
+    ) -> None:
         self.transport = transport
         self.sftp = sftp
+        self.owns_transport = owns_transport
         self._replies: dict[int, tuple[int, paramiko.Message]] = {}
         #: Whether the server takes transfer grants (OpenSSH's does not: it confines by chroot).
         self.takes_grants = True
 
     @property
     def active(self) -> bool:
-        return self.transport.is_active()
+        channel = self.sftp.get_channel()
+        return self.transport.is_active() and channel is not None and not channel.closed
 
     def close(self) -> None:
         try:
             self.sftp.close()
         finally:
-            self.transport.close()
+            if self.owns_transport:
+                self.transport.close()
 
     # paramiko hands replies to requests sent with an object to that object's
     # ``_async_response``; this session collects them until asked for.
@@ -345,8 +360,12 @@ class SftpSession:
 
     def release_grant(self, task_id: str) -> None:
         """Tell the server this worker is done with a task (``grant-release@morag-pipeline``)."""
-        if self.takes_grants:
+        if not self.takes_grants:
+            return
+        try:
             self.reply(self.send(CMD_EXTENDED, GRANT_RELEASE_EXTENSION, task_id))
+        except _Unsupported:
+            self.takes_grants = False
 
     def mkdirs(self, folder: str) -> None:
         """Create ``folder`` and its parents where missing."""
@@ -376,8 +395,14 @@ def _raise_status(msg: paramiko.Message) -> None:
     raise _Failed(f"SFTP server: {text or 'failure'}")
 
 
-def connect(settings: Settings, check: HostKeyCheck | None = None) -> SftpSession:
-    """An authenticated SFTP session to the server the settings name, its host key verified."""
+def open_connection(settings: Settings, check: HostKeyCheck | None = None) -> paramiko.Transport:
+    """An SSH connection to the server the settings name, its host key verified, logged in.
+
+    A connection the server closes before the login completes (it holds too
+    many handshakes from this address, or is restarting) raises a transient
+    error (``EOFError``, ``OSError`` or ``paramiko.SSHException``): the
+    transfer tries again after its backoff.
+    """
     host, port = settings.sftp_host, settings.sftp_port
     sock = socket.create_connection((host, port), timeout=settings.sftp_timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -390,21 +415,40 @@ def connect(settings: Settings, check: HostKeyCheck | None = None) -> SftpSessio
             c for c in options.ciphers if c not in CIPHERS
         )
         transport.banner_timeout = transport.handshake_timeout = settings.sftp_timeout_s
-        transport.auth_timeout = settings.sftp_timeout_s
+        transport.auth_timeout = transport.channel_timeout = settings.sftp_timeout_s
         transport.start_client(timeout=settings.sftp_timeout_s)
         (check or HostKeyCheck.from_settings(settings)).verify(host, port, transport.get_remote_server_key())
         _authenticate(transport, settings)
-        sftp = paramiko.SFTPClient.from_transport(
-            transport, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE
-        )
-        if sftp is None:
-            raise paramiko.SSHException("the server refused an SFTP session")
-        sftp.get_channel().settimeout(settings.sftp_timeout_s)
         transport.set_keepalive(30)
     except BaseException:
         transport.close()
         raise
-    return SftpSession(transport, sftp)
+    return transport
+
+
+def open_channel(transport: paramiko.Transport, timeout: float, owns_transport: bool = False) -> SftpSession:
+    """A new SFTP channel on a logged-in connection."""
+    channel = transport.open_session(
+        window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET_SIZE, timeout=timeout
+    )
+    try:
+        channel.settimeout(timeout)
+        channel.invoke_subsystem("sftp")
+        sftp = paramiko.SFTPClient(channel)
+    except BaseException:
+        channel.close()
+        raise
+    return SftpSession(transport, sftp, owns_transport)
+
+
+def connect(settings: Settings, check: HostKeyCheck | None = None) -> SftpSession:
+    """An SFTP session on a connection of its own to the server the settings name (closed with it)."""
+    transport = open_connection(settings, check)
+    try:
+        return open_channel(transport, settings.sftp_timeout_s, owns_transport=True)
+    except BaseException:
+        transport.close()
+        raise
 
 
 def _authenticate(transport: paramiko.Transport, settings: Settings) -> None:
@@ -422,6 +466,8 @@ def _authenticate(transport: paramiko.Transport, settings: Settings) -> None:
         else:
             raise TransferError("no SFTP credentials: set MORAG_SFTP_PASSWORD or MORAG_SFTP_KEY_FILE")
     except paramiko.AuthenticationException as exc:
+        if not transport.is_active():  # closed, not refused: the server is busy or restarting
+            raise EOFError("the SFTP server closed the connection during login") from None
         where = f"{settings.sftp_host}:{settings.sftp_port}"
         raise TransferError(f"SFTP server {where} refused worker {user!r}: {exc}") from None
     except OSError as exc:
@@ -489,12 +535,17 @@ def _hash_prefix(path: Path, length: int) -> Any:
 class SftpTransport:
     """The ``Transport`` of workers that share no disk with the server: files over SFTP.
 
-    One SSH connection, opened on first use and kept between transfers; a
-    transfer cut short reconnects and resumes. Not thread-safe: a worker
-    opens one per thread.
+    One per thread (not thread-safe). The threads of a process share the SSH
+    connections of one ``ConnectionPool`` per server and credentials: at most
+    ``sftp_pool_connections``, closed after ``sftp_pool_idle_s`` with no
+    transfer. Each public call borrows an SFTP channel on the least-loaded of
+    them and gives it back when it returns; a transfer cut short takes a new
+    channel (on a new connection if its own died) and resumes. The grants of
+    this thread's tasks are presented on whichever connection its channel
+    rides, again after a reconnect.
 
     Parameters:
-      settings: server address, root, credentials, host key pin, attempts and backoff.
+      settings: server address, root, credentials, host key pin, attempts, backoff and pool size.
       check: the host key check (default: from the settings).
       sleep: how to wait between attempts.
     """
@@ -509,27 +560,63 @@ class SftpTransport:
         self.check = check or HostKeyCheck.from_settings(settings)
         self.root = settings.sftp_root
         self.sleep = sleep
-        self._session: SftpSession | None = None
         self._grants: dict[str, str] = {}  # task id -> grant, of the tasks held, oldest first
         self._current: str | None = None  # the task authorized last and not yet forgotten
         self.worker = settings.worker_name or worker_id()
+        self._pool: ConnectionPool[SftpSession] | None = None  # attached on first use
+        self._pid = os.getpid()
+        self._lease: Lease[SftpSession] | None = None  # the channel of the call under way
+        self._home: Connection[SftpSession] | None = None  # where the last channel was, preferred next
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SftpTransport:
         return cls(settings)
 
     # Connection.
+    @property
+    def pool(self) -> ConnectionPool[SftpSession]:
+        """This process's pool of connections to the server, with these credentials."""
+        if self._pid != os.getpid():  # forked: the parent's connections are not this process's
+            self._pid, self._pool, self._lease, self._home = os.getpid(), None, None, None
+        if self._pool is None:
+            settings, check = self.settings, self.check
+            self._pool = pool_for(
+                _pool_key(settings, check),
+                lambda: ConnectionPool(
+                    settings.sftp_pool_connections,
+                    settings.sftp_pool_idle_s,
+                    lambda: open_connection(settings, check),
+                    lambda transport: open_channel(transport, settings.sftp_timeout_s),
+                    _login_name(settings),
+                ),
+            )
+        return self._pool
+
     def session(self) -> SftpSession:
-        if self._session is None or not self._session.active:
+        """This thread's SFTP channel, borrowed from the pool, with every grant it holds presented
+        on the channel's connection; kept until the current call returns."""
+        lease = self._lease
+        if lease is not None and lease.active:
+            return lease.channel
+        self.drop()
+        lease = self._lease = self.pool.lease(prefer=self._home)
+        assert lease is not None
+        self._home = lease.connection
+        self._present_held(lease)  # a new connection knows none of them
+        return lease.channel
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        """A public call's use of the channel: given back for reuse if the call succeeds,
+        closed if it fails (replies to requests in flight may still come on it)."""
+        try:
+            yield
+        except BaseException:
             self.drop()
-            session = connect(self.settings, self.check)
-            try:
-                self._present_held(session)  # a new connection knows none of them
-            except BaseException:
-                session.close()
-                raise
-            self._session = session
-        return self._session
+            raise
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self.pool.give_back(lease, reuse=True)
 
     # Transfer grants.
     def authorize(self, task_id: str, grant: str) -> None:
@@ -537,9 +624,10 @@ class SftpTransport:
 
         Raises ``AccessRefused`` with the server's reason when the server will
         never honour it (its task ended elsewhere, or the grant is forged or
-        expired for a task the server does not know). When the server cannot
-        decide now the connection is dropped, and the next transfer presents
-        the grant again as it reconnects, with its retries.
+        expired for a task the server does not know). It is presented at once
+        when a connection is open, otherwise on the connection of the next
+        transfer. When the server cannot decide now the channel is dropped,
+        and the next transfer presents the grant again, with its retries.
         """
         self._grants.pop(task_id, None)
         self._grants[task_id] = grant
@@ -547,62 +635,130 @@ class SftpTransport:
         while len(self._grants) > MAX_GRANTS:
             oldest = next(t for t in self._grants if t != task_id)
             self._grants.pop(oldest)
-        if self._session is not None and self._session.active:
+            self._let_go(oldest)
+        with self._call():
+            lease = self._lease
+            if lease is None or not lease.active:
+                self.drop()
+                lease = self._lease = self.pool.lease(prefer=self._home, connect=False)
+                if lease is None:
+                    return  # nothing open: presented as the next transfer connects
+                self._home = lease.connection
             try:
-                self._present(self._session, task_id, grant)
+                self._present_on(lease, task_id, grant)
             except TRANSIENT as exc:
                 logger.warning(
-                    "sftp grant not taken yet, presenting it again on a new connection",
+                    "sftp grant not taken yet, presenting it again on the next transfer",
                     extra={"task_id": task_id, "worker": self.worker, "error": _describe(exc)},
                 )
-                self.drop()
+                self._failed(exc)
 
     def forget(self, task_id: str) -> None:
-        """The task ended on this worker: its grant is never presented again, and the server drops it."""
+        """The task ended on this worker: its grant is never presented again, and the server drops
+        it from each connection where no other thread of this process still holds it."""
         if self._grants.pop(task_id, None) is None:
             return
         if self._current == task_id:
             self._current = None
-        if self._session is not None and self._session.active:
-            try:
-                self._session.release_grant(task_id)
-            except (_Denied, _Unsupported, *TRANSIENT):
-                self.drop()  # a new connection presents only the grants still held
+        with self._call():
+            for connection in self.pool.connections():
+                self._release_on(connection, task_id)
 
-    def _present_held(self, session: SftpSession) -> None:
+    def _present_held(self, lease: Lease[SftpSession]) -> None:
         """Present every grant held: the current task's must be taken; a refused older one is forgotten."""
         for task_id, grant in list(self._grants.items()):
             if task_id == self._current:
                 continue
             try:
-                session.present_grant(grant)
-            except (_Denied, _Failed) as exc:
+                self._present_on(lease, task_id, grant)
+            except (_Failed, AccessRefused, TaskEnded) as exc:
                 self._grants.pop(task_id, None)
                 logger.warning(
                     "sftp server refused an old transfer grant: forgotten",
                     extra={"task_id": task_id, "worker": self.worker, "reason": str(exc)},
                 )
         if self._current is not None:
-            self._present(session, self._current, self._grants[self._current])
+            self._present_on(lease, self._current, self._grants[self._current])
+
+    def _present_on(self, lease: Lease[SftpSession], task_id: str, grant: str) -> None:
+        """Present a grant on the lease's connection, unless it was presented there already."""
+        connection = lease.connection
+        with connection.grant_lock:
+            holders = connection.grants.get(task_id)
+            if holders is None:
+                self._present(lease.channel, task_id, grant)
+                holders = connection.grants[task_id] = set()
+            holders.add(self)
 
     def _present(self, session: SftpSession, task_id: str, grant: str) -> None:
         try:
             session.present_grant(grant)
         except _Denied as exc:
             self._grants.pop(task_id, None)
+            if self._current == task_id:
+                self._current = None
             if ENDED in str(exc):
                 raise TaskEnded(f"the server says: {exc}") from None
             raise AccessRefused(f"the SFTP server refused the grant of task {task_id}: {exc}") from None
 
+    def _release_on(self, connection: Connection[SftpSession], task_id: str) -> None:
+        """Let go of a task's grant on one connection; released there once no thread holds it."""
+        with connection.grant_lock:
+            holders = connection.grants.get(task_id)
+            if holders is None or self not in holders:
+                return
+            holders.discard(self)
+            if holders:
+                return  # another thread of this process runs the same task on this connection
+            del connection.grants[task_id]
+            try:
+                lease = self.pool.lease_on(connection)
+                if lease is None:
+                    return  # closed meanwhile: the server dropped its grants with it
+                try:
+                    lease.channel.release_grant(task_id)
+                except BaseException:
+                    self.pool.give_back(lease, reuse=False)
+                    raise
+                self.pool.give_back(lease, reuse=True)
+            except (_Denied, _Unsupported, *TRANSIENT):
+                self.pool.discard(connection)  # closing it drops the grant on the server
+
+    def _let_go(self, task_id: str) -> None:
+        """Stop holding a task's grant without releasing it (left to the connections' end)."""
+        for connection in self.pool.connections():
+            with connection.grant_lock:
+                connection.grants.get(task_id, set()).discard(self)
+
     def drop(self) -> None:
-        """Close the connection (the next transfer opens a new one)."""
-        if self._session is not None:
-            with suppress(Exception):
-                self._session.close()
-            self._session = None
+        """Close this thread's channel (the next call borrows another); its connection goes too
+        if it died."""
+        lease, self._lease = self._lease, None
+        if lease is not None and self._pool is not None:
+            self._pool.give_back(lease, reuse=False)
+
+    def _failed(self, exc: BaseException) -> None:
+        """A request failed with ``exc``: drop the channel, and its connection after a timeout
+        (a connection that stops answering may be gone without a word)."""
+        lease = self._lease
+        self.drop()
+        if lease is not None and isinstance(exc, TimeoutError):
+            self.pool.discard(lease.connection)
 
     def close(self) -> None:
+        """This thread is done: its grants are let go and its pool detached (closed with its
+        last thread). A later call attaches again."""
         self.drop()
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            if pool.users > 1:  # other threads still use the connections: release this thread's grants
+                for task_id in list(self._grants):
+                    with suppress(PipelineError, *TRANSIENT):
+                        self.forget(task_id)
+            detach(_pool_key(self.settings, self.check), pool)
+        self._pool = self._home = None
+        self._grants.clear()
+        self._current = None
 
     def remote(self, store_path: str) -> str:
         return posixpath.join(self.root, _checked_store_path(store_path))
@@ -617,6 +773,10 @@ class SftpTransport:
     # Downloads.
     def download(self, ref: FileRef, dest: Path) -> Path:
         """Fetch ``ref`` to ``dest``; ``dest`` appears only once its size and SHA-256 match."""
+        with self._call():
+            return self._download(ref, dest)
+
+    def _download(self, ref: FileRef, dest: Path) -> Path:
         path = self.remote(ref.path)
         partial = dest.with_name(dest.name + ".partial")
         state = _Download(partial)
@@ -635,7 +795,7 @@ class SftpTransport:
                     self.drop()  # replies to the reads still in flight are of no use
                     mismatch = f"size differs ({exc})"
                 except TRANSIENT as exc:
-                    self.drop()
+                    self._failed(exc)
                     failures = 0 if state.offset > started_at else failures + 1
                     if failures >= attempts:
                         raise TransferError(
@@ -681,6 +841,10 @@ class SftpTransport:
 
     def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
         """The first ``limit`` bytes of a store file, or None if it does not exist (not checksummed)."""
+        with self._call():
+            return self._read_small(store_path, limit)
+
+    def _read_small(self, store_path: str, limit: int) -> bytes | None:
         path = self.remote(store_path)
         failures = 0
         while True:
@@ -696,7 +860,7 @@ class SftpTransport:
             except _Denied:
                 raise TransferError(f"{store_path}: the SFTP server refused to read it") from None
             except (_SizeChanged, *TRANSIENT) as exc:
-                self.drop()
+                self._failed(exc)
                 failures += 1
                 if failures >= self.settings.sftp_attempts:
                     raise TransferError(
@@ -707,6 +871,10 @@ class SftpTransport:
     # Uploads.
     def upload(self, src: Path, store_path: str) -> FileRef:
         """Put ``src`` at ``store_path`` under a temporary name, have it verified, rename it into place."""
+        with self._call():
+            return self._upload(src, store_path)
+
+    def _upload(self, src: Path, store_path: str) -> FileRef:
         final = self.remote(store_path)
         temp = posixpath.join(
             posixpath.dirname(final), f".{posixpath.basename(final)}.{uuid.uuid4().hex[:12]}.partial"
@@ -732,7 +900,7 @@ class SftpTransport:
                     resume = False
                     self._backoff(mismatches)
                 except (_Missing, _SizeChanged, *TRANSIENT) as exc:  # the temporary file may have gone
-                    self.drop()
+                    self._failed(exc)
                     failures += 1
                     if failures >= attempts:
                         raise TransferError(
@@ -796,12 +964,42 @@ class SftpTransport:
             )
 
     def _remove_quietly(self, temp: str) -> None:
-        if self._session is None or not self._session.active:
+        if self._lease is None or not self._lease.active:
             return
         with suppress(Exception):
-            self._session.sftp.remove(temp)
+            self._lease.channel.sftp.remove(temp)
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _pool_key(settings: Settings, check: HostKeyCheck) -> Hashable:
+    """What makes two transports share a pool: the same server, credentials, host key check and pool."""
+
+    def secret(value: Any) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    return (
+        settings.sftp_host,
+        settings.sftp_port,
+        settings.sftp_username,
+        secret(settings.worker_token),
+        secret(settings.sftp_password),
+        settings.sftp_key_file,
+        settings.sftp_timeout_s,
+        settings.sftp_pool_connections,
+        settings.sftp_pool_idle_s,
+        type(check),
+        check.pin,
+        check.known_hosts,
+    )
+
+
+def _login_name(settings: Settings) -> str:
+    """Who the pool's connections log in as (for logs); the token's worker for an enrolled worker."""
+    if settings.worker_token is not None:
+        with suppress(TransferError):
+            return token_worker(settings.worker_token.get_secret_value())
+    return settings.sftp_username
