@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_task ON events(task_id, id);
 CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS upload_usage (
+    key TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (key, day)
+);
 """
 
 #: Columns added after the first release, with what existing rows get.
@@ -153,6 +159,26 @@ class TaskStore:
         if self._claims % 500 == 0:
             db.execute("DELETE FROM seen_nonces WHERE ts < ?", (now - NONCE_RETENTION_S,))
         return True
+
+    # Upload quotas: the bytes each API key uploaded on a day (days since the epoch, UTC).
+    def uploaded_bytes(self, key: str, day: int) -> int:
+        """Bytes ``key`` uploaded on ``day``."""
+        row = (
+            self.db.connect()
+            .execute("SELECT bytes FROM upload_usage WHERE key=? AND day=?", (key, day))
+            .fetchone()
+        )
+        return int(row["bytes"]) if row is not None else 0
+
+    def add_uploaded_bytes(self, key: str, day: int, size: int) -> None:
+        """Count ``size`` more bytes uploaded by ``key`` on ``day``; earlier days are forgotten."""
+        with self.db.transaction() as db:
+            db.execute(
+                "INSERT INTO upload_usage (key, day, bytes) VALUES (?, ?, ?)"
+                " ON CONFLICT (key, day) DO UPDATE SET bytes=bytes+excluded.bytes",
+                (key, day, size),
+            )
+            db.execute("DELETE FROM upload_usage WHERE day < ?", (day,))
 
     # Writing.
     def create(self, task: Task) -> Task:

@@ -22,6 +22,7 @@ from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
 from pipeline.routing import looks_like_document
+from pipeline.store import TaskStore
 
 #: Form fields other than the file, and the largest value each may have.
 MAX_FIELD_BYTES = 1024
@@ -233,25 +234,35 @@ async def receive_upload(
 
 
 class DailyQuota:
-    """Bytes each API key may upload per day (UTC), counted in this server process.
+    """Bytes each API key may upload per day (UTC).
 
     Parameters:
       bytes_per_day: the quota of each key; 0: none.
+      store: where each key's bytes of the day are counted, so that a restarted
+        server still knows them; None: counted in this server process only.
       clock: the time source (seconds since the epoch).
     """
 
-    def __init__(self, bytes_per_day: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, bytes_per_day: int, store: TaskStore | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.bytes_per_day = bytes_per_day
+        self._store = store
         self._clock = clock
         self._day = -1
         self._used: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _today(self) -> dict[str, int]:
-        day = int(self._clock() // 86400)
-        if day != self._day:
-            self._day, self._used = day, {}
-        return self._used
+    def _today(self) -> int:
+        return int(self._clock() // 86400)
+
+    def used(self, key: str) -> int:
+        """The bytes ``key`` uploaded today."""
+        day = self._today()
+        if self._store is not None:
+            return self._store.uploaded_bytes(key, day)
+        with self._lock:
+            return self._used.get(key, 0) if day == self._day else 0
 
     def left(self, key: str) -> tuple[int, str] | None:
         """The bytes ``key`` may still upload today and the reason past them; None: no quota.
@@ -260,8 +271,7 @@ class DailyQuota:
         """
         if self.bytes_per_day <= 0:
             return None
-        with self._lock:
-            left = self.bytes_per_day - self._today().get(key, 0)
+        left = self.bytes_per_day - self.used(key)
         reason = (
             f"over the daily upload quota of {self.bytes_per_day // MIB} MiB for this API key "
             "(MORAG_QUOTA_MB_PER_DAY); it renews at midnight UTC"
@@ -274,6 +284,11 @@ class DailyQuota:
         """Count ``size`` bytes uploaded by ``key``."""
         if self.bytes_per_day <= 0:
             return
+        day = self._today()
+        if self._store is not None:
+            self._store.add_uploaded_bytes(key, day, size)
+            return
         with self._lock:
-            used = self._today()
-            used[key] = used.get(key, 0) + size
+            if day != self._day:
+                self._day, self._used = day, {}
+            self._used[key] = self._used.get(key, 0) + size
