@@ -12,6 +12,14 @@ An enrolled worker's token is checked again on every grant and every open,
 and a watcher closes the sessions of a revoked token within seconds
 (``TOKEN_CHECK_S``, ``WATCH_INTERVAL_S``).
 
+The server holds up against a crowded fleet and a hostile peer
+(``SftpLimits``): it serves a bounded number of connections; an address may
+hold only a few connections that have not logged in (a whole fleet behind one
+address logs in freely); an address that keeps failing to log in is refused
+for a while that doubles with each further failure (``LoginThrottle``); a
+connection must log in within the handshake timeout, and a logged-in one that
+sends no SFTP request for the idle timeout is closed.
+
 Besides plain SFTP v3 the server answers four extensions: ``check-file`` with
 the ``sha256`` algorithm (the client asks the server to hash what it holds, so
 an upload is verified by the server, not by the client's word),
@@ -36,6 +44,7 @@ import struct
 import threading
 import time
 from base64 import b64decode
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,6 +81,7 @@ from pipeline.security.grants import (
     TokenStanding,
 )
 from pipeline.security.tokens import AuthError, TokenStore
+from pipeline.transfer.sftp_limits import LoginThrottle, LogLimiter, SftpLimits
 
 logger = get_logger(__name__)
 #: paramiko's own log of server connections. It reports every client that
@@ -91,13 +101,13 @@ HASH_BLOCK = 1024 * 1024
 #: streaming; a much larger one only lets paramiko's channel buffer grow.
 WINDOW_SIZE = 8 * 1024 * 1024
 MAX_PACKET_SIZE = 256 * 1024
-#: Connections served at once; more are refused until some close.
-MAX_CONNECTIONS = 64
-#: Seconds a client has to finish the SSH handshake and to authenticate.
-HANDSHAKE_TIMEOUT = 30.0
+#: Connections the kernel queues until the server accepts them: a fleet that
+#: reconnects at once (a server restart) is queued, not dropped.
+LISTEN_BACKLOG = 1024
 #: Seconds a worker token found standing is trusted before its record is read again.
 TOKEN_CHECK_S = 1.0
-#: Seconds between two rounds of the watcher that closes the sessions of revoked tokens.
+#: Seconds between two rounds of the watcher that closes the sessions of revoked
+#: tokens, connections that did not log in in time, and idle ones.
 WATCH_INTERVAL_S = 1.0
 
 HOST_KEY_NAME = "sftp_host_ed25519_key"
@@ -112,6 +122,23 @@ _DATA_HEADER = struct.Struct(">IBII")
 
 class SftpServerError(PipelineError):
     """The SFTP server cannot start: bad host key, port in use, no credentials."""
+
+
+class LoginRefused(Exception):
+    """A login refused for a reason worth recording (a worker token's), rather than a bare no.
+
+    Parameters:
+      reason: why, for the log and the audit (never the credential itself).
+      guess: whether the credential may be a guess (a bad signature). A token
+        the server did sign, revoked or expired since, is no guess: its
+        refusals do not count towards the address's failed logins, so one
+        revoked box cannot lock out the fleet that shares its address.
+    """
+
+    def __init__(self, reason: str, *, guess: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.guess = guess
 
 
 # Who may do what.
@@ -141,7 +168,8 @@ class Principal:
 
 
 class Authenticator(Protocol):
-    """Decides who may log in, and with which grant."""
+    """Decides who may log in, and with which grant: a ``Principal``, None (refused), or
+    ``LoginRefused`` raised with the reason."""
 
     def methods(self, username: str) -> list[str]:
         """SSH authentication methods offered to ``username`` (``password``, ``publickey``)."""
@@ -286,11 +314,11 @@ class TokenLogins:
         try:
             claims = self.tokens.verify(password)
         except AuthError as exc:
-            audit("sftp.login_refused", worker=username, reason=str(exc))
-            return None
+            # verify() checks the signature first: any later reason is of a token the server signed.
+            reason = str(exc)
+            raise LoginRefused(reason, guess=reason.startswith("invalid worker token")) from None
         if claims["sub"] != username:
-            audit("sftp.login_refused", worker=username, reason=f"token of {claims['sub']}")
-            return None
+            raise LoginRefused(f"token of {claims['sub']}", guess=False)
         self.tokens.touch(claims["jti"])
         audit("token.used", token=claims["jti"], worker=username, via="sftp")
         standing = self.standings.standing(claims["jti"])
@@ -696,6 +724,14 @@ class StoreSftpServer(paramiko.SFTPServer):
         return int.from_bytes(data[:4], "big")
 
     def _process(self, t: int, request_number: int, msg: paramiko.Message) -> None:
+        session: SshSession = self.server.session
+        session.touch()  # a request, answered or not, keeps the connection from idling out
+        try:
+            self._answer(t, request_number, msg)
+        finally:
+            session.touch()
+
+    def _answer(self, t: int, request_number: int, msg: paramiko.Message) -> None:
         if t == CMD_READ:
             self._read(request_number, msg)
             return
@@ -815,37 +851,100 @@ class SshSession(paramiko.ServerInterface):
     so a login only counts once paramiko reports the connection authenticated:
     the principal is settled when the client opens its session.
 
+    Every login attempt asks ``throttle`` first: while the client's address is
+    refused, no credential is checked. Each refused password counts as one
+    failure of the address; refused public keys count once per connection
+    (an OpenSSH client offers each key it holds in turn); a refused worker
+    token that the server did sign (revoked, expired) does not count. Refusals
+    are logged and audited with the address and the reason, never the
+    credential; those that the throttle does not bound are held back by
+    ``limiter``.
+
     Parameters:
       authenticator: who may log in.
-      peer: the client's address, for logs.
+      peer: the client's address and port, for logs.
       transport: the client's SSH connection.
+      address: the client's address, by which failed logins are counted.
+      throttle: failed logins by address.
+      limiter: holds back repeated log records of the same refusal.
+      on_login: called once, when the client has logged in.
     """
 
-    def __init__(self, authenticator: Authenticator, peer: str, transport: paramiko.Transport) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        peer: str,
+        transport: paramiko.Transport,
+        address: str,
+        throttle: LoginThrottle,
+        limiter: LogLimiter,
+        on_login: Callable[[SshSession], None] | None = None,
+    ) -> None:
         self.authenticator = authenticator
         self.peer = peer
         self.transport = transport
+        self.address = address
+        self.throttle = throttle
+        self.limiter = limiter
+        self.on_login = on_login
         self.username: str | None = None
         self.principal: Principal | None = None
+        self.opened_at = time.monotonic()
+        self.last_request = self.opened_at
         self._accepted: dict[str, tuple[Principal, str]] = {}
+        self._key_refused = False
+
+    def touch(self) -> None:
+        """The client made an SFTP request: it is not idle."""
+        self.last_request = time.monotonic()
 
     def get_allowed_auths(self, username: str) -> str:
         return ",".join(self.authenticator.methods(username))
 
-    def _result(self, username: str, principal: Principal | None, method: str) -> int:
-        if principal is None:
-            logger.warning(
-                "sftp login refused", extra={"worker": username, "peer": self.peer, "method": method}
-            )
-            return paramiko.AUTH_FAILED
-        self._accepted[username] = (principal, method)
-        return paramiko.AUTH_SUCCESSFUL
-
     def check_auth_password(self, username: str, password: str) -> int:
-        return self._result(username, self.authenticator.check_password(username, password), "password")
+        return self._login(
+            username, "password", lambda: self.authenticator.check_password(username, password)
+        )
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
-        return self._result(username, self.authenticator.check_public_key(username, key), "publickey")
+        return self._login(username, "publickey", lambda: self.authenticator.check_public_key(username, key))
+
+    def _login(self, username: str, method: str, check: Callable[[], Principal | None]) -> int:
+        """Ask the throttle, then ``check``; count and record a refusal."""
+        wait = self.throttle.refused_for(self.address)
+        if wait:
+            reason = f"too many failed logins from {self.address}: refused for {wait:.0f} s more"
+            self._refused(username, method, reason, kind="throttled")
+            return paramiko.AUTH_FAILED
+        try:
+            principal = check()
+            reason, guess = "credentials not accepted", True
+        except LoginRefused as exc:
+            principal, reason, guess = None, exc.reason, exc.guess
+        if principal is not None:
+            self._accepted[username] = (principal, method)
+            return paramiko.AUTH_SUCCESSFUL
+        self._refused(username, method, reason, kind=None if guess else reason)
+        if guess and (method == "password" or not self._key_refused):
+            backoff = self.throttle.failed(self.address)
+            if backoff:
+                logger.warning(
+                    "sftp logins refused from an address for a while",
+                    extra={"peer": self.address, "backoff_s": backoff},
+                )
+                audit("sftp.login_throttled", peer=self.address, backoff_s=backoff)
+        if method == "publickey":
+            self._key_refused = True
+        return paramiko.AUTH_FAILED
+
+    def _refused(self, username: str, method: str, reason: str, *, kind: str | None) -> None:
+        """Log and audit a refused login; of a ``kind``, at most one per address every ``LOG_EVERY_S``."""
+        held_back = self.limiter.allow((self.address, kind)) if kind is not None else 0
+        if held_back is None:
+            return
+        extra = {"worker": username, "peer": self.peer, "method": method, "reason": reason}
+        logger.warning("sftp login refused", extra={**extra, "held_back": held_back})
+        audit("sftp.login_refused", worker=username, peer=self.address, method=method, reason=reason)
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind != "session" or not self.transport.is_authenticated():
@@ -856,16 +955,31 @@ class SshSession(paramiko.ServerInterface):
         if self.principal is None:
             self.username = username
             self.principal, method = self._accepted[username]
+            self.touch()
+            self.throttle.succeeded(self.address)
+            if self.on_login is not None:
+                self.on_login(self)
             logger.info("sftp login", extra={"worker": username, "peer": self.peer, "method": method})
+            if isinstance(self.principal.grant, WholeStore):
+                audit("sftp.login", worker=username, peer=self.address, method=method, reach="whole store")
         return paramiko.OPEN_SUCCEEDED
 
 
 class SftpServer:
     """Serves a store folder over SFTP on a TCP port, each connection in its own threads.
 
-    A watcher thread closes, every ``WATCH_INTERVAL_S``, each session whose
-    principal's credential no longer stands (a revoked worker token): the
-    worker is cut off mid-transfer, and its token logs in no more.
+    It holds to ``limits``: a connection beyond ``max_connections``, or beyond
+    ``max_preauth_per_peer`` connections of its address that have not logged
+    in, is closed as soon as it is accepted (logged at most every
+    ``LOG_EVERY_S`` per address). An address that failed to log in
+    ``login_failures_per_peer`` times is refused for a while (``LoginThrottle``).
+
+    A watcher thread closes, every ``WATCH_INTERVAL_S``, each connection that
+    has not logged in ``handshake_timeout_s`` after it was accepted, each
+    logged-in connection without an SFTP request for ``idle_timeout_s``, and
+    each session whose principal's credential no longer stands (a revoked
+    worker token): the worker is cut off mid-transfer, and its token logs in
+    no more.
 
     Parameters:
       root: the folder served as ``/``.
@@ -873,6 +987,7 @@ class SftpServer:
       authenticator: who may log in, and what they may touch.
       host: the address to listen on.
       port: the port (0 picks a free one; see ``port`` once started).
+      limits: connections, logins and timeouts allowed (default: ``SftpLimits()``).
     """
 
     def __init__(
@@ -882,16 +997,22 @@ class SftpServer:
         authenticator: Authenticator,
         host: str = "127.0.0.1",
         port: int = 2222,
+        limits: SftpLimits | None = None,
     ) -> None:
         self.folder = StoreFolder(root)
         self.host_key = host_key
         self.authenticator = authenticator
         self.host = host
         self.port = port
+        self.limits = limits or SftpLimits()
+        self.throttle = LoginThrottle(
+            self.limits.login_failures_per_peer, self.limits.login_backoff_s, self.limits.login_backoff_max_s
+        )
+        self._log_limiter = LogLimiter()
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._transports: set[paramiko.Transport] = set()
         self._sessions: dict[paramiko.Transport, SshSession] = {}
+        self._preauth: dict[str, set[paramiko.Transport]] = {}  # by address: connections not logged in
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -908,8 +1029,9 @@ class SftpServer:
 
     @property
     def connections(self) -> int:
+        """Connections open, logged in or not."""
         with self._lock:
-            return len(self._transports)
+            return sum(1 for t in self._sessions if t.is_active())
 
     @property
     def logins(self) -> list[str]:
@@ -920,14 +1042,14 @@ class SftpServer:
 
     def start(self) -> None:
         try:
-            listener = socket.create_server((self.host, self.port), reuse_port=False)
+            listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             raise SftpServerError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
         self._listener = listener
         self.port = listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="sftp-accept", daemon=True)
         self._thread.start()
-        self._watcher = threading.Thread(target=self._watch, name="sftp-revocations", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="sftp-watch", daemon=True)
         self._watcher.start()
 
     def stop(self) -> None:
@@ -937,12 +1059,12 @@ class SftpServer:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
             self._listener.close()
-        with self._lock:
-            transports = list(self._transports)
-        for transport in transports:
-            transport.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        with self._lock:
+            transports = list(self._sessions)
+        for transport in transports:
+            transport.close()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
 
@@ -962,62 +1084,138 @@ class SftpServer:
                 if self._stopping.is_set():
                     return
                 continue
+            host = address[0]
             with self._lock:
-                self._transports = {t for t in self._transports if t.is_active()}
-                self._sessions = {t: s for t, s in self._sessions.items() if t in self._transports}
-                busy = len(self._transports) >= MAX_CONNECTIONS
-            if busy:
-                logger.warning("sftp connection refused: too many connections", extra={"peer": address[0]})
+                refusal = self._refusal(host)
+            if refusal is not None:
                 sock.close()
+                held_back = self._log_limiter.allow((host, refusal))
+                if held_back is not None:
+                    logger.warning(
+                        "sftp connection refused",
+                        extra={"peer": host, "reason": refusal, "held_back": held_back},
+                    )
                 continue
-            peer = f"{address[0]}:{address[1]}"
-            threading.Thread(
-                target=self._handshake, args=(sock, peer), name=f"sftp-{peer}", daemon=True
-            ).start()
+            try:
+                self._serve(sock, host, address[1])
+            except Exception as exc:  # never let one connection stop the server
+                logger.warning("cannot serve an sftp connection", extra={"peer": host, "error": str(exc)})
+                sock.close()
 
-    def _handshake(self, sock: socket.socket, peer: str) -> None:
+    def _serve(self, sock: socket.socket, host: str, port: int) -> None:
+        """Start the SSH server side of an accepted connection, in paramiko's own thread."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(
             sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
         )
         transport.set_log_channel(PARAMIKO_LOG)
-        transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = HANDSHAKE_TIMEOUT
+        timeout = self.limits.handshake_timeout_s
+        transport.banner_timeout = transport.handshake_timeout = transport.auth_timeout = timeout
         transport.add_server_key(self.host_key)
         transport.set_subsystem_handler("sftp", StoreSftpServer, StoreHandler, self.folder)
-        session = SshSession(self.authenticator, peer, transport)
+        session = SshSession(
+            self.authenticator,
+            f"{host}:{port}",
+            transport,
+            host,
+            self.throttle,
+            self._log_limiter,
+            self._logged_in,
+        )
+        # Only this thread adds connections, so the check of the caps still holds. The lock is
+        # held until paramiko's thread runs, so that the watcher never sees it not started.
         with self._lock:
-            self._transports.add(transport)
             self._sessions[transport] = session
-        try:
-            transport.start_server(server=session)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            logger.info("sftp handshake failed", extra={"peer": peer, "error": str(exc)})
-            transport.close()
+            self._preauth.setdefault(host, set()).add(transport)
+            transport.start_server(threading.Event(), server=session)
+
+    def _refusal(self, host: str) -> str | None:
+        """Why a new connection from ``host`` is refused, or None (called with the lock held)."""
+        if len(self._sessions) >= self.limits.max_connections:
+            self._forget_closed(list(self._sessions))
+            if len(self._sessions) >= self.limits.max_connections:
+                return "too many connections"
+        waiting = self._preauth.get(host)
+        if waiting is not None and len(waiting) >= self.limits.max_preauth_per_peer:
+            self._forget_closed(list(waiting))
+            if len(self._preauth.get(host, ())) >= self.limits.max_preauth_per_peer:
+                return "too many connections from this address that have not logged in"
+        return None
+
+    def _forget_closed(self, transports: list[paramiko.Transport]) -> None:
+        """Drop the closed ones of ``transports`` from the books (called with the lock held)."""
+        for transport in transports:
+            if transport.is_active():
+                continue
+            session = self._sessions.pop(transport, None)
+            if session is None or session.principal is not None:
+                continue
+            self._leave_preauth(session)
+            error = transport.get_exception()
+            if (
+                error is not None
+                and self._log_limiter.allow((session.address, "closed before login")) is not None
+            ):
+                logger.info(
+                    "sftp connection closed before login", extra={"peer": session.peer, "error": str(error)}
+                )
+
+    def _leave_preauth(self, session: SshSession) -> None:
+        waiting = self._preauth.get(session.address)
+        if waiting is not None:
+            waiting.discard(session.transport)
+            if not waiting:
+                del self._preauth[session.address]
+
+    def _logged_in(self, session: SshSession) -> None:
+        with self._lock:
+            self._leave_preauth(session)
 
     def _watch(self) -> None:
-        """Close, every ``WATCH_INTERVAL_S``, the sessions whose credential no longer stands."""
+        """Every ``WATCH_INTERVAL_S``: close connections late to log in, idle, or whose credential fell."""
         while not self._stopping.wait(WATCH_INTERVAL_S):
             with self._lock:
+                self._forget_closed(list(self._sessions))
                 sessions = list(self._sessions.items())
+            now = time.monotonic()
             for transport, session in sessions:
-                principal = session.principal
-                if principal is None or principal.standing is None or not transport.is_active():
-                    continue
                 try:
-                    reason = principal.standing()
+                    self._check(transport, session, now)
                 except Exception as exc:  # never let one session stop the watcher
                     logger.warning(
                         "cannot check an sftp session", extra={"peer": session.peer, "error": str(exc)}
                     )
-                    continue
-                if reason is None:
-                    continue
-                logger.warning(
-                    "sftp session closed",
-                    extra={"worker": session.username, "peer": session.peer, "reason": reason},
+
+    def _check(self, transport: paramiko.Transport, session: SshSession, now: float) -> None:
+        """Close ``transport`` if it is late to log in, idle, or its credential no longer stands."""
+        principal = session.principal
+        if principal is None:
+            if now - session.opened_at >= self.limits.handshake_timeout_s:
+                logger.info(
+                    "sftp connection closed: not logged in in time",
+                    extra={"peer": session.peer, "timeout_s": self.limits.handshake_timeout_s},
                 )
-                audit("sftp.session_closed", worker=session.username, reason=reason)
                 transport.close()
+            return
+        idle = now - session.last_request
+        if idle >= self.limits.idle_timeout_s:
+            logger.info(
+                "sftp connection closed: idle",
+                extra={"worker": session.username, "peer": session.peer, "idle_s": round(idle, 1)},
+            )
+            transport.close()
+            return
+        if principal.standing is None:
+            return
+        reason = principal.standing()
+        if reason is None:
+            return
+        logger.warning(
+            "sftp session closed",
+            extra={"worker": session.username, "peer": session.peer, "reason": reason},
+        )
+        audit("sftp.session_closed", worker=session.username, reason=reason)
+        transport.close()
 
 
 def start_sftp_server(
@@ -1027,18 +1225,19 @@ def start_sftp_server(
     task_state: TaskStateLookup | None = None,
     task_route: TaskRouteLookup | None = None,
 ) -> SftpServer:
-    """Start the embedded SFTP server the settings describe, serving ``root``.
+    """Start the embedded SFTP server the settings describe, serving ``root``, within their limits.
 
     With ``tokens``, enrolled workers log in with their tokens and reach only
-    the tasks whose grants they present; the shared account of the settings,
-    if configured, still reaches the whole store. With ``task_state`` a grant
-    stays open while its task is queued or running, whatever its age, and
-    closes when the task ends. With ``task_route`` a worker of the queue a
-    task was rerouted to may present the grant signed for the first one.
+    the tasks whose grants they present. The shared account of the settings
+    (``sftp_username`` with ``sftp_password`` or ``sftp_authorized_keys``)
+    reaches the whole store; it is served only when ``sftp_shared_account``
+    is true, with a warning. With ``task_state`` a grant stays open while its
+    task is queued or running, whatever its age, and closes when the task
+    ends. With ``task_route`` a worker of the queue a task was rerouted to may
+    present the grant signed for the first one.
     """
     key = load_host_key(host_key_path(settings))
-    credentials = WorkerCredentials.from_settings(settings)
-    shared = credentials if credentials.methods(settings.sftp_username) else None
+    shared = shared_account(settings)
     authenticator: Authenticator
     if tokens is not None:
         authenticator = TokenLogins(tokens, tokens.secret, shared, task_state, task_route)
@@ -1046,11 +1245,12 @@ def start_sftp_server(
         authenticator = shared
     else:
         logger.warning(
-            "no SFTP worker credentials: set MORAG_SFTP_PASSWORD or MORAG_SFTP_AUTHORIZED_KEYS; "
-            "every login is refused until then"
+            "no SFTP worker logins: enroll workers with tokens, or serve the shared account "
+            "(MORAG_SFTP_SHARED_ACCOUNT=true); every login is refused until then"
         )
-        authenticator = credentials
-    server = SftpServer(root, key, authenticator, settings.sftp_listen_host, settings.sftp_port)
+        authenticator = WorkerCredentials(settings.sftp_username)
+    limits = SftpLimits.from_settings(settings)
+    server = SftpServer(root, key, authenticator, settings.sftp_listen_host, settings.sftp_port, limits)
     server.start()
     logger.info(
         "sftp server listening",
@@ -1058,6 +1258,35 @@ def start_sftp_server(
             "address": f"{server.host}:{server.port}",
             "fingerprint": server.fingerprint,
             "host_key": public_key_line(key),
+            "shared_account": shared is not None,
         },
     )
     return server
+
+
+def shared_account(settings: Settings) -> WorkerCredentials | None:
+    """The shared worker account, when the settings serve it (``sftp_shared_account``); None otherwise.
+
+    A password or keys configured without the flag are not served, and that
+    is logged; so is serving it, since it reaches the whole store.
+    """
+    configured = settings.sftp_password is not None or settings.sftp_authorized_keys is not None
+    if not settings.sftp_shared_account:
+        if configured:
+            logger.warning(
+                "the shared SFTP account is configured but not served: set MORAG_SFTP_SHARED_ACCOUNT=true "
+                "to serve it (it reaches the whole store), or remove its password and keys"
+            )
+        return None
+    credentials = WorkerCredentials.from_settings(settings)
+    if not credentials.methods(settings.sftp_username):
+        logger.warning(
+            "MORAG_SFTP_SHARED_ACCOUNT is true but the account has no password or keys: "
+            "set MORAG_SFTP_PASSWORD or MORAG_SFTP_AUTHORIZED_KEYS; it is not served"
+        )
+        return None
+    logger.warning(
+        "the shared SFTP account is served: it reads and writes the whole store, every task's files",
+        extra={"worker": settings.sftp_username, "methods": credentials.methods(settings.sftp_username)},
+    )
+    return credentials
