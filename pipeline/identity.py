@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+from collections.abc import Iterable
 
 from pipeline.config import get_settings
 
@@ -28,3 +29,18 @@ def worker_id() -> str:
     parent = multiprocessing.parent_process()
     pid = parent.pid if parent is not None and parent.pid is not None else os.getpid()
     return f"{socket.gethostname()}:{pid}"
+
+
+#: The queues this worker process consumes, recorded at its boot.
+_queues: tuple[str, ...] = ()
+
+
+def record_queues(queues: Iterable[str]) -> None:
+    """Remember the queues this worker process consumes (``WorkerSizing`` calls it at boot)."""
+    global _queues
+    _queues = tuple(sorted(queues))
+
+
+def worker_queues() -> tuple[str, ...]:
+    """The queues this worker process consumes; empty before its boot."""
+    return _queues

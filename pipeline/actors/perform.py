@@ -10,7 +10,7 @@ from dramatiq.middleware import CurrentMessage, SkipMessage
 from pipeline.brokers import current_broker
 from pipeline.config import get_settings
 from pipeline.errors import BadInput, TaskCanceled, TaskEnded
-from pipeline.identity import worker_id
+from pipeline.identity import worker_id, worker_queues
 from pipeline.jobs import run_job
 from pipeline.logs import get_logger
 from pipeline.middleware.cancellations import is_canceled
@@ -28,7 +28,7 @@ _local = threading.local()
 def _transport() -> Transport:
     transport = getattr(_local, "transport", None)
     if transport is None:
-        transport = _local.transport = open_transport(get_settings())
+        transport = _local.transport = open_transport(get_settings(), worker_queues())
     return transport
 
 

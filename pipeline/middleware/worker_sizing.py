@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dramatiq import Broker, Middleware, Worker
 
+from pipeline.identity import record_queues
+
 
 class WorkerSizing(Middleware):
     """Sets a worker's prefetch so RabbitMQ priorities hold.
@@ -22,6 +24,7 @@ class WorkerSizing(Middleware):
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         queues = worker.consumer_whitelist or broker.get_declared_queues()
+        record_queues(queues)
         if "gpu" in queues:
             worker.queue_prefetch = self.gpu_prefetch
         else:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 from pipeline.config import FileAccess, Settings
 from pipeline.transfer.checksums import FileRef, copy_file_hashed, verify
-from pipeline.transfer.local import LocalStore
+from pipeline.transfer.local import LocalStore, LocalTransport, capability_of
 
 
 class Transport(Protocol):
@@ -85,10 +86,14 @@ class SharedTransport:
         pass
 
 
-def open_transport(settings: Settings) -> Transport:
-    """The transport the configuration asks for."""
+def open_transport(settings: Settings, queues: Iterable[str] = ()) -> Transport:
+    """The transport the configuration asks for, for a worker consuming ``queues``.
+
+    A worker sharing the server's disk is held to its tasks' transfer grants,
+    of the one task queue it consumes (grants of either queue when it consumes both).
+    """
     if settings.file_access is FileAccess.shared:
-        return SharedTransport(LocalStore(settings.files_dir))
+        return LocalTransport.from_settings(settings, capability_of(queues))
     if settings.file_access is FileAccess.sftp:
         from pipeline.transfer.sftp_client import SftpTransport
 
