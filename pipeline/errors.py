@@ -57,3 +57,11 @@ class AccessRefused(BadInput):
 
     Retrying the same message cannot help.
     """
+
+
+class UnprovenMessage(AccessRefused):
+    """A task message whose transfer grant opens nothing: none, forged, or another task's.
+
+    The server did not send it, so nothing is said of the task it names: it is
+    dead-lettered with the reason, and no report is made.
+    """

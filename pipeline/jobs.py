@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import Settings
-from pipeline.errors import TaskCanceled
+from pipeline.errors import AccessRefused, TaskCanceled, UnprovenMessage
 from pipeline.outputs import output_folder, output_name
 from pipeline.processors import Progress, documents, media, whisper
 from pipeline.processors.transcripts import FORMATS
@@ -40,6 +40,24 @@ class Events(Protocol):
 
 
 Outputs = dict[str, str | bytes]
+
+
+def authorize_job(transport: Transport, job: dict[str, Any]) -> None:
+    """Present the job's transfer grant, before anything is said of its task.
+
+    Raises UnprovenMessage when the grant is missing or opens nothing (the
+    server did not send this message), TaskEnded when its task has ended.
+    """
+    task_id = job["task_id"]
+    grant = job.get("grant")
+    if not grant:
+        raise UnprovenMessage(f"task {task_id}: the message carries no transfer grant")
+    try:
+        transport.authorize(task_id, grant)
+    except UnprovenMessage:
+        raise
+    except AccessRefused as exc:
+        raise UnprovenMessage(str(exc)) from None
 
 
 def run_job(
@@ -64,8 +82,6 @@ def run_job(
         if should_stop():
             raise TaskCanceled(f"canceled while {stage}")
 
-    if job.get("grant"):
-        transport.authorize(task_id, job["grant"])
     done = read_manifest(transport, task_id)
     if done is not None:
         return done.outputs, {**done.result, "reused": True}

@@ -9,9 +9,9 @@ from dramatiq.middleware import CurrentMessage, SkipMessage
 
 from pipeline.brokers import current_broker
 from pipeline.config import get_settings
-from pipeline.errors import BadInput, TaskCanceled, TaskEnded
+from pipeline.errors import BadInput, TaskCanceled, TaskEnded, UnprovenMessage
 from pipeline.identity import worker_id, worker_queues
-from pipeline.jobs import run_job
+from pipeline.jobs import authorize_job, run_job
 from pipeline.logs import get_logger
 from pipeline.middleware.cancellations import is_canceled
 from pipeline.reporting import reporter_for
@@ -39,10 +39,12 @@ def perform(job: dict[str, Any]) -> None:
     queue = message.queue_name if message else "?"
     reporter = reporter_for(current_broker())
     log = {"task_id": task_id, "worker": worker_id(), "queue": queue, "attempt": attempt}
-    logger.info("task started", extra=log)
-    reporter.started(task_id, attempt)
     transport = _transport()
     try:
+        # A message that cannot prove the server sent it changes no task: its grant comes first.
+        authorize_job(transport, job)
+        logger.info("task started", extra=log)
+        reporter.started(task_id, attempt)
         outputs, result = run_job(
             job,
             settings=get_settings(),
@@ -55,6 +57,9 @@ def perform(job: dict[str, Any]) -> None:
         logger.info("task stopped: canceled", extra=log)
         reporter.note(task_id, "stopped", {"reason": str(exc)})
         return
+    except UnprovenMessage as exc:
+        logger.warning("task message refused: its grant opens nothing", extra={**log, "reason": str(exc)})
+        raise
     except TaskEnded as exc:
         # A message delivered again after its task ended elsewhere: acknowledged, counted as skipped.
         logger.info("task already ended: nothing to do", extra={**log, "reason": str(exc)})

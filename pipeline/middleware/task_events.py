@@ -5,7 +5,7 @@ from __future__ import annotations
 from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, UnprovenMessage
 from pipeline.reporting import reporter_for
 from pipeline.task_message import task_id_of
 
@@ -20,6 +20,8 @@ def describe(exception: BaseException) -> str:
 class TaskEvents(Middleware):
     """Reports failed attempts of pipeline tasks to the ``control`` queue.
 
+    A message refused as UnprovenMessage is not reported: its task is not its to fail.
+
     Register it before Dramatiq's Retries: ``after_*`` hooks run in reverse
     order, so by the time this one runs Retries has decided whether the
     message is retried or has failed for good (``message.failed``).
@@ -33,8 +35,8 @@ class TaskEvents(Middleware):
         result: object = None,
         exception: BaseException | None = None,
     ) -> None:
-        if exception is None or message.queue_name == "control":
-            return
+        if exception is None or message.queue_name == "control" or isinstance(exception, UnprovenMessage):
+            return  # a message the server did not send says nothing of the task it names
         task_id = task_id_of(message)
         if not task_id:
             return

@@ -57,6 +57,11 @@ def test_a_shared_disk_worker_runs_its_tasks_and_nothing_a_forged_message_asks(
     assert "Quarterly ingestion report" in done["text"]
 
     victim = stack.get(f"/api/v1/tasks/{done['id']}").json()
+    # A task still open, waiting for a GPU: a forged message naming it must not touch it either.
+    proc = stack.cli("submit", "--no-wait", "--gpu", "require", str(samples / "speech.mp3"))
+    assert proc.returncode == 0, proc.stderr
+    waiting = stack.get(f"/api/v1/tasks/{proc.stdout.split()[0]}").json()
+    assert waiting["state"] == "queued"
     files = stack.data_dir / "files"
     before = snapshot(files)
     secret = stack.env["MORAG_SECRET_KEY"].encode()
@@ -66,6 +71,7 @@ def test_a_shared_disk_worker_runs_its_tasks_and_nothing_a_forged_message_asks(
         forged_job(no_grant, victim, None),
         forged_job(other_secret, victim, issue_grant(b"w" * 48, other_secret, [], 600, "cpu")),
         forged_job(stolen, victim, issue_grant(secret, victim["id"], inputs, 600, "cpu")),
+        forged_job(waiting["id"], victim, None),
     ]
     broker = build_rabbitmq_broker(Settings(broker_url=stack.env["MORAG_BROKER_URL"]))
     try:
@@ -76,15 +82,22 @@ def test_a_shared_disk_worker_runs_its_tasks_and_nothing_a_forged_message_asks(
 
     # Each is refused as bad input, at once: failed, not retried, and dead-lettered.
     url = stack.env["MORAG_BROKER_URL"]
-    wait_for("the forged messages to be refused", lambda: queue_depth(url, "cpu.XQ") >= 3, stack=stack)
-    assert queue_depth(url, "cpu.XQ") == 3
+    wait_for("the forged messages to be refused", lambda: queue_depth(url, "cpu.XQ") >= 4, stack=stack)
+    assert queue_depth(url, "cpu.XQ") == 4
     log = stack.log("local-cpu")
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    refusals = [entry for entry in lines if entry.get("msg") == "transfer refused"]
+    refusals = [
+        entry for entry in lines if entry.get("msg") == "task message refused: its grant opens nothing"
+    ]
     reasons = {r["task_id"]: r["reason"] for r in refusals}
-    assert reasons[no_grant] == f"this worker holds no transfer grant of task {no_grant}"
-    assert reasons[other_secret].startswith("invalid transfer grant")
-    assert reasons[stolen] == f"transfer grant of task {victim['id']}"
+    assert reasons[no_grant] == f"task {no_grant}: the message carries no transfer grant"
+    assert reasons[other_secret].endswith("invalid transfer grant: Signature verification failed")
+    assert reasons[stolen].startswith(
+        f"the transfer grant of task {victim['id']} does not open task {stolen}"
+    )
+    assert reasons[waiting["id"]] == f"task {waiting['id']}: the message carries no transfer grant"
+    # The open task it named was not told anything: still queued, no event added.
+    assert stack.get(f"/api/v1/tasks/{waiting['id']}").json()["events"] == waiting["events"]
     # Nothing was read into a task, written, or changed: not in the store's files, not in its tasks.
     assert snapshot(files) == before
     for task_id in (no_grant, other_secret, stolen):

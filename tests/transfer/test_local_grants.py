@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from pipeline.config import FileAccess, Settings
-from pipeline.errors import AccessRefused, BadInput, TaskEnded, TransferError
-from pipeline.jobs import run_job
+from pipeline.errors import AccessRefused, BadInput, TaskEnded, TransferError, UnprovenMessage
+from pipeline.jobs import authorize_job, run_job
 from pipeline.security.grants import issue_grant
 from pipeline.store import State, Task, TaskStore
 from pipeline.transfer.checksums import FileRef
@@ -150,13 +150,16 @@ def test_forged_task_messages_fetch_nothing_and_write_nothing(
         return {**job, "grant": with_grant} if with_grant is not None else job
 
     cases = [
-        (forged("forged-1", None), "tasks/forged-1/output/.manifest.json: refused to read it: this worker"),
+        (forged("forged-1", None), "task forged-1: the message carries no transfer grant"),
         (forged("forged-2", grant(files, "forged-2", secret=b"x" * 48)), "invalid transfer grant"),
         (forged("forged-3", grant(files, "victim")), "grant of task victim does not open task forged-3"),
     ]
     for job, refusal in cases:
         worker = workers("cpu")
-        with pytest.raises(AccessRefused, match=refusal):
+        with pytest.raises(UnprovenMessage, match=refusal):
+            authorize_job(worker, job)
+        # Run regardless, the job reaches nothing: its transport holds no grant that opens a file.
+        with pytest.raises(AccessRefused, match="refused to read it"):
             run_job(job, settings=server_settings, transport=worker, events=_Events())
         # Nor can its transport be made to fetch the input by hand.
         with pytest.raises(AccessRefused, match="victim/input/notes.md: refused to read it"):
