@@ -1191,11 +1191,17 @@ class SftpServer:
         principal = session.principal
         if principal is None:
             if now - session.opened_at >= self.limits.handshake_timeout_s:
-                logger.info(
-                    "sftp connection closed: not logged in in time",
-                    extra={"peer": session.peer, "timeout_s": self.limits.handshake_timeout_s},
-                )
                 transport.close()
+                held_back = self._log_limiter.allow((session.address, "not logged in in time"))
+                if held_back is not None:
+                    logger.info(
+                        "sftp connection closed: not logged in in time",
+                        extra={
+                            "peer": session.peer,
+                            "timeout_s": self.limits.handshake_timeout_s,
+                            "held_back": held_back,
+                        },
+                    )
             return
         idle = now - session.last_request
         if idle >= self.limits.idle_timeout_s:

@@ -322,33 +322,48 @@ def test_a_connection_that_does_not_log_in_is_closed_after_the_handshake_timeout
 def test_an_idle_logged_in_connection_is_closed_and_the_worker_reconnects(
     store: LocalStore, host_key: paramiko.PKey, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With a 1 s idle timeout a worker that stops asking is cut off (logged), one that keeps asking
-    is not; the idle worker's next transfer reconnects on its own."""
+    """With a 1 s idle timeout an enrolled worker that stops asking is cut off (logged), a client
+    that keeps asking is not; the worker's next transfer reconnects on its own and presents its
+    task's grant again, without which the server would refuse the read."""
+    tokens = TokenStore(tmp_path / "server" / "tasks.db", SERVER_SECRET)
     ref = put_input(store, "t1", "in.bin", b"first and second")
-    with limited_server(store, host_key, idle_timeout_s=1) as server:
-        worker = SftpTransport(worker_settings(tmp_path, server.port, sftp_host_key=server.fingerprint))
-        busy = logged_in_from("127.0.0.1", server.port)
-        assert busy is not None
-        busy_sftp = busy.open_sftp_client()
-        assert busy_sftp is not None
+    logins, limits = TokenLogins(tokens, SERVER_SECRET), SftpLimits(idle_timeout_s=1)
+    with SftpServer(store.root, host_key, logins, "127.0.0.1", 0, limits) as server:
+        token, _ = tokens.issue("gpu-box", "gpu", 3600)
+        other, _ = tokens.issue("cpu-box", "cpu", 3600)
+        worker = SftpTransport(
+            worker_settings(
+                tmp_path,
+                server.port,
+                worker_token=token,
+                sftp_password=None,
+                sftp_host_key=server.fingerprint,
+            )
+        )
+        busy = connect_from("127.0.0.1", server.port)
+        busy_sftp = log_in(busy, "cpu-box", other)
         stop = threading.Event()
 
         def keep_asking() -> None:
             while not stop.wait(0.05):
                 with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                    busy_sftp.listdir("/")
+                    busy_sftp.normalize(".")
 
         asker = threading.Thread(target=keep_asking)
         asker.start()
         try:
             with caplog.at_level(logging.INFO, logger="pipeline"):
+                worker.authorize("t1", issue_grant(SERVER_SECRET, "t1", [ref.path], 600, "gpu"))
                 assert worker.download(ref, tmp_path / "first").read_bytes() == b"first and second"
                 wait_for(
                     "the idle worker's connection to be closed",
-                    lambda: any(r.getMessage() == "sftp connection closed: idle" for r in caplog.records),
+                    lambda: any(
+                        r.getMessage() == "sftp connection closed: idle" and r.worker == "gpu-box"  # type: ignore[attr-defined]
+                        for r in caplog.records
+                    ),
                     timeout=30,
                 )
-                wait_for("the server to drop it", lambda: server.connections == 1, timeout=30)
+                wait_for("the server to drop it", lambda: server.logins == ["cpu-box"], timeout=30)
             assert busy.is_active()  # the connection that kept asking is still served
             assert worker.download(ref, tmp_path / "second").read_bytes() == b"first and second"
         finally:
