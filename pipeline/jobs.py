@@ -142,6 +142,8 @@ def _transcribe(
         progress=progress,
         should_stop=should_stop,
         source=job["filename"],
+        max_memory_mb=settings.document_max_memory_mb,
+        time_limit_s=settings.document_time_limit_s,
     )
     outputs: Outputs = {fmt: render(transcript) for fmt, render in FORMATS.items()}
     summary = {
