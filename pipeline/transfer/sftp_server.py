@@ -4,7 +4,8 @@
 server serves the store instead. Clients see the store root as ``/``; no path
 they send, whatever ``..``, absolute path or symlink it holds, reaches outside
 it. Every request is also checked against the ``Grant`` of the authenticated
-``Principal``: the shared worker account reaches the whole store, an enrolled
+``Principal``: the shared worker account (served only when the settings turn
+it on, ``sftp_shared_account``) reaches the whole store, an enrolled
 worker (``TokenLogins``) only the tasks whose transfer grants it presented on
 its session, for as long as those tasks are open (``pipeline.security.grants``),
 and only grants of its own capability's queue (or of a task rerouted to it).
