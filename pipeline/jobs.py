@@ -142,6 +142,7 @@ def _transcribe(
         progress=progress,
         should_stop=should_stop,
         source=job["filename"],
+        max_loaded=settings.whisper_max_loaded_models,
         max_memory_mb=settings.document_max_memory_mb,
         time_limit_s=settings.document_time_limit_s,
     )

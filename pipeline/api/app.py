@@ -112,7 +112,7 @@ def create_app(
         min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
         check_field=check_option,
     )
-    quota = DailyQuota(settings.quota_mb_per_day * 1024 * 1024)
+    quota = DailyQuota(settings.quota_mb_per_day * 1024 * 1024, services.store)
 
     @app.post(
         "/api/v1/tasks", status_code=201, tags=["tasks"], dependencies=client, openapi_extra=UPLOAD_FORM
@@ -125,8 +125,9 @@ def create_app(
         """
         principal = request.state.principal
         key = principal.key_id or principal.name
-        upload = await receive_upload(request, uploads, limits, max_bytes=quota.left(key))
-        quota.charge(key, upload.size)
+        left = await run_in_threadpool(quota.left, key)
+        upload = await receive_upload(request, uploads, limits, max_bytes=left)
+        await run_in_threadpool(quota.charge, key, upload.size)
         try:
             options = SubmitOptions(
                 priority=upload.fields.get("priority") or "normal",

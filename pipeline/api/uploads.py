@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,35 +233,27 @@ async def receive_upload(
 
 
 class DailyQuota:
-    """Bytes each API key may upload per day (UTC).
+    """Bytes each API key may upload per day (UTC), counted in the task store.
+
+    A restarted server still knows what each key uploaded today.
 
     Parameters:
       bytes_per_day: the quota of each key; 0: none.
-      store: where each key's bytes of the day are counted, so that a restarted
-        server still knows them; None: counted in this server process only.
+      store: where each key's bytes of the day are counted.
       clock: the time source (seconds since the epoch).
     """
 
-    def __init__(
-        self, bytes_per_day: int, store: TaskStore | None = None, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, bytes_per_day: int, store: TaskStore, clock: Callable[[], float] = time.time) -> None:
         self.bytes_per_day = bytes_per_day
         self._store = store
         self._clock = clock
-        self._day = -1
-        self._used: dict[str, int] = {}
-        self._lock = threading.Lock()
 
     def _today(self) -> int:
         return int(self._clock() // 86400)
 
     def used(self, key: str) -> int:
         """The bytes ``key`` uploaded today."""
-        day = self._today()
-        if self._store is not None:
-            return self._store.uploaded_bytes(key, day)
-        with self._lock:
-            return self._used.get(key, 0) if day == self._day else 0
+        return self._store.uploaded_bytes(key, self._today())
 
     def left(self, key: str) -> tuple[int, str] | None:
         """The bytes ``key`` may still upload today and the reason past them; None: no quota.
@@ -282,13 +273,5 @@ class DailyQuota:
 
     def charge(self, key: str, size: int) -> None:
         """Count ``size`` bytes uploaded by ``key``."""
-        if self.bytes_per_day <= 0:
-            return
-        day = self._today()
-        if self._store is not None:
-            self._store.add_uploaded_bytes(key, day, size)
-            return
-        with self._lock:
-            if day != self._day:
-                self._day, self._used = day, {}
-            self._used[key] = self._used.get(key, 0) + size
+        if self.bytes_per_day > 0:
+            self._store.add_uploaded_bytes(key, self._today(), size)
