@@ -31,6 +31,13 @@ class Device(StrEnum):
     cpu = "cpu"
 
 
+class QueueType(StrEnum):
+    """The kind of RabbitMQ queue the task queues are declared as."""
+
+    classic = "classic"  # one node; message priorities on every version
+    quorum = "quorum"  # replicated over a cluster; few or no priority levels (docs)
+
+
 class FileAccess(StrEnum):
     """How a worker reaches the server's task store."""
 
@@ -50,10 +57,16 @@ class Settings(BaseSettings):
 
     # Where the server keeps its task store (SQLite) and files.
     data_dir: Path = Field(default_factory=_default_data_dir)
+    # The task store's database: empty, the SQLite file in data_dir; a
+    # postgresql:// URL puts every table on PostgreSQL (several server replicas).
+    database_url: SecretStr | None = None
 
     # Broker.
     broker_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
     broker_max_priority: int = Field(10, ge=1, le=255)
+    # classic: today's queues, with priorities; quorum: replicated queues for a
+    # RabbitMQ cluster (the server says at start what they cost on its broker).
+    broker_queue_type: QueueType = QueueType.classic
     broker_connect_timeout: float = Field(5.0, gt=0)
     # RabbitMQ's consumer_timeout (30 min by default): a delivery held unacked
     # longer than this closes the worker's channel and the message is
