@@ -16,7 +16,7 @@ from pipeline.api.app import create_app
 from pipeline.api.auth import Authenticator
 from pipeline.brokers import QUEUES, current_broker
 from pipeline.brokers.limits import check_consumer_timeout
-from pipeline.brokers.rabbitmq import connection_parameters
+from pipeline.brokers.rabbitmq import connection_parameters, log_queue_type
 from pipeline.config import Settings, redact_url
 from pipeline.errors import PipelineError
 from pipeline.fleet.capacity import CapacityProbe
@@ -171,6 +171,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     for queue in QUEUES:
         broker.declare_queue(queue, ensure=True)
     check_consumer_timeout(settings)  # logs a warning when a queue would redeliver a task still running
+    log_queue_type(settings)  # the queue type on this broker and what it costs (priorities)
 
     if settings.dev_mode:
         logger.warning("development mode: requests without an API key act as admin; never expose this")

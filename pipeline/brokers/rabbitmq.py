@@ -1,29 +1,50 @@
 """RabbitMQ topology: queues ``gpu``, ``cpu`` and ``control``, priorities and dead letters.
 
-Dramatiq declares each queue durable with ``x-max-priority`` and
-dead-lettering to ``<queue>.XQ``, plus ``<queue>.DQ`` for delayed retries;
-each is bound to the ``morag`` topic exchange under its own name. Messages
-are published there, persistent (``delivery_mode=2``), with publisher confirms.
+Each queue is declared durable with dead-lettering to ``<queue>.XQ``, plus
+``<queue>.DQ`` for delayed retries, as classic queues with ``x-max-priority``
+(Dramatiq's own arguments) or as quorum queues (MORAG_BROKER_QUEUE_TYPE; the
+arguments come from ``pipeline.brokers.queue_types``); each is bound to the
+``morag`` topic exchange under its own name. Messages are published there,
+persistent (``delivery_mode=2``), with publisher confirms.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 from typing import Any
 
 import pika
 import pika.exceptions
-from dramatiq import Message
+from dramatiq import Consumer, Message
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import current_millis, dq_name, q_name, xq_name
 from dramatiq.errors import ConnectionClosed
 
 from pipeline.brokers import QUEUES
-from pipeline.config import Settings
+from pipeline.brokers.queue_types import (
+    QueueRefused,
+    Role,
+    Version,
+    cost,
+    mismatch,
+    parse_version,
+    queue_arguments,
+)
+from pipeline.config import QueueType, Settings
+from pipeline.identity import worker_id
+from pipeline.logs import get_logger
 from pipeline.middleware import pipeline_middleware
+
+logger = get_logger(__name__)
 
 #: Attempts to publish one message across lost connections.
 PUBLISH_ATTEMPTS = 6
+
+#: The exit status of a worker process whose queues RabbitMQ refuses: Dramatiq's
+#: own status for a broker that fails while a worker starts.
+EXIT_QUEUES_REFUSED = 3
 
 
 #: Workers publish through this topic exchange, every queue bound to it by its
@@ -35,39 +56,78 @@ EXCHANGE = "morag"
 class PipelineRabbitmqBroker(RabbitmqBroker):
     """Dramatiq's RabbitMQ broker, publishing through the ``morag`` topic exchange.
 
-    Queues are declared as Dramatiq declares them (durable, priorities, dead
-    letters to ``<queue>.XQ``) and, with ``bind``, bound to the exchange under
-    their names; messages are published to the exchange with the queue's name
-    as routing key, persistent, with publisher confirms when enabled.
+    Queues are declared durable, dead-lettering to ``<queue>.XQ``, with the
+    arguments of their type (``queue_types.queue_arguments``, the one place
+    that builds them) and, with ``bind``, bound to the exchange under their
+    names; messages are published to the exchange with the queue's name as
+    routing key, persistent, with publisher confirms when enabled.
+
+    A queue that exists with other arguments raises ``QueueMismatch`` (one
+    line: the queue, its type, the fix). A worker's consumer cannot recover
+    from that, and Dramatiq would restart it forever, so the worker process
+    logs the line and exits (status 3), which stops the ``dramatiq`` command.
 
     Parameters:
       bind: declare the exchange and bind queues to it. The server does this
         at start; enrolled workers, whose broker users may not bind, do not.
+      queue_type: classic or quorum queues (MORAG_BROKER_QUEUE_TYPE).
     """
 
-    def __init__(self, *, bind: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *, bind: bool = True, queue_type: QueueType = QueueType.classic, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.bind = bind
+        self.queue_type = queue_type
+        self._version: Version | None = None
+
+    @property
+    def server_version(self) -> Version:
+        """The RabbitMQ version the broker's connection reported when it opened."""
+        if self._version is None:
+            self._version = parse_version(server_version(self.connection))
+        return self._version
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        try:
+            return super().consume(queue_name, prefetch, timeout)
+        except QueueRefused as exc:
+            logger.error(str(exc), extra={"queue": queue_name, "worker": worker_id()})
+            logging.shutdown()  # flush the line before the process ends
+            os._exit(EXIT_QUEUES_REFUSED)
 
     def _bind(self, queue_name: str) -> None:
         if self.bind:
             self.channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
             self.channel.queue_bind(queue_name, EXCHANGE, routing_key=queue_name)
 
-    def _declare_queue(self, queue_name: str) -> Any:
-        declared = super()._declare_queue(queue_name)
-        self._bind(queue_name)
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        return queue_arguments(
+            queue_name, Role.queue, self.queue_type, self.server_version, self.max_priority
+        )
+
+    def _declare(self, queue_name: str, role: Role) -> Any:
+        """Declare (and bind) canonical ``queue_name``'s queue of ``role``."""
+        name = {Role.queue: queue_name, Role.delay: dq_name(queue_name), Role.dead: xq_name(queue_name)}[role]
+        arguments = queue_arguments(queue_name, role, self.queue_type, self.server_version, self.max_priority)
+        try:
+            declared = self.channel.queue_declare(queue=name, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            del self.channel  # RabbitMQ closed it
+            if exc.reply_code == 406 and "inequivalent arg" in exc.reply_text:
+                raise mismatch(name, _vhost(self.parameters), self.queue_type, exc.reply_text) from None
+            raise
+        self._bind(name)
         return declared
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        return self._declare(queue_name, Role.queue)
 
     def _declare_dq_queue(self, queue_name: str) -> Any:
-        declared = super()._declare_dq_queue(queue_name)
-        self._bind(dq_name(queue_name))
-        return declared
+        return self._declare(queue_name, Role.delay)
 
     def _declare_xq_queue(self, queue_name: str) -> Any:
-        declared = super()._declare_xq_queue(queue_name)
-        self._bind(xq_name(queue_name))
-        return declared
+        return self._declare(queue_name, Role.dead)
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         """Publish ``message`` to its queue (its delay queue when ``delay`` ms is given)."""
@@ -103,6 +163,7 @@ def build_rabbitmq_broker(settings: Settings) -> RabbitmqBroker:
     broker = PipelineRabbitmqBroker(
         # An enrolled worker (it has a token) leaves the topology to the server.
         bind=settings.worker_token is None,
+        queue_type=settings.broker_queue_type,
         url=settings.broker_url.get_secret_value(),
         confirm_delivery=True,
         max_priority=settings.broker_max_priority,
@@ -112,6 +173,41 @@ def build_rabbitmq_broker(settings: Settings) -> RabbitmqBroker:
     for queue in QUEUES:
         broker.declare_queue(queue)
     return broker
+
+
+def server_version(connection: pika.BlockingConnection) -> str:
+    """The version RabbitMQ announced when ``connection`` opened (``"?"`` if it did not)."""
+    properties = getattr(connection._impl, "server_properties", None) or {}
+    version = properties.get("version", "?")
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def _vhost(parameters: pika.ConnectionParameters | list[pika.ConnectionParameters]) -> str:
+    first = parameters[0] if isinstance(parameters, list) else parameters
+    return first.virtual_host
+
+
+def log_queue_type(settings: Settings) -> str:
+    """Log, once when the server starts, the queue type on this broker and what it costs.
+
+    Returns the line. A broker that cannot be asked is logged and skipped.
+    """
+    try:
+        connection = pika.BlockingConnection(connection_parameters(settings))
+    except pika.exceptions.AMQPError as exc:
+        logger.info(
+            "queue type not reported: RabbitMQ unreachable", extra={"error": str(exc) or type(exc).__name__}
+        )
+        return ""
+    try:
+        shown = server_version(connection)
+    finally:
+        connection.close()
+    queue_type, max_priority = settings.broker_queue_type, settings.broker_max_priority
+    line = cost(queue_type, parse_version(shown), max_priority, shown)
+    params = connection_parameters(settings)
+    logger.info(line, extra={"rabbitmq": shown, "queue_type": str(queue_type), "vhost": params.virtual_host})
+    return line
 
 
 def _tls(params: pika.URLParameters, settings: Settings) -> None:
