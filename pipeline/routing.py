@@ -20,7 +20,7 @@ from pipeline.brokers import PRIORITIES
 from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput, UnsupportedType
 from pipeline.processors import media
-from pipeline.processors.documents import count_pdf_pages
+from pipeline.processors.documents import count_pdf_pages_capped
 
 MEDIA_EXTENSIONS = {
     ".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
@@ -64,7 +64,11 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
         head = f.read(8192)
 
     if head.startswith(b"%PDF-"):
-        pages = count_pdf_pages(path)
+        limits = settings or get_settings()
+        try:
+            pages = count_pdf_pages_capped(path, limits.document_max_memory_mb, limits.document_time_limit_s)
+        except BadInput as exc:
+            raise BadInput(f"{filename}: {exc}") from None
         if pages is None:
             raise BadInput(f"{filename}: the PDF is damaged and cannot be opened")
         return _claimed(Classification("convert", "pdf", "application/pdf", size, pages=pages), suffix)

@@ -160,17 +160,25 @@ def _limits(max_memory_mb: int | None, time_limit_s: float | None) -> isolation.
     return isolation.Limits(max_memory_mb=max_memory_mb, time_limit_s=time_limit_s)
 
 
-_converter: isolation.CappedChild | None = None
-_converter_lock = threading.Lock()
+_children: dict[str, isolation.CappedChild] = {}
+_children_lock = threading.Lock()
+
+
+def _child(name: str) -> isolation.CappedChild:
+    with _children_lock:
+        if name not in _children:
+            _children[name] = isolation.CappedChild(name)
+        return _children[name]
 
 
 def converter() -> isolation.CappedChild:
     """The worker process's document converter, created on first use."""
-    global _converter
-    with _converter_lock:
-        if _converter is None:
-            _converter = isolation.CappedChild("document converter")
-        return _converter
+    return _child("document converter")
+
+
+def pdf_reader() -> isolation.CappedChild:
+    """The process's PDF reader (the API server counts an upload's pages there), created on first use."""
+    return _child("pdf reader")
 
 
 _crashes: OrderedDict[str, int] = OrderedDict()
@@ -287,6 +295,34 @@ def _pdf_text_only(path: Path, source: str) -> Document:
         notes=[TEXT_ONLY_NOTICE],
         method="pdf-text",
     )
+
+
+def count_pdf_pages_capped(path: Path, max_memory_mb: int, time_limit_s: float) -> int | None:
+    """``count_pdf_pages`` in the process's PDF reader child, under a memory and a time cap.
+
+    Opening a PDF can inflate its object streams: a 1 MB file can cost gigabytes,
+    which the child pays, not the caller. Past a cap, or when the child dies,
+    the PDF is refused as BadInput with the reason.
+    """
+    limits = isolation.Limits(max_memory_mb=max_memory_mb, time_limit_s=time_limit_s)
+    try:
+        return pdf_reader().call(_count_pages_in_child, (path,), limits)
+    except isolation.CapExceeded as exc:
+        if exc.cap == "memory":
+            raise BadInput(
+                f"the PDF needed more than {max_memory_mb} MB of memory to open "
+                f"(MORAG_DOCUMENT_MAX_MEMORY_MB={max_memory_mb}): it may be a decompression bomb"
+            ) from None
+        raise BadInput(
+            f"the PDF took longer than {time_limit_s:g} s to open (MORAG_DOCUMENT_TIME_LIMIT_S)"
+        ) from None
+    except isolation.ChildDied as exc:
+        raise BadInput(f"the PDF crashed the PDF reader ({isolation.describe_exit(exc.exitcode)})") from None
+
+
+def _count_pages_in_child(path: Path) -> int | None:
+    isolation.started()  # nothing to load: every cap counts against the file
+    return count_pdf_pages(path)
 
 
 def count_pdf_pages(path: Path) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import struct
 import tracemalloc
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from pipeline.errors import BadInput
 from pipeline.routing import classify
 from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import build_services
-from tests.conftest import Stack
+from tests.conftest import Stack, make_pdf
 
 SECRET = "q" * 48
 MIB = 1024 * 1024
@@ -87,6 +88,62 @@ def test_a_zip_of_many_entries_is_refused_and_the_server_stays_small(stack: Stac
     assert response.json()["detail"] == "report.docx: a ZIP of 400000 entries; at most 10000 are accepted"
     grown = peak_rss(pid) - before
     assert grown < 50 * MIB, f"the server's peak memory grew by {grown // MIB} MiB"
+
+
+def pdf_with_inflating_object_stream(path: Path, inflated: int) -> Path:
+    """A one-page PDF whose catalog and page tree sit in an object stream padded to ``inflated``
+    bytes once decompressed: opening it, even to count its pages, inflates the whole stream."""
+    head = b"<< /Type /Catalog /Pages 2 0 R >> "
+    objects = b"1 0 2 %d " % len(head)
+    data = objects + head + b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>"
+    packer = zlib.compressobj(9)
+    stream = packer.compress(data) + b"".join(packer.compress(b" " * MIB) for _ in range(inflated // MIB))
+    stream += packer.flush()
+    out = bytearray(b"%PDF-1.5\n")
+    page_at = len(out)
+    out += b"3 0 obj\n<< /Type /Page /Parent 2 0 R /MediaBox [0 0 100 100] >>\nendobj\n"
+    stream_at = len(out)
+    out += b"4 0 obj\n<< /Type /ObjStm /N 2 /First %d /Filter /FlateDecode /Length %d >>\nstream\n" % (
+        len(objects),
+        len(stream),
+    )
+    out += stream + b"\nendstream\nendobj\n"
+    xref_at = len(out)
+    entries = [(0, 0, 0xFFFF), (2, 4, 0), (2, 4, 1), (1, page_at, 0), (1, stream_at, 0), (1, xref_at, 0)]
+    table = b"".join(struct.pack(">BIH", *entry) for entry in entries)
+    out += b"5 0 obj\n<< /Type /XRef /Size 6 /W [1 4 2] /Root 1 0 R /Length %d >>\nstream\n" % len(table)
+    out += table + b"\nendstream\nendobj\nstartxref\n%d\n%%%%EOF\n" % xref_at
+    path.write_bytes(bytes(out))
+    return path
+
+
+def test_a_pdf_that_inflates_when_opened_is_refused_and_the_server_stays_small(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The server counts an upload's pages in a capped child process: a 1 MB PDF that costs
+    gigabytes to open is refused, and the server itself does not grow."""
+    bomb = pdf_with_inflating_object_stream(tmp_path / "bomb.pdf", 1024 * MIB)
+    assert bomb.stat().st_size < 2 * MIB
+    stack.env["MORAG_DOCUMENT_MAX_MEMORY_MB"] = "256"
+    stack.start_server()
+    pid = stack.processes["server"].pid
+    before = peak_rss(pid)
+    with bomb.open("rb") as f:
+        response = stack.post("/api/v1/tasks", files={"file": ("bomb.pdf", f)}, timeout=120)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == (
+        "bomb.pdf: the PDF needed more than 256 MB of memory to open (MORAG_DOCUMENT_MAX_MEMORY_MB=256): "
+        "it may be a decompression bomb"
+    )
+    grown = peak_rss(pid) - before
+    assert grown < 50 * MIB, f"the server's peak memory grew by {grown // MIB} MiB"
+    # The next PDF is read by a fresh child and accepted.
+    report = tmp_path / "report.pdf"
+    report.write_bytes(make_pdf(["Annual report"]))
+    with report.open("rb") as f:
+        response = stack.post("/api/v1/tasks", files={"file": ("report.pdf", f)}, timeout=120)
+    assert response.status_code == 201, response.text
+    assert response.json()["input"]["media"]["pages"] == 1
 
 
 def test_a_zip_is_judged_by_its_end_record_before_its_directory(tmp_path: Path) -> None:
