@@ -466,8 +466,14 @@ def _authenticate(transport: paramiko.Transport, settings: Settings) -> None:
         else:
             raise TransferError("no SFTP credentials: set MORAG_SFTP_PASSWORD or MORAG_SFTP_KEY_FILE")
     except paramiko.AuthenticationException as exc:
-        if not transport.is_active():  # closed, not refused: the server is busy or restarting
+        # Refused only when the server answered; closed or unanswered, it is busy or restarting.
+        if not transport.is_active():
             raise EOFError("the SFTP server closed the connection during login") from None
+        answered = getattr(transport.auth_handler, "auth_event", None)
+        if answered is not None and not answered.is_set():
+            raise TimeoutError(
+                f"the SFTP server did not answer the login in {settings.sftp_timeout_s:g} s"
+            ) from None
         where = f"{settings.sftp_host}:{settings.sftp_port}"
         raise TransferError(f"SFTP server {where} refused worker {user!r}: {exc}") from None
     except OSError as exc:
@@ -573,11 +579,15 @@ class SftpTransport:
         return cls(settings)
 
     # Connection.
+    def _leave_parent(self) -> None:
+        """In a forked child, forget the parent's pool, channel and connection, untouched."""
+        if self._pid != os.getpid():
+            self._pid, self._pool, self._lease, self._home = os.getpid(), None, None, None
+
     @property
     def pool(self) -> ConnectionPool[SftpSession]:
         """This process's pool of connections to the server, with these credentials."""
-        if self._pid != os.getpid():  # forked: the parent's connections are not this process's
-            self._pid, self._pool, self._lease, self._home = os.getpid(), None, None, None
+        self._leave_parent()
         if self._pool is None:
             settings, check = self.settings, self.check
             self._pool = pool_for(
@@ -733,6 +743,7 @@ class SftpTransport:
     def drop(self) -> None:
         """Close this thread's channel (the next call borrows another); its connection goes too
         if it died."""
+        self._leave_parent()
         lease, self._lease = self._lease, None
         if lease is not None and self._pool is not None:
             self._pool.give_back(lease, reuse=False)
@@ -750,7 +761,7 @@ class SftpTransport:
         last thread). A later call attaches again."""
         self.drop()
         pool = self._pool
-        if pool is not None and self._pid == os.getpid():
+        if pool is not None:
             if pool.users > 1:  # other threads still use the connections: release this thread's grants
                 for task_id in list(self._grants):
                     with suppress(PipelineError, *TRANSIENT):

@@ -131,8 +131,8 @@ class ConnectionPool(Generic[C]):
         self._closed = False
         #: Transports attached (``pool_for``); the pool closes when the last one detaches.
         self.users = 0
-        #: Called when a connection has no channel lent (to wake the reaper).
-        self.on_idle: Callable[[], None] = lambda: None
+        #: Called with the time a connection that has no channel lent is due to close (wakes the reaper).
+        self.on_idle: Callable[[float], None] = lambda due: None
 
     def connections(self) -> list[Connection[C]]:
         """The connections open now."""
@@ -222,7 +222,7 @@ class ConnectionPool(Generic[C]):
         for connection in closing:
             if connection.alive:
                 logger.info(
-                    "sftp connection closed: idle",
+                    "sftp pool closed an idle connection",
                     extra={"worker": self.name, "idle_s": self.idle_s},
                 )
             connection.close()
@@ -282,7 +282,7 @@ class ConnectionPool(Generic[C]):
             connection.close()
             raise paramiko.SSHException("the SFTP connection pool is closed")
         logger.info(
-            "sftp connection opened",
+            "sftp pool opened a connection",
             extra={"worker": self.name, "connections": len(self._connections), "size": self.size},
         )
         return connection
@@ -303,7 +303,7 @@ class ConnectionPool(Generic[C]):
             if idle:
                 connection.idle_since = time.monotonic()
         if idle:
-            self.on_idle()
+            self.on_idle(connection.idle_since + self.idle_s)
 
 
 class _Pools:
@@ -315,22 +315,29 @@ class _Pools:
         self.lock = threading.Lock()
         self._wake = threading.Event()
         self._reaper: threading.Thread | None = None
+        #: When the reaper wakes next on its own; None while it computes, or has nothing to wait for.
+        self._due: float | None = None
 
-    def wake(self) -> None:
-        """A connection went idle: the reaper recomputes when to close it."""
+    def wake(self, due: float) -> None:
+        """A connection is due to close at ``due``: wake the reaper unless it wakes by then anyway."""
         with self.lock:
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, name="sftp-pool-reaper", daemon=True)
                 self._reaper.start()
+            if self._due is not None and self._due <= due:
+                return
         self._wake.set()
 
     def _reap(self) -> None:
         while True:
             self._wake.clear()
             with self.lock:
+                self._due = None
                 pools = list(self.pools.values())
             now = time.monotonic()
             due = [d for d in (pool.reap(now) for pool in pools) if d is not None]
+            with self.lock:
+                self._due = min(due) if due else None
             self._wake.wait(max(min(due) - now, 0.0) if due else None)
 
 

@@ -1,8 +1,10 @@
 """How a worker fetches inputs and returns outputs.
 
-``Transport`` is the one interface the actors use; ``SharedTransport`` serves
-workers that see the server's data directory (same host), ``SftpTransport``
-(``sftp_client``) every other worker. Every download is
+``Transport`` is the one interface the actors use, one instance per worker
+thread; ``SharedTransport`` serves workers that see the server's data directory
+(same host), ``SftpTransport`` (``sftp_client``) every other worker, the
+threads of a process sharing a small pool of SSH connections (``sftp_pool``).
+Every download is
 hashed while copied and checked against the reference before it is used;
 every upload is written under a temporary name, hashed, and renamed into place
 so a reader never sees a partial output.
