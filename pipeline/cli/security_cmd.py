@@ -102,6 +102,12 @@ def enrollment(settings: Settings, args: argparse.Namespace, token: str, key: st
     pin = _host_key_pin(settings)
     if pin:
         bundle["MORAG_SFTP_HOST_KEY"] = pin
+    # The worker declares the same queues as the server: a different type or priority is refused.
+    defaults = Settings.model_fields
+    if settings.broker_queue_type != defaults["broker_queue_type"].default:
+        bundle["MORAG_BROKER_QUEUE_TYPE"] = settings.broker_queue_type.value
+    if settings.broker_max_priority != defaults["broker_max_priority"].default:
+        bundle["MORAG_BROKER_MAX_PRIORITY"] = str(settings.broker_max_priority)
     return bundle
 
 

@@ -52,6 +52,9 @@ def quorum_stack(stack: Stack) -> Stack:
 def test_a_document_runs_to_done_on_quorum_queues(stack: Stack, samples: Path) -> None:
     quorum_stack(stack)
     stack.start_worker("cpu")
+    # The enrolled box's settings say which queues to declare: it has none of the server's.
+    bundle = (stack.data_dir.parent / "worker-cpu-worker" / "morag.env").read_text().splitlines()
+    assert "MORAG_BROKER_QUEUE_TYPE=quorum" in bundle
     stack.wait_consumers("cpu")
     task_id = submit(stack, samples / "report.html")
     done = wait_for(
