@@ -18,6 +18,7 @@ window, through paramiko's request layer (``SFTPClient._async_request`` and
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import random
@@ -64,6 +65,10 @@ from pipeline.transfer.sftp_pool import Connection, ConnectionPool, Lease, detac
 from pipeline.transfer.sftp_server import GRANT_EXTENSION, GRANT_RELEASE_EXTENSION
 
 logger = get_logger(__name__)
+#: paramiko's own log of our connections: quiet, since each failure is logged here with its task and
+#: worker (paramiko would log a traceback for every handshake a crowded server closes).
+PARAMIKO_LOG = f"{__name__}.ssh"
+logging.getLogger(PARAMIKO_LOG).setLevel(logging.CRITICAL)
 
 #: Bytes per read or write request: 255 KiB, the most OpenSSH's sftp-server
 #: reads or writes at once (it shortens larger reads). Large requests cut
@@ -409,6 +414,7 @@ def open_connection(settings: Settings, check: HostKeyCheck | None = None) -> pa
     transport = paramiko.Transport(
         sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
     )
+    transport.set_log_channel(PARAMIKO_LOG)
     try:
         options = transport.get_security_options()
         options.ciphers = tuple(c for c in CIPHERS if c in options.ciphers) + tuple(
