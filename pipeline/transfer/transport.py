@@ -1,8 +1,9 @@
 """How a worker fetches inputs and returns outputs.
 
 ``Transport`` is the one interface the actors use, one instance per worker
-thread; ``SharedTransport`` serves workers that see the server's data directory
-(same host), ``SftpTransport`` (``sftp_client``) every other worker, the
+thread; ``LocalTransport`` (``local``) serves workers that see the server's data
+directory (same host), held to their tasks' grants, ``SftpTransport``
+(``sftp_client``) every other worker, the
 threads of a process sharing a small pool of SSH connections (``sftp_pool``).
 Every download is
 hashed while copied and checked against the reference before it is used;
@@ -12,15 +13,13 @@ so a reader never sees a partial output.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 from pipeline.config import FileAccess, Settings
-from pipeline.transfer.checksums import FileRef, copy_file_hashed, verify
-from pipeline.transfer.local import LocalStore, LocalTransport, capability_of
+from pipeline.transfer.checksums import FileRef
+from pipeline.transfer.local import LocalTransport, capability_of
 
 
 class Transport(Protocol):
@@ -43,49 +42,6 @@ class Transport(Protocol):
         """The task ended on this worker: its grant is dropped, never presented again (SFTP only)."""
 
     def close(self) -> None: ...
-
-
-class SharedTransport:
-    """Files reached through a data directory shared with the server.
-
-    Parameters:
-      store: the server's task store, as seen from this worker.
-    """
-
-    def __init__(self, store: LocalStore) -> None:
-        self.store = store
-
-    def download(self, ref: FileRef, dest: Path) -> Path:
-        sha256, size = copy_file_hashed(self.store.resolve(ref.path), dest)
-        verify(ref, sha256, size)
-        return dest
-
-    def upload(self, src: Path, store_path: str) -> FileRef:
-        final = self.store.resolve(store_path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            sha256, size = copy_file_hashed(src, partial)
-            os.replace(partial, final)
-        finally:
-            partial.unlink(missing_ok=True)
-        return FileRef(store_path, sha256, size)
-
-    def authorize(self, task_id: str, grant: str) -> None:
-        """Nothing to present: this worker shares the server's disk."""
-
-    def forget(self, task_id: str) -> None:
-        """Nothing was presented."""
-
-    def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
-        try:
-            with self.store.resolve(store_path).open("rb") as f:
-                return f.read(limit)
-        except FileNotFoundError:
-            return None
-
-    def close(self) -> None:
-        pass
 
 
 def open_transport(settings: Settings, queues: Iterable[str] = ()) -> Transport:

@@ -3,7 +3,9 @@ and cancelable jobs, and what a retried dead letter carries."""
 
 from __future__ import annotations
 
+import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import dramatiq
@@ -15,10 +17,9 @@ from pipeline.errors import TaskCanceled
 from pipeline.jobs import TMP_PREFIX, run_job
 from pipeline.routing import Classification, choose_route
 from pipeline.store import State, Task, TaskStore, new_task_id
-from pipeline.transfer.checksums import sha256_file
+from pipeline.transfer.checksums import FileRef, copy_file_hashed, sha256_file, verify
 from pipeline.transfer.local import LocalStore
 from pipeline.transfer.manifest import manifest_path, read_manifest
-from pipeline.transfer.transport import SharedTransport
 
 
 def test_limits_stay_below_the_consumer_timeout() -> None:
@@ -101,6 +102,46 @@ def markdown_job(files: LocalStore, tmp_path: Path, text: str = "# Title\n\nSome
     }
 
 
+class UncheckedTransport:
+    """Files of a local store, with no grant checked: what ``run_job`` does, apart from who may
+    reach the files (tests/transfer/test_local_grants.py checks that)."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    def download(self, ref: FileRef, dest: Path) -> Path:
+        sha256, size = copy_file_hashed(self.store.resolve(ref.path), dest)
+        verify(ref, sha256, size)
+        return dest
+
+    def upload(self, src: Path, store_path: str) -> FileRef:
+        final = self.store.resolve(store_path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+        try:
+            sha256, size = copy_file_hashed(src, partial)
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+        return FileRef(store_path, sha256, size)
+
+    def authorize(self, task_id: str, grant: str) -> None:
+        """Nothing to present: this worker shares the server's disk."""
+
+    def forget(self, task_id: str) -> None:
+        """Nothing was presented."""
+
+    def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
+        try:
+            with self.store.resolve(store_path).open("rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return None
+
+    def close(self) -> None:
+        pass
+
+
 class Events:
     def __init__(self) -> None:
         self.stages: list[str] = []
@@ -110,7 +151,7 @@ class Events:
 
 
 def test_a_job_whose_outputs_are_complete_is_not_run_again(files: LocalStore, tmp_path: Path) -> None:
-    transport = SharedTransport(files)
+    transport = UncheckedTransport(files)
     job = markdown_job(files, tmp_path)
     settings = load_settings(data_dir=tmp_path)
     outputs, result = run_job(job, settings=settings, transport=transport, events=Events())
@@ -143,7 +184,7 @@ def test_a_canceled_job_stops_and_leaves_nothing(
         run_job(
             job,
             settings=load_settings(data_dir=tmp_path),
-            transport=SharedTransport(files),
+            transport=UncheckedTransport(files),
             events=events,
             should_stop=lambda: "converting" in events.stages,
         )
