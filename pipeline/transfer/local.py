@@ -119,6 +119,25 @@ class LocalStore:
         return files, size
 
 
+def copy_verified(source: Path, ref: FileRef, dest: Path) -> Path:
+    """Copy ``source`` to ``dest``, hashed on the way; ChecksumMismatch unless it is ``ref``."""
+    sha256, size = copy_file_hashed(source, dest)
+    verify(ref, sha256, size)
+    return dest
+
+
+def put_atomically(src: Path, final: Path, store_path: str) -> FileRef:
+    """Copy ``src`` to ``final`` under a temporary name, then rename it: no reader sees a part."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        sha256, size = copy_file_hashed(src, partial)
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return FileRef(store_path, sha256, size)
+
+
 def capability_of(queues: Iterable[str]) -> str | None:
     """The capability a worker consuming ``queues`` presents grants as: ``gpu`` or ``cpu`` when it
     consumes that one task queue (its delay queue aside), None when it consumes both (``run``'s
@@ -318,20 +337,10 @@ class LocalTransport:
 
     # Files.
     def download(self, ref: FileRef, dest: Path) -> Path:
-        sha256, size = copy_file_hashed(self._reach(ref.path, write=False), dest)
-        verify(ref, sha256, size)
-        return dest
+        return copy_verified(self._reach(ref.path, write=False), ref, dest)
 
     def upload(self, src: Path, store_path: str) -> FileRef:
-        final = self._reach(store_path, write=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            sha256, size = copy_file_hashed(src, partial)
-            os.replace(partial, final)
-        finally:
-            partial.unlink(missing_ok=True)
-        return FileRef(store_path, sha256, size)
+        return put_atomically(src, self._reach(store_path, write=True), store_path)
 
     def read_small(self, store_path: str, limit: int = 1 << 20) -> bytes | None:
         try:

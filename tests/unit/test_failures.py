@@ -3,9 +3,7 @@ and cancelable jobs, and what a retried dead letter carries."""
 
 from __future__ import annotations
 
-import os
 import tempfile
-import uuid
 from pathlib import Path
 
 import dramatiq
@@ -17,8 +15,8 @@ from pipeline.errors import TaskCanceled
 from pipeline.jobs import TMP_PREFIX, run_job
 from pipeline.routing import Classification, choose_route
 from pipeline.store import State, Task, TaskStore, new_task_id
-from pipeline.transfer.checksums import FileRef, copy_file_hashed, sha256_file, verify
-from pipeline.transfer.local import LocalStore
+from pipeline.transfer.checksums import FileRef, sha256_file
+from pipeline.transfer.local import LocalStore, copy_verified, put_atomically
 from pipeline.transfer.manifest import manifest_path, read_manifest
 
 
@@ -110,20 +108,10 @@ class UncheckedTransport:
         self.store = store
 
     def download(self, ref: FileRef, dest: Path) -> Path:
-        sha256, size = copy_file_hashed(self.store.resolve(ref.path), dest)
-        verify(ref, sha256, size)
-        return dest
+        return copy_verified(self.store.resolve(ref.path), ref, dest)
 
     def upload(self, src: Path, store_path: str) -> FileRef:
-        final = self.store.resolve(store_path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            sha256, size = copy_file_hashed(src, partial)
-            os.replace(partial, final)
-        finally:
-            partial.unlink(missing_ok=True)
-        return FileRef(store_path, sha256, size)
+        return put_atomically(src, self.store.resolve(store_path), store_path)
 
     def authorize(self, task_id: str, grant: str) -> None:
         """Nothing to present: this worker shares the server's disk."""
