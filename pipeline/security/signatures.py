@@ -75,7 +75,8 @@ def check_mac(actor: str, args: Any, kwargs: Any, block: dict[str, Any], token_i
     expected = hmac.new(
         key.encode(), _payload(actor, args, kwargs, block["ts"], block["nonce"], token_id), hashlib.sha256
     ).hexdigest()
-    if not hmac.compare_digest(expected, str(block.get("mac", ""))):
+    presented = str(block.get("mac", "")).encode("utf-8", "replace")  # any text, compared as bytes
+    if not hmac.compare_digest(expected.encode(), presented):
         raise AuthError("bad signature: the message was altered or signed with another key")
 
 
