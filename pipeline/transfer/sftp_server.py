@@ -57,8 +57,12 @@ from paramiko.sftp import (
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
+    CMD_FSETSTAT,
     CMD_INIT,
+    CMD_MKDIR,
+    CMD_OPEN,
     CMD_READ,
+    CMD_SETSTAT,
     CMD_VERSION,
     SFTP_BAD_MESSAGE,
     SFTP_EOF,
@@ -698,6 +702,51 @@ class StoreHandler(paramiko.SFTPServerInterface):
         return self._refused("symlink", path)
 
 
+#: Requests that carry an ATTRS block, and the fields before it ("s" a string, "u" a uint32).
+_ATTRS_AFTER = {CMD_OPEN: "su", CMD_MKDIR: "s", CMD_SETSTAT: "s", CMD_FSETSTAT: "s"}
+#: Bytes of the ATTRS fields each flag adds (size; uid and gid; permissions; atime and mtime).
+_ATTR_FIELDS = (
+    (paramiko.SFTPAttributes.FLAG_SIZE, 8),
+    (paramiko.SFTPAttributes.FLAG_UIDGID, 8),
+    (paramiko.SFTPAttributes.FLAG_PERMISSIONS, 4),
+    (paramiko.SFTPAttributes.FLAG_AMTIME, 8),
+)
+
+
+def attributes_fit(payload: bytes, request: int) -> bool:
+    """Whether the ATTRS block of a ``request`` (open, mkdir, setstat, fsetstat) with this
+    ``payload`` declares no more extended attributes than the bytes left can hold (each takes 8
+    at least).
+
+    paramiko reads the declared count one pair at a time and pads a short
+    message with zeros, so a count of 2^32 - 1 in a small packet keeps a
+    server thread busy for hours. A payload too short to say is left to
+    paramiko, which answers it as it does.
+    """
+    at = 0
+
+    def uint32() -> int:
+        nonlocal at
+        if at + 4 > len(payload):
+            raise IndexError
+        value = int.from_bytes(payload[at : at + 4], "big")
+        at += 4
+        return value
+
+    try:
+        for kind in _ATTRS_AFTER[request]:
+            length = uint32()
+            if kind == "s":
+                at += length
+        flags = uint32()
+        at += sum(size for flag, size in _ATTR_FIELDS if flags & flag)
+        if not flags & paramiko.SFTPAttributes.FLAG_EXTENDED:
+            return True
+        return uint32() * 8 <= len(payload) - at
+    except IndexError:
+        return True
+
+
 class StoreSftpServer(paramiko.SFTPServer):
     """paramiko's SFTP subsystem with the ``check-file`` extension answered in SHA-256.
 
@@ -733,6 +782,9 @@ class StoreSftpServer(paramiko.SFTPServer):
             session.touch()
 
     def _answer(self, t: int, request_number: int, msg: paramiko.Message) -> None:
+        if t in _ATTRS_AFTER and not attributes_fit(msg.packet.getvalue()[msg.packet.tell() :], t):
+            self._send_status(request_number, SFTP_BAD_MESSAGE, "more extended attributes than it holds")
+            return
         if t == CMD_READ:
             self._read(request_number, msg)
             return

@@ -178,3 +178,38 @@ def test_a_fresh_connection_logs_in_after_the_fuzzing(served: tuple[SftpServer, 
         assert "tasks" in client.lists_store()
     finally:
         client.transport.close()
+
+
+@pytest.mark.parametrize(
+    ("request_type", "before"),
+    [
+        (14, [("s", b"/tasks/t1/output/x")]),
+        (3, [("s", b"/tasks/t1/output/y"), ("u", 0x1A)]),
+        (9, [("s", b"/")]),
+    ],
+    ids=["mkdir", "open", "setstat"],
+)
+def test_a_request_declaring_billions_of_attributes_is_refused_at_once(
+    served: tuple[SftpServer, Client, Path, Path], request_type: int, before: list[tuple[str, bytes | int]]
+) -> None:
+    """Found by a long run: a request whose ATTRS block declares 2^32 - 1 extended attributes in a
+    few bytes kept a server thread reading zero padding for hours. It is answered with
+    SSH_FX_BAD_MESSAGE straight away, and the session goes on."""
+    _, client, root, _ = served
+    channel = client.raw_channel()
+    channel.settimeout(30)  # unanswered for hours before; answered at once now
+    try:
+        attrs = encode("u", 0x80000000) + encode("u", 0xFFFFFFFF)  # FLAG_EXTENDED, count
+        body = bytes([request_type]) + encode("u", 7) + b"".join(encode(*f) for f in before) + attrs
+        channel.sendall(struct.pack(">I", len(body)) + body)
+        answer = read_packet(channel)
+        assert answer[0] == 101  # SSH_FXP_STATUS
+        request_id, code = struct.unpack(">II", answer[1:9])
+        assert (request_id, code) == (7, 5)  # SSH_FX_BAD_MESSAGE
+        # The same session answers the next request.
+        body = bytes([17]) + encode("u", 8) + encode("s", b"/")  # SSH_FXP_STAT
+        channel.sendall(struct.pack(">I", len(body)) + body)
+        assert read_packet(channel)[:5] == bytes([105]) + struct.pack(">I", 8)  # SSH_FXP_ATTRS
+    finally:
+        channel.close()
+    assert not (root / "tasks" / "t1" / "output").exists()
