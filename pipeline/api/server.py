@@ -25,6 +25,7 @@ from pipeline.fleet.scheduler import Liveness, start_liveness
 from pipeline.health import SWEEP_PART, Part, PartLog, report, sweep_allowance
 from pipeline.logs import get_logger
 from pipeline.security.audit import open_audit_log
+from pipeline.security.keys import write_secret_check
 from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import get_services
 from pipeline.transfer.serving import FileServices, start_file_services
@@ -176,6 +177,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     if settings.dev_mode:
         logger.warning("development mode: requests without an API key act as admin; never expose this")
     open_audit_log(settings.data_dir / "audit.log", settings.audit_max_bytes, settings.audit_backups)
+    write_secret_check(settings)  # a worker sharing the data directory checks its secret against it
     limiter = FailureLimiter(settings.auth_max_failures, settings.auth_failure_window_s)
     auth = Authenticator(services.apikeys, services.tokens, limiter, dev_mode=settings.dev_mode)
     # SFTP server (its host key fingerprint is logged) and store retention.

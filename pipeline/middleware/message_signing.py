@@ -17,7 +17,7 @@ from pipeline.fleet.registry import get_registry
 from pipeline.logs import get_logger
 from pipeline.security import signatures
 from pipeline.security.audit import audit
-from pipeline.security.keys import server_secret
+from pipeline.security.keys import differs_from_server, server_secret
 from pipeline.security.tokens import AuthError
 from pipeline.store import FINAL_STATES
 
@@ -47,6 +47,13 @@ def signer(settings: Settings) -> str | None:
             return None
         return "host"
     return None
+
+
+WRONG_SECRET = (
+    "MORAG_SECRET_KEY is not the secret of the server whose data directory this worker shares"
+    " (MORAG_DATA_DIR), so the server would drop every result it sends and it could open no task's"
+    " files: start it with the server's settings"
+)
 
 
 class MessageSigning(Middleware):
@@ -83,9 +90,18 @@ class MessageSigning(Middleware):
         self._verifier: _Verifier | None = None
 
     def after_process_boot(self, broker: Broker) -> None:
-        """A ``dramatiq`` worker process: refuse to start when nothing it reports could be believed."""
-        if signer(self.settings) is None and not self.settings.dev_mode:
-            sys.stderr.write(f"morag-pipeline: {CANNOT_SIGN}\n")
+        """A ``dramatiq`` worker process: refuse to start when nothing it reports could be believed
+        (it can sign nothing, or holds another secret than the server whose data directory it shares)."""
+        if self.settings.dev_mode:
+            return
+        how = signer(self.settings)
+        refusal = None
+        if how is None:
+            refusal = CANNOT_SIGN
+        elif how == "host" and differs_from_server(self.settings):
+            refusal = WRONG_SECRET
+        if refusal:
+            sys.stderr.write(f"morag-pipeline: {refusal}\n")
             sys.stderr.flush()
             raise SystemExit(2)
 

@@ -72,16 +72,26 @@ def test_worker_that_can_sign_nothing_refuses_to_boot(secure: Stack) -> None:
     assert queue_info(secure.env["MORAG_BROKER_URL"], "cpu").get("consumers", 0) == 0
 
 
+def test_a_worker_sharing_the_data_directory_with_another_secret_refuses_to_boot(secure: Stack) -> None:
+    """On the server's host with the wrong MORAG_SECRET_KEY, a worker could verify no grant and sign
+    no report the server believes: it says so and takes no task."""
+    secure.start_worker("cpu", name="stranger", enroll=False, MORAG_FILE_ACCESS="shared",
+                        MORAG_SECRET_KEY="w" * 48)  # fmt: skip
+    assert secure.processes["stranger"].wait(60) != 0
+    log = secure.log("stranger")
+    assert "MORAG_SECRET_KEY is not the secret of the server whose data directory this worker shares" in log
+    assert "w" * 48 not in log
+    assert queue_info(secure.env["MORAG_BROKER_URL"], "cpu").get("consumers", 0) == 0
+
+
 def test_unverifiable_outcomes_are_noted_and_the_task_still_ends(secure: Stack, samples: Path) -> None:
-    """A worker with the wrong secret: each refused report is an event on its task, the task is
-    delivered again, and it fails with the reason once it had MORAG_MAX_DELIVERIES messages."""
+    """An enrolled worker whose message key is wrong: it reaches its tasks' files (its token is
+    good), but each report it sends is refused, noted on its task, the task is delivered again, and
+    it fails with the reason once it had MORAG_MAX_DELIVERIES messages."""
     secure.env["MORAG_MAX_DELIVERIES"] = "2"
     secure.stop("server")
     secure.start_server()
-    wrong = "w" * 48
-    secure.start_worker(
-        "cpu", name="stranger", enroll=False, MORAG_FILE_ACCESS="shared", MORAG_SECRET_KEY=wrong
-    )
+    secure.start_worker("cpu", name="stranger", MORAG_WORKER_KEY="k" * 64)
     secure.wait_consumers("cpu")
     proc = secure.cli("submit", "--json", str(samples / "report.html"), timeout=240)
     assert proc.returncode == 1, proc.stdout + proc.stderr
