@@ -75,8 +75,10 @@ def test_amqps_broker_with_pinned_ca(
 
         def listed() -> dict[str, Any] | None:  # the management API's view lags behind the broker
             found = {
-                c["queue"]["name"]: c["channel_details"] for c in rabbitmq_api(f"/api/consumers/{vhost}")
-            }
+                c["queue"]["name"]: c["channel_details"]
+                for c in rabbitmq_api(f"/api/consumers/{vhost}")
+                if isinstance(c["channel_details"], dict) and "peer_port" in c["channel_details"]
+            }  # a consumer's channel details come a moment after the consumer ([] until then)
             return found if {"cpu", "control"} <= set(found) else None
 
         consumers = wait_for("the consumers in the management API", listed, timeout=60)
