@@ -143,8 +143,6 @@ def _transcribe(
         should_stop=should_stop,
         source=job["filename"],
         max_loaded=settings.whisper_max_loaded_models,
-        max_memory_mb=settings.document_max_memory_mb,
-        time_limit_s=settings.document_time_limit_s,
     )
     outputs: Outputs = {fmt: render(transcript) for fmt, render in FORMATS.items()}
     summary = {
@@ -168,6 +166,8 @@ def _convert(
         artifacts_path=settings.docling_artifacts_path,
         progress=progress,
         source=job["filename"],
+        max_memory_mb=settings.document_max_memory_mb,
+        time_limit_s=settings.document_time_limit_s,
     )
     outputs: Outputs = {"md": doc.markdown}
     if doc.docling is not None:
