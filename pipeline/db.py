@@ -95,13 +95,17 @@ def _create(url: URL) -> Engine:
         engine = create_engine(
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            # As many connections as threads use it at once (a file: no server to spare);
+            # five are kept open between uses.
             pool_size=5,
-            max_overflow=30,
+            max_overflow=-1,
         )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_size=5, max_overflow=30, pool_pre_ping=True)
+    # A server's connections are counted (PostgreSQL's max_connections): at most 40 from
+    # each process, a thread waiting for one to come free when all are in use.
+    return create_engine(url, pool_size=10, max_overflow=30, pool_pre_ping=True)
 
 
 def _sqlite_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
