@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
@@ -75,7 +76,13 @@ def engine_for(target: str | Path | Settings) -> Engine:
             engine = _create(url)
             from pipeline.migrations import upgrade
 
-            upgrade(engine)
+            try:
+                upgrade(engine)
+            except OperationalError as exc:
+                engine.dispose()
+                reason = " ".join(line.strip() for line in str(exc.orig or exc).strip().splitlines())
+                where = url.render_as_string(hide_password=True)
+                raise DatabaseError(f"cannot open the database {where}: {reason}") from None
             _engines[key] = engine
         return engine
 

@@ -19,6 +19,7 @@ from pipeline.schema import metadata
 from pipeline.security.apikeys import ApiKeyStore
 from pipeline.security.tokens import TokenStore
 from pipeline.store import State, Task, TaskStore, new_task_id
+from tests.conftest import free_port
 from tests.unit.test_cli import one_line_error, run_cli
 
 RELEASE_SCHEMA = Path(__file__).parent / "data" / "release_schema.sql"
@@ -104,6 +105,14 @@ def test_db_upgrade_brings_the_configured_database_to_the_newest_revision(tmp_pa
 def test_a_database_url_that_is_not_postgresql_is_refused_in_one_line(tmp_path: Path) -> None:
     proc = run_cli("db", "upgrade", MORAG_DATA_DIR=str(tmp_path), MORAG_DATABASE_URL="mysql://db/x")
     assert "MORAG_DATABASE_URL must be postgresql://" in one_line_error(proc)
+
+
+def test_a_database_that_cannot_be_reached_is_one_line_naming_it_without_its_password(tmp_path: Path) -> None:
+    url = f"postgresql://morag:hunter2@127.0.0.1:{free_port()}/tasks"
+    proc = run_cli("db", "upgrade", MORAG_DATA_DIR=str(tmp_path), MORAG_DATABASE_URL=url)
+    line = one_line_error(proc)
+    assert "cannot open the database" in line and f"127.0.0.1:{url.split(':')[3]}" in line
+    assert "hunter2" not in line
 
 
 def filled_sqlite_store(path: Path) -> list[str]:
