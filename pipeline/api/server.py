@@ -164,12 +164,12 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     check_broker(settings)
     lock = ServerLock(settings)
     lock.acquire()  # before anything consumes: a second server on this vhost refuses to start
+    services = get_services()  # refuses a weak secret before anything else is opened
     database = engine_for(settings)  # its schema brought to the newest revision (``upgrade head``)
     logger.info(
         "task store ready",
         extra={"database": database.dialect.name, "revision": migrations.current(database)},
     )
-    services = get_services()
     broker = current_broker()
     import pipeline.actors.control  # noqa: F401
     import pipeline.actors.cpu  # noqa: F401  (registers every task actor, for publishing)
