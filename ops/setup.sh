@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up morag-pipeline on a Debian machine: system packages, RabbitMQ (installed
-# and started when none is reachable, with its management plugin), and a virtual
+# and started when none is reachable, with its management plugin), PostgreSQL
+# (installed and started when none is reachable, for the PostgreSQL task-store
+# tests: user postgres, trust auth on 127.0.0.1), and a virtual
 # environment in .venv with the package, its extras and the torch pins.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
@@ -27,6 +29,10 @@ broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up && ! have rabbitmq-server && [ ! -x /usr/sbin/rabbitmq-server ]; then
   need+=(rabbitmq-server)
 fi
+postgres_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+if ! postgres_up && ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; then
+  need+=(postgresql)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
@@ -39,6 +45,23 @@ if ! broker_up; then
   as_root rabbitmq-server -detached
   for _ in $(seq 60); do broker_up && break; sleep 1; done
   broker_up || { echo "RabbitMQ did not start; see /var/log/rabbitmq" >&2; exit 1; }
+fi
+# PostgreSQL: use the one listening on 5432, else start the local cluster (created
+# when missing) with trust authentication on 127.0.0.1 for the tests.
+if ! postgres_up; then
+  log "starting PostgreSQL"
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  pg_data=/var/lib/postgresql/morag
+  if [ ! -s "$pg_data/PG_VERSION" ]; then
+    as_root mkdir -p "$pg_data"
+    as_root chown postgres:postgres "$pg_data"
+    as_root su postgres -c "$pg_bin/initdb -D $pg_data -A trust -U postgres" >/dev/null
+  fi
+  as_root mkdir -p /var/run/postgresql
+  as_root chown postgres:postgres /var/run/postgresql
+  as_root su postgres -c "$pg_bin/pg_ctl -D $pg_data -l $pg_data/server.log -o '-c listen_addresses=127.0.0.1' start" >/dev/null
+  for _ in $(seq 60); do postgres_up && break; sleep 1; done
+  postgres_up || { echo "PostgreSQL did not start; see $pg_data/server.log" >&2; exit 1; }
 fi
 mgmt_up() { curl -sf -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null; }
 if ! mgmt_up && have rabbitmq-plugins; then

@@ -17,44 +17,43 @@ from typing import Any
 
 import pendulum
 from periodiq import cron
+from sqlalchemy import select
 
+from pipeline.config import Settings
 from pipeline.db import Database
+from pipeline.schema import server_parts
 
 #: The name the liveness sweep's last run is kept under.
 SWEEP_PART = "sweep"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS server_parts (
-    name TEXT PRIMARY KEY,
-    at REAL NOT NULL,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-"""
 
 
 class PartLog:
     """When each part of the server last did its work, in the server's database.
 
     Parameters:
-      db_path: the server's database file.
+      db_path: the server's database: its SQLite file, a URL, or the settings naming either.
     """
 
-    def __init__(self, db_path: Path) -> None:
-        self.db = Database(db_path, _SCHEMA)
+    def __init__(self, db_path: Path | str | Settings) -> None:
+        self.db = Database(db_path)
 
     def mark(self, name: str, detail: dict[str, Any] | None = None, at: float | None = None) -> None:
         with self.db.transaction() as db:
+            insert = self.db.insert(server_parts).values(
+                name=name, at=time.time() if at is None else at, detail=json.dumps(detail or {})
+            )
             db.execute(
-                "INSERT INTO server_parts (name, at, detail) VALUES (?, ?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET at=excluded.at, detail=excluded.detail",
-                (name, time.time() if at is None else at, json.dumps(detail or {})),
+                insert.on_conflict_do_update(
+                    index_elements=["name"], set_={"at": insert.excluded.at, "detail": insert.excluded.detail}
+                )
             )
 
     def last(self, name: str) -> tuple[float, dict[str, Any]] | None:
-        row = (
-            self.db.connect().execute("SELECT at, detail FROM server_parts WHERE name=?", (name,)).fetchone()
-        )
-        return (row["at"], json.loads(row["detail"])) if row else None
+        with self.db.read() as db:
+            row = db.execute(
+                select(server_parts.c.at, server_parts.c.detail).where(server_parts.c.name == name)
+            ).first()
+        return (row.at, json.loads(row.detail)) if row else None
 
 
 def sweep_allowance(spec: str) -> float:

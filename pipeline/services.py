@@ -27,10 +27,10 @@ def build_services(settings: Settings) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return Services(
         settings,
-        TaskStore(settings.db_path),
+        TaskStore(settings),
         LocalStore(settings.files_dir),
-        TokenStore(settings.db_path, secret),
-        ApiKeyStore(settings.db_path),
+        TokenStore(settings, secret),
+        ApiKeyStore(settings),
     )
 
 

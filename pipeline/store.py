@@ -1,4 +1,4 @@
-"""The task store: every task's record and its timestamped events, in SQLite (WAL).
+"""The task store: every task's record and its timestamped events, in the server's database.
 
 Task state lives here from the moment of submit, so the API and the CLI
 show what happened even to tasks no worker has seen yet.
@@ -7,7 +7,6 @@ show what happened even to tasks no worker has seen yet.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterable
@@ -16,8 +15,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, Row, delete, func, select, update
+
+from pipeline.config import Settings
 from pipeline.db import Database
 from pipeline.errors import TaskNotFound
+from pipeline.schema import events, seen_nonces, tasks, upload_usage
 
 
 class State(StrEnum):
@@ -29,52 +32,6 @@ class State(StrEnum):
 
 
 FINAL_STATES = frozenset({State.done, State.failed, State.canceled})
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    filename TEXT NOT NULL,
-    input TEXT NOT NULL,
-    options TEXT NOT NULL,
-    route TEXT NOT NULL,
-    progress TEXT NOT NULL DEFAULT '{}',
-    outputs TEXT NOT NULL DEFAULT '[]',
-    result TEXT NOT NULL DEFAULT '{}',
-    error TEXT,
-    worker TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
-CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id TEXT NOT NULL REFERENCES tasks(id),
-    ts REAL NOT NULL,
-    event TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS events_task ON events(task_id, id);
-CREATE TABLE IF NOT EXISTS seen_nonces (nonce TEXT PRIMARY KEY, ts REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS upload_usage (
-    key TEXT NOT NULL,
-    day INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    PRIMARY KEY (key, day)
-);
-"""
-
-#: Columns added after the first release, with what existing rows get.
-_ADDED_COLUMNS = {
-    # The outbox: NULL until the task's message is published (existing tasks were).
-    "published_at": "REAL",
-    "deliveries": "INTEGER NOT NULL DEFAULT 0",
-}
 
 #: How long the nonce of an applied message is remembered (a replay within it is a no-op).
 NONCE_RETENTION_S = 7 * 24 * 3600.0
@@ -115,30 +72,28 @@ def new_task_id() -> str:
     return uuid.uuid4().hex
 
 
+_LIVE = (State.queued, State.running)
+
+
 class TaskStore:
-    """Tasks and their events in one SQLite database.
+    """Tasks and their events in the server's database.
 
     Parameters:
-      path: the database file; its folder is created if missing.
+      path: the SQLite file (its folder is created if missing), a database URL,
+        or the settings naming either (``pipeline.db.database_target``).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str | Settings) -> None:
         self.path = path
-        self.db = Database(path, _SCHEMA)
+        self.db = Database(path)
         self._claims = 0
-        with self.db.transaction() as db:
-            have = {row["name"] for row in db.execute("PRAGMA table_info(tasks)")}
-            for column, kind in _ADDED_COLUMNS.items():
-                if column not in have:
-                    db.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
-                    if column == "published_at":
-                        db.execute("UPDATE tasks SET published_at=created_at")
 
     # Replays. A message's nonce is recorded in the transaction of its effect, so
     # a handler that failed leaves no record and its retry is applied.
     def seen(self, nonce: str) -> bool:
         """Whether a message with this nonce was applied."""
-        row = self.db.connect().execute("SELECT 1 FROM seen_nonces WHERE nonce=?", (nonce,)).fetchone()
+        with self.db.read() as db:
+            row = db.execute(select(seen_nonces.c.nonce).where(seen_nonces.c.nonce == nonce)).first()
         return row is not None
 
     def remember(self, nonce: str) -> bool:
@@ -146,39 +101,40 @@ class TaskStore:
         with self.db.transaction() as db:
             return self._claim(db, nonce)
 
-    def _claim(self, db: sqlite3.Connection, nonce: str | None) -> bool:
+    def _claim(self, db: Connection, nonce: str | None) -> bool:
         """Record ``nonce`` in the caller's transaction; False when it was applied before."""
         if nonce is None:
             return True
         now = time.time()
-        try:
-            db.execute("INSERT INTO seen_nonces (nonce, ts) VALUES (?, ?)", (nonce, now))
-        except sqlite3.IntegrityError:
+        claim = self.db.insert(seen_nonces).values(nonce=nonce, ts=now).on_conflict_do_nothing()
+        # RETURNING says whether the row went in (an INSERT's rowcount is not reported on every driver).
+        if db.execute(claim.returning(seen_nonces.c.nonce)).first() is None:
             return False
         self._claims += 1
         if self._claims % 500 == 0:
-            db.execute("DELETE FROM seen_nonces WHERE ts < ?", (now - NONCE_RETENTION_S,))
+            db.execute(delete(seen_nonces).where(seen_nonces.c.ts < now - NONCE_RETENTION_S))
         return True
 
     # Upload quotas: the bytes each API key uploaded on a day (days since the epoch, UTC).
     def uploaded_bytes(self, key: str, day: int) -> int:
         """Bytes ``key`` uploaded on ``day``."""
-        row = (
-            self.db.connect()
-            .execute("SELECT bytes FROM upload_usage WHERE key=? AND day=?", (key, day))
-            .fetchone()
-        )
-        return int(row["bytes"]) if row is not None else 0
+        with self.db.read() as db:
+            found = db.execute(
+                select(upload_usage.c.bytes).where(upload_usage.c.key == key, upload_usage.c.day == day)
+            ).scalar()
+        return int(found) if found is not None else 0
 
     def add_uploaded_bytes(self, key: str, day: int, size: int) -> None:
         """Count ``size`` more bytes uploaded by ``key`` on ``day``; earlier days are forgotten."""
         with self.db.transaction() as db:
+            insert = self.db.insert(upload_usage).values(key=key, day=day, bytes=size)
             db.execute(
-                "INSERT INTO upload_usage (key, day, bytes) VALUES (?, ?, ?)"
-                " ON CONFLICT (key, day) DO UPDATE SET bytes=bytes+excluded.bytes",
-                (key, day, size),
+                insert.on_conflict_do_update(
+                    index_elements=["key", "day"],
+                    set_={"bytes": upload_usage.c.bytes + insert.excluded.bytes},
+                )
             )
-            db.execute("DELETE FROM upload_usage WHERE day < ?", (day,))
+            db.execute(delete(upload_usage).where(upload_usage.c.day < day))
 
     # Writing.
     def create(self, task: Task) -> Task:
@@ -186,19 +142,17 @@ class TaskStore:
         task.created_at = task.updated_at = now
         with self.db.transaction() as db:
             db.execute(
-                "INSERT INTO tasks (id, kind, state, filename, input, options, route,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    task.id,
-                    task.kind,
-                    task.state,
-                    task.filename,
-                    json.dumps(task.input),
-                    json.dumps(task.options),
-                    json.dumps(task.route),
-                    now,
-                    now,
-                ),
+                tasks.insert().values(
+                    id=task.id,
+                    kind=task.kind,
+                    state=task.state,
+                    filename=task.filename,
+                    input=json.dumps(task.input),
+                    options=json.dumps(task.options),
+                    route=json.dumps(task.route),
+                    created_at=now,
+                    updated_at=now,
+                )
             )
             _add_event(db, task.id, now, "submitted", {"route": task.route})
         return task
@@ -210,10 +164,17 @@ class TaskStore:
             if not self._claim(db, nonce):
                 return False
             changed = db.execute(
-                "UPDATE tasks SET state=?, worker=?, attempts=?, updated_at=?,"
-                " started_at=COALESCE(started_at, ?), progress='{}', error=NULL"
-                " WHERE id=? AND state IN (?, ?)",
-                (State.running, worker, attempt, now, now, task_id, State.queued, State.running),
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.in_(_LIVE))
+                .values(
+                    state=State.running,
+                    worker=worker,
+                    attempts=attempt,
+                    updated_at=now,
+                    started_at=func.coalesce(tasks.c.started_at, now),
+                    progress="{}",
+                    error=None,
+                )
             ).rowcount
             if changed:
                 _add_event(db, task_id, now, "started", {"worker": worker, "attempt": attempt})
@@ -224,8 +185,9 @@ class TaskStore:
             if not self._claim(db, nonce):
                 return
             db.execute(
-                "UPDATE tasks SET progress=?, updated_at=? WHERE id=? AND state=?",
-                (json.dumps(progress), time.time(), task_id, State.running),
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state == State.running)
+                .values(progress=json.dumps(progress), updated_at=time.time())
             )
 
     def mark_done(
@@ -242,20 +204,17 @@ class TaskStore:
             if not self._claim(db, nonce):
                 return False
             changed = db.execute(
-                "UPDATE tasks SET state=?, outputs=?, result=?, worker=?, updated_at=?,"
-                " finished_at=?, progress=? WHERE id=? AND state IN (?, ?)",
-                (
-                    State.done,
-                    json.dumps(outputs),
-                    json.dumps(result),
-                    worker,
-                    now,
-                    now,
-                    json.dumps({"stage": "done", "percent": 100.0}),
-                    task_id,
-                    State.queued,
-                    State.running,
-                ),
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.in_(_LIVE))
+                .values(
+                    state=State.done,
+                    outputs=json.dumps(outputs),
+                    result=json.dumps(result),
+                    worker=worker,
+                    updated_at=now,
+                    finished_at=now,
+                    progress=json.dumps({"stage": "done", "percent": 100.0}),
+                )
             ).rowcount
             if changed:
                 _add_event(db, task_id, now, "done", {"worker": worker})
@@ -268,9 +227,15 @@ class TaskStore:
             if not self._claim(db, nonce):
                 return False
             changed = db.execute(
-                "UPDATE tasks SET state=?, error=?, worker=COALESCE(?, worker), updated_at=?,"
-                " finished_at=? WHERE id=? AND state IN (?, ?)",
-                (State.failed, reason, worker, now, now, task_id, State.queued, State.running),
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.in_(_LIVE))
+                .values(
+                    state=State.failed,
+                    error=reason,
+                    worker=tasks.c.worker if worker is None else worker,
+                    updated_at=now,
+                    finished_at=now,
+                )
             ).rowcount
             if changed:
                 _add_event(db, task_id, now, "failed", {"reason": reason, "worker": worker})
@@ -284,18 +249,15 @@ class TaskStore:
         now = time.time()
         with self.db.transaction() as db:
             changed = db.execute(
-                "UPDATE tasks SET state=?, error=?, updated_at=?, finished_at=?, progress=?"
-                " WHERE id=? AND state IN (?, ?)",
-                (
-                    State.canceled,
-                    reason,
-                    now,
-                    now,
-                    json.dumps({"stage": "canceled", "percent": 0.0}),
-                    task_id,
-                    State.queued,
-                    State.running,
-                ),
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.in_(_LIVE))
+                .values(
+                    state=State.canceled,
+                    error=reason,
+                    updated_at=now,
+                    finished_at=now,
+                    progress=json.dumps({"stage": "canceled", "percent": 0.0}),
+                )
             ).rowcount
             if changed:
                 _add_event(db, task_id, now, "canceled", {"reason": reason})
@@ -312,10 +274,16 @@ class TaskStore:
         now = time.time()
         with self.db.transaction() as db:
             changed = db.execute(
-                "UPDATE tasks SET state=?, error=NULL, updated_at=?, finished_at=NULL, progress='{}',"
-                " published_at=CASE WHEN ? THEN NULL ELSE published_at END"
-                " WHERE id=? AND state NOT IN (?, ?)",
-                (State.queued, now, unpublished, task_id, State.done, State.canceled),
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.not_in((State.done, State.canceled)))
+                .values(
+                    state=State.queued,
+                    error=None,
+                    updated_at=now,
+                    finished_at=None,
+                    progress="{}",
+                    published_at=None if unpublished else tasks.c.published_at,
+                )
             ).rowcount
             if changed:
                 _add_event(db, task_id, now, "requeued", detail)
@@ -334,16 +302,18 @@ class TaskStore:
             if not self._claim(db, nonce):
                 return 0
             for task_id, source, target, reason in moves:
-                row = db.execute("SELECT state, route FROM tasks WHERE id=?", (task_id,)).fetchone()
-                if row is None or row["state"] in FINAL_STATES:
+                row = db.execute(
+                    select(tasks.c.state, tasks.c.route).where(tasks.c.id == task_id).with_for_update()
+                ).first()
+                if row is None or row.state in FINAL_STATES:
                     continue
-                route = json.loads(row["route"])
+                route = json.loads(row.route)
                 move = {"from": source, "to": target, "reason": reason, "by": by, "at": now}
                 route["queue"] = target
                 route["moves"] = [*route.get("moves", []), move]
                 route["reasons"] = [*route.get("reasons", []), reason]
                 db.execute(
-                    "UPDATE tasks SET route=?, updated_at=? WHERE id=?", (json.dumps(route), now, task_id)
+                    update(tasks).where(tasks.c.id == task_id).values(route=json.dumps(route), updated_at=now)
                 )
                 _add_event(db, task_id, now, "rerouted", {k: v for k, v in move.items() if k != "at"})
                 recorded += 1
@@ -354,9 +324,9 @@ class TaskStore:
         now = time.time()
         with self.db.transaction() as db:
             changed = db.execute(
-                "UPDATE tasks SET published_at=?, deliveries=deliveries+1, updated_at=?"
-                " WHERE id=? AND state IN (?, ?)",
-                (now, now, task_id, State.queued, State.running),
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.in_(_LIVE))
+                .values(published_at=now, deliveries=tasks.c.deliveries + 1, updated_at=now)
             ).rowcount
             if changed:
                 _add_event(
@@ -374,65 +344,68 @@ class TaskStore:
 
     # Reading.
     def get(self, task_id: str, *, events: bool = True) -> Task:
-        db = self.db.connect()
-        row = db.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
-        if row is None:
-            raise TaskNotFound(f"no task {task_id}")
-        task = _to_task(row)
-        if events:
-            task.events = [
-                {"ts": e["ts"], "event": e["event"], "detail": json.loads(e["detail"])}
-                for e in db.execute(
-                    "SELECT ts, event, detail FROM events WHERE task_id=? ORDER BY id", (task_id,)
-                )
-            ]
+        with self.db.read() as db:
+            row = db.execute(select(tasks).where(tasks.c.id == task_id)).first()
+            if row is None:
+                raise TaskNotFound(f"no task {task_id}")
+            task = _to_task(row)
+            if events:
+                task.events = [
+                    {"ts": e.ts, "event": e.event, "detail": json.loads(e.detail)}
+                    for e in db.execute(
+                        select(_events.c.ts, _events.c.event, _events.c.detail)
+                        .where(_events.c.task_id == task_id)
+                        .order_by(_events.c.id)
+                    )
+                ]
         return task
 
     def list(self, *, state: State | None = None, limit: int = 50, offset: int = 0) -> list[Task]:
-        db = self.db.connect()
-        if state is None:
-            rows = db.execute(
-                "SELECT * FROM tasks ORDER BY created_at DESC LIMIT ? OFFSET ?", (limit, offset)
-            )
-        else:
-            rows = db.execute(
-                "SELECT * FROM tasks WHERE state=? ORDER BY created_at DESC LIMIT ? OFFSET ?",
-                (state, limit, offset),
-            )
-        return [_to_task(row) for row in rows]
+        query = select(tasks).order_by(tasks.c.created_at.desc()).limit(limit).offset(offset)
+        if state is not None:
+            query = query.where(tasks.c.state == state)
+        with self.db.read() as db:
+            return [_to_task(row) for row in db.execute(query)]
 
     def unpublished(self, created_before: float) -> list[Task]:
         """Queued tasks whose message was never published, recorded before ``created_before``."""
-        rows = self.db.connect().execute(
-            "SELECT * FROM tasks WHERE state=? AND published_at IS NULL AND created_at < ?"
-            " ORDER BY created_at",
-            (State.queued, created_before),
+        query = (
+            select(tasks)
+            .where(
+                tasks.c.state == State.queued,
+                tasks.c.published_at.is_(None),
+                tasks.c.created_at < created_before,
+            )
+            .order_by(tasks.c.created_at)
         )
-        return [_to_task(row) for row in rows]
+        with self.db.read() as db:
+            return [_to_task(row) for row in db.execute(query)]
 
     def silent_running(self, updated_before: float) -> list[Task]:
         """Running tasks that no report has touched since ``updated_before``."""
-        rows = self.db.connect().execute(
-            "SELECT * FROM tasks WHERE state=? AND updated_at < ? ORDER BY updated_at",
-            (State.running, updated_before),
+        query = (
+            select(tasks)
+            .where(tasks.c.state == State.running, tasks.c.updated_at < updated_before)
+            .order_by(tasks.c.updated_at)
         )
-        return [_to_task(row) for row in rows]
+        with self.db.read() as db:
+            return [_to_task(row) for row in db.execute(query)]
 
     def counts(self) -> dict[str, int]:
-        db = self.db.connect()
-        found = dict(db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+        with self.db.read() as db:
+            found = dict(db.execute(select(tasks.c.state, func.count()).group_by(tasks.c.state)).all())
         return {state.value: found.get(state.value, 0) for state in State}
 
 
-def _add_event(db: sqlite3.Connection, task_id: str, ts: float, event: str, detail: dict) -> None:
-    db.execute(
-        "INSERT INTO events (task_id, ts, event, detail) VALUES (?, ?, ?, ?)",
-        (task_id, ts, event, json.dumps(detail)),
-    )
+_events = events
 
 
-def _to_task(row: sqlite3.Row) -> Task:
-    data = dict(row)
+def _add_event(db: Connection, task_id: str, ts: float, event: str, detail: dict) -> None:
+    db.execute(_events.insert().values(task_id=task_id, ts=ts, event=event, detail=json.dumps(detail)))
+
+
+def _to_task(row: Row) -> Task:
+    data = dict(row._mapping)
     for column in _JSON_COLUMNS:
         data[column] = json.loads(data[column])
     data["state"] = State(data["state"])

@@ -28,7 +28,7 @@ T = TypeVar("T")
 #: Settings only the server (and workers on its host) hold; an enrolled box has none of them.
 SERVER_ONLY = frozenset(
     {"MORAG_SECRET_KEY", "MORAG_API_KEY", "MORAG_DEV_MODE", "MORAG_DATA_DIR", "MORAG_BROKER_URL",
-     "MORAG_SFTP_PORT", "MORAG_SERVER_URL", "MORAG_API_PORT"}
+     "MORAG_SFTP_PORT", "MORAG_SERVER_URL", "MORAG_API_PORT", "MORAG_DATABASE_URL"}
 )  # fmt: skip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,8 @@ SAMPLES = ROOT / "samples"
 BIN = Path(sys.executable).parent
 BROKER = os.environ.get("MORAG_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672")
 MANAGEMENT = os.environ.get("MORAG_TEST_RABBITMQ_API", "http://guest:guest@127.0.0.1:15672")
+#: A PostgreSQL server the tests may create and drop databases on (ops/setup.sh starts one).
+POSTGRES = os.environ.get("MORAG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 # Words espeak-ng speaks in samples/talk.mp4 and samples/speech.mp3 that the
 # tiny.en model reliably hears.
@@ -84,6 +86,51 @@ def rabbitmq_available() -> None:
         socket.create_connection((parts.hostname, parts.port or 5672), timeout=2).close()
     except OSError:
         pytest.fail(f"RabbitMQ is not reachable at {parts.hostname}:{parts.port}: run ops/setup.sh")
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> None:
+    import psycopg
+
+    try:
+        psycopg.connect(POSTGRES, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES} ({reason}): run ops/setup.sh")
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database; yields its URL, drops it afterwards."""
+    import psycopg
+
+    name = f"morag_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = urllib.parse.urlsplit(POSTGRES)._replace(path=f"/{name}").geturl()
+    try:
+        yield url
+    finally:
+        from pipeline.db import forget_engine
+
+        forget_engine(url)
+        with psycopg.connect(POSTGRES, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_available: None) -> Iterator[str]:
+    """A fresh PostgreSQL database per test (``morag_test_<random>``), dropped afterwards."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """The server's database on each backend: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "tasks.db"
+    return request.getfixturevalue("postgres_url")
 
 
 @contextmanager
@@ -327,15 +374,23 @@ def stack_env(tmp: Path, broker_url: str, port: int) -> dict[str, str]:
 
 @contextmanager
 def open_stack(
-    folder: Path, broker_url: str, request: pytest.FixtureRequest | None = None
+    folder: Path,
+    broker_url: str,
+    request: pytest.FixtureRequest | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
-    """A Stack in ``folder`` on ``broker_url``; everything it started is stopped afterwards,
-    and its logs are shown when the test failed."""
+    """A Stack in ``folder`` on ``broker_url`` (``env``: more settings of every process);
+    everything it started is stopped afterwards, and its logs are shown when the test failed."""
     port = free_port()
     logs = folder / "logs"
     logs.mkdir()
     (folder / "data").mkdir()
-    s = Stack(stack_env(folder, broker_url, port), folder / "data", logs, url=f"http://127.0.0.1:{port}")
+    s = Stack(
+        {**stack_env(folder, broker_url, port), **(env or {})},
+        folder / "data",
+        logs,
+        url=f"http://127.0.0.1:{port}",
+    )
     key = s.cli("apikey", "create", "--name", "tests", "--role", "admin")
     assert key.returncode == 0, key.stderr
     s.env["MORAG_API_KEY"] = key.stdout.strip().splitlines()[-1]

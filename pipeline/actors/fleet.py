@@ -65,4 +65,4 @@ def liveness_sweep() -> None:
     except Exception as exc:
         logger.exception("reconciler failed", extra={"error": str(exc)})
     if len(done) == 2:
-        PartLog(get_settings().db_path).mark(SWEEP_PART, done)
+        PartLog(get_settings()).mark(SWEEP_PART, done)

@@ -12,12 +12,14 @@ import pika
 import uvicorn
 from dramatiq import Worker
 
+from pipeline import migrations
 from pipeline.api.app import create_app
 from pipeline.api.auth import Authenticator
 from pipeline.brokers import QUEUES, current_broker
 from pipeline.brokers.limits import check_consumer_timeout
 from pipeline.brokers.rabbitmq import connection_parameters, log_queue_type
 from pipeline.config import Settings, redact_url
+from pipeline.db import engine_for
 from pipeline.errors import PipelineError
 from pipeline.fleet.capacity import CapacityProbe
 from pipeline.fleet.registry import get_registry
@@ -127,7 +129,7 @@ def server_parts(
     settings: Settings, control: Worker, liveness: Liveness, files: FileServices, started: float
 ) -> dict[str, Callable[[], Part]]:
     """The checks of ``/healthz``: broker, control consumer, liveness scheduler (its last sweep), SFTP."""
-    sweeps = PartLog(settings.db_path)
+    sweeps = PartLog(settings)
     allowance = sweep_allowance(settings.sweep_cron)
 
     def broker() -> Part:
@@ -163,7 +165,12 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     check_broker(settings)
     lock = ServerLock(settings)
     lock.acquire()  # before anything consumes: a second server on this vhost refuses to start
-    services = get_services()
+    services = get_services()  # refuses a weak secret before anything else is opened
+    database = engine_for(settings)  # its schema brought to the newest revision (``upgrade head``)
+    logger.info(
+        "task store ready",
+        extra={"database": database.dialect.name, "revision": migrations.current(database)},
+    )
     broker = current_broker()
     import pipeline.actors.control  # noqa: F401
     import pipeline.actors.cpu  # noqa: F401  (registers every task actor, for publishing)

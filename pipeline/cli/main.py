@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.brokers import PRIORITIES
-from pipeline.cli import failures_cmd, security_cmd, store_cmd, submit_cmd, workers_cmd
+from pipeline.cli import db_cmd, failures_cmd, security_cmd, store_cmd, submit_cmd, workers_cmd
 from pipeline.config import ConfigError, Settings, get_settings
 from pipeline.errors import PipelineError
 from pipeline.routing import GPU_PREFERENCES
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     failures_cmd.add_commands(commands)
     workers_cmd.add_commands(commands)
     store_cmd.add_commands(commands)
+    db_cmd.add_commands(commands)
     return parser
 
 
@@ -185,6 +186,7 @@ COMMANDS = {
     **failures_cmd.COMMANDS,
     **workers_cmd.COMMANDS,
     **store_cmd.COMMANDS,
+    **db_cmd.COMMANDS,
 }
 
 

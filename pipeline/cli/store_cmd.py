@@ -43,9 +43,9 @@ def _stores(settings: Settings) -> tuple[TaskStore, LocalStore]:
     from pipeline.store import TaskStore
     from pipeline.transfer.local import LocalStore
 
-    if not settings.db_path.exists():
+    if settings.database_url is None and not settings.db_path.exists():
         raise PipelineError(f"no task store in {settings.data_dir} (is MORAG_DATA_DIR the server's?)")
-    return TaskStore(settings.db_path), LocalStore(settings.files_dir)
+    return TaskStore(settings), LocalStore(settings.files_dir)
 
 
 def human(size: float) -> str:

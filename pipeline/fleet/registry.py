@@ -23,16 +23,15 @@ History: ``joined``, ``revived``, ``draining``, ``stale``, ``dead`` and
 the worker goes on is ``process joined``, ``process revived``, ``process
 stale``, ``process dead`` or ``process gone``.
 
-Records live in SQLite tables beside the task store, in the server's
-database: ``workers`` (one row per worker) and ``worker_processes`` (one row
-per process). A database written before processes were recorded is adopted
+Records live in tables beside the task store, in the server's database
+(``pipeline.schema``): ``workers`` (one row per worker) and ``worker_processes``
+(one row per process). A database written before processes were recorded is adopted
 when opened: each worker's row becomes its one process.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -42,9 +41,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, Table, delete, exists, select, update
+
 from pipeline.config import Settings
-from pipeline.db import Database
+from pipeline.db import Database, database_target, dialect_insert
 from pipeline.errors import PipelineError
+from pipeline.schema import queue_liveness, refused_senders, worker_events, worker_processes, workers
 
 #: Queues that task workers serve.
 TASK_QUEUES = ("gpu", "cpu")
@@ -73,84 +75,6 @@ class WorkerNotFound(PipelineError):
 class BadHeartbeat(PipelineError):
     """A heartbeat lacks what the registry needs (worker id, session, queues)."""
 
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    session TEXT NOT NULL,
-    host TEXT NOT NULL DEFAULT '',
-    pid INTEGER,
-    capability TEXT NOT NULL,
-    queues TEXT NOT NULL DEFAULT '[]',
-    threads INTEGER NOT NULL DEFAULT 0,
-    hardware TEXT NOT NULL DEFAULT '{}',
-    models TEXT NOT NULL DEFAULT '[]',
-    current TEXT NOT NULL DEFAULT '[]',
-    done INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    skipped INTEGER NOT NULL DEFAULT 0,
-    speed TEXT NOT NULL DEFAULT '{}',
-    draining INTEGER NOT NULL DEFAULT 0,
-    version TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL,
-    reason TEXT,
-    first_seen REAL NOT NULL,
-    joined_at REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    sent_at REAL,
-    state_since REAL NOT NULL,
-    booted_at REAL,
-    beats INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS workers_state ON workers(state);
-CREATE TABLE IF NOT EXISTS worker_processes (
-    worker_id TEXT NOT NULL,
-    session TEXT NOT NULL,
-    host TEXT NOT NULL DEFAULT '',
-    pid INTEGER,
-    capability TEXT NOT NULL,
-    queues TEXT NOT NULL DEFAULT '[]',
-    threads INTEGER NOT NULL DEFAULT 0,
-    hardware TEXT NOT NULL DEFAULT '{}',
-    models TEXT NOT NULL DEFAULT '[]',
-    current TEXT NOT NULL DEFAULT '[]',
-    done INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    skipped INTEGER NOT NULL DEFAULT 0,
-    speed TEXT NOT NULL DEFAULT '{}',
-    draining INTEGER NOT NULL DEFAULT 0,
-    version TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL,
-    reason TEXT,
-    joined_at REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    sent_at REAL,
-    state_since REAL NOT NULL,
-    booted_at REAL,
-    beats INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (worker_id, session)
-);
-CREATE TABLE IF NOT EXISTS worker_events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    worker_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    event TEXT NOT NULL,
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS worker_events_worker ON worker_events(worker_id, id);
-CREATE TABLE IF NOT EXISTS refused_senders (
-    worker TEXT PRIMARY KEY,
-    refused INTEGER NOT NULL DEFAULT 0,
-    first_at REAL NOT NULL,
-    last_at REAL NOT NULL,
-    last_reason TEXT NOT NULL,
-    last_report TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS queue_liveness (
-    queue TEXT PRIMARY KEY,
-    down_since REAL
-);
-"""
 
 _JSON = ("queues", "hardware", "models", "current", "speed")
 
@@ -304,38 +228,42 @@ def is_live(record: WorkerRecord | ProcessRecord, state: WorkerState) -> bool:
 
 
 class Registry:
-    """Worker records and their history in the server's SQLite database.
+    """Worker records and their history in the server's database.
 
     Parameters:
-      path: the database file (``Settings.db_path``); shared with the task store.
+      path: the server's database (``pipeline.db.database_target``): its SQLite
+        file, a URL, or the settings naming either; shared with the task store.
       stale_after: seconds without a heartbeat before a process is stale.
       dead_after: seconds without a heartbeat before a process is dead.
     """
 
-    def __init__(self, path: Path, stale_after: float = 30.0, dead_after: float = 120.0) -> None:
+    def __init__(
+        self, path: Path | str | Settings, stale_after: float = 30.0, dead_after: float = 120.0
+    ) -> None:
         if dead_after <= stale_after:
             raise ValueError("dead_after must be longer than stale_after")
         self.path = path
         self.stale_after = stale_after
         self.dead_after = dead_after
-        self.db = Database(path, _SCHEMA)
+        self.db = Database(path)
         self._adopt_single_process_records()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
-        return cls(settings.db_path, settings.worker_stale_after, settings.worker_dead_after)
+        return cls(database_target(settings), settings.worker_stale_after, settings.worker_dead_after)
 
     def state_of(self, record: WorkerRecord | ProcessRecord, now: float | None = None) -> WorkerState:
         return state_at(record, time.time() if now is None else now, self.stale_after, self.dead_after)
 
     def _adopt_single_process_records(self) -> None:
         """Give each worker recorded before processes were (one row, no process) its one process."""
+        shared = [workers.c[name] for name in _PROCESS_COLUMNS[1:]]
+        orphans = select(workers.c.id, *shared).where(
+            ~exists().where(worker_processes.c.worker_id == workers.c.id)
+        )
         with self.db.transaction() as db:
-            db.execute(
-                f"INSERT OR IGNORE INTO worker_processes (worker_id, {', '.join(_PROCESS_COLUMNS[1:])})"
-                f" SELECT id, {', '.join(_PROCESS_COLUMNS[1:])} FROM workers w"
-                " WHERE NOT EXISTS (SELECT 1 FROM worker_processes p WHERE p.worker_id = w.id)"
-            )
+            adopt = dialect_insert(db.dialect.name, worker_processes).from_select(_PROCESS_COLUMNS, orphans)
+            db.execute(adopt.on_conflict_do_nothing())
 
     # Messages from workers.
     def heartbeat(self, beat: dict[str, Any], now: float | None = None) -> WorkerRecord | None:
@@ -353,7 +281,7 @@ class Registry:
             if before is None or (before.state in ENDED and mine is None):
                 event = "joined"
                 detail = {"session": session, "host": values["host"], "pid": values["pid"]}
-                db.execute("DELETE FROM worker_processes WHERE worker_id=?", (worker_id,))
+                db.execute(delete(worker_processes).where(worker_processes.c.worker_id == worker_id))
                 processes, mine = [], None  # a new life: earlier processes are history
             elif before.state is not WorkerState.alive:
                 event = "revived"
@@ -479,7 +407,8 @@ class Registry:
     def get(self, worker_id: str, now: float | None = None) -> WorkerRecord:
         """The worker and its processes as they stand at ``now``."""
         now = time.time() if now is None else now
-        row, processes = _load(self.db.connect(), worker_id)
+        with self.db.read() as db:
+            row, processes = _load(db, worker_id, lock=False)
         if row is None:
             raise WorkerNotFound(f"no worker {worker_id}")
         return self._aggregate(row, processes, now)
@@ -492,39 +421,54 @@ class Registry:
         """
         now = time.time() if now is None else now
         with self.db.transaction() as db:
+            insert = dialect_insert(db.dialect.name, refused_senders).values(
+                worker=worker, refused=1, first_at=now, last_at=now, last_reason=reason, last_report=report
+            )
+            fresh = insert.excluded
             db.execute(
-                "INSERT INTO refused_senders (worker, refused, first_at, last_at, last_reason, last_report)"
-                " VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT(worker) DO UPDATE SET refused=refused+1,"
-                " last_at=excluded.last_at, last_reason=excluded.last_reason,"
-                " last_report=excluded.last_report",
-                (worker, now, now, reason, report),
+                insert.on_conflict_do_update(
+                    index_elements=["worker"],
+                    set_={
+                        "refused": refused_senders.c.refused + 1,
+                        "last_at": fresh.last_at,
+                        "last_reason": fresh.last_reason,
+                        "last_report": fresh.last_report,
+                    },
+                )
             )
 
     def refusals(self, since: float) -> list[dict[str, Any]]:
         """Senders with messages refused since ``since``, the latest first."""
-        rows = self.db.connect().execute(
-            "SELECT * FROM refused_senders WHERE last_at >= ? ORDER BY last_at DESC", (since,)
+        query = (
+            select(refused_senders)
+            .where(refused_senders.c.last_at >= since)
+            .order_by(refused_senders.c.last_at.desc())
         )
-        return [dict(row) for row in rows]
+        with self.db.read() as db:
+            return [dict(row._mapping) for row in db.execute(query)]
 
     def history(self, worker_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self.db.connect().execute(
-            "SELECT ts, event, detail FROM worker_events WHERE worker_id=? ORDER BY id DESC LIMIT ?",
-            (worker_id, limit),
+        e = worker_events.c
+        query = (
+            select(e.ts, e.event, e.detail).where(e.worker_id == worker_id).order_by(e.id.desc()).limit(limit)
         )
-        return [{"ts": r["ts"], "event": r["event"], "detail": json.loads(r["detail"])} for r in rows][::-1]
+        with self.db.read() as db:
+            rows = db.execute(query).all()
+        return [{"ts": r.ts, "event": r.event, "detail": json.loads(r.detail)} for r in rows][::-1]
 
     def list(self, now: float | None = None, states: Iterable[str] | None = None) -> list[WorkerRecord]:
         """Every worker with its current state and its processes, live ones first."""
         now = time.time() if now is None else now
         wanted = {WorkerState(s) for s in states} if states else None
-        db = self.db.connect()
+        with self.db.read() as db:
+            process_rows = [dict(r._mapping) for r in db.execute(select(worker_processes))]
+            worker_rows = [dict(r._mapping) for r in db.execute(select(workers))]
         by_worker: dict[str, list[ProcessRecord]] = defaultdict(list)
-        for row in db.execute("SELECT * FROM worker_processes"):
+        for row in process_rows:
             process = _row_process(row)
             by_worker[process.worker].append(process)
         records = []
-        for row in db.execute("SELECT * FROM workers"):
+        for row in worker_rows:
             record = self._aggregate(row, by_worker.get(row["id"], []), now)
             if wanted is None or record.state in wanted:
                 records.append(record)
@@ -555,12 +499,11 @@ class Registry:
         live = [p for p in processes if is_live(p, p.state)]
         down_since = None
         if not live:
-            row = (
-                self.db.connect()
-                .execute("SELECT down_since FROM queue_liveness WHERE queue=?", (queue,))
-                .fetchone()
-            )
-            down_since = row["down_since"] if row and row["down_since"] is not None else None
+            with self.db.read() as db:
+                row = db.execute(
+                    select(queue_liveness.c.down_since).where(queue_liveness.c.queue == queue)
+                ).first()
+            down_since = row.down_since if row and row.down_since is not None else None
             if down_since is None:
                 down_since = self._ended_at(processes, now)
         return QueueView(
@@ -586,7 +529,9 @@ class Registry:
                 ends.append(min(now, p.last_seen + self.stale_after))
         return max(ends) if ends else None
 
-    def _aggregate(self, row: sqlite3.Row | None, processes: list[ProcessRecord], now: float) -> WorkerRecord:
+    def _aggregate(
+        self, row: dict[str, Any] | None, processes: list[ProcessRecord], now: float
+    ) -> WorkerRecord:
         """The worker as its processes make it at ``now`` (``row``: the worker's own record)."""
         processes = [self._current(p, now) for p in processes]
         processes.sort(key=lambda p: (_RANK[p.state], p.joined_at, p.session))
@@ -664,19 +609,18 @@ class Registry:
         changes: list[Transition] = []
         grace = min(5.0, self.stale_after)
         with self.db.transaction() as db:
+            running = (WorkerState.alive, WorkerState.stale)
             rows = {
-                row["id"]: row
-                for row in db.execute(
-                    "SELECT * FROM workers WHERE state IN (?, ?)", (WorkerState.alive, WorkerState.stale)
-                )
+                row.id: dict(row._mapping)
+                for row in db.execute(select(workers).where(workers.c.state.in_(running)).with_for_update())
             }
             by_worker: dict[str, list[ProcessRecord]] = defaultdict(list)
             for row in db.execute(
-                "SELECT p.* FROM worker_processes p JOIN workers w ON w.id = p.worker_id"
-                " WHERE w.state IN (?, ?)",
-                (WorkerState.alive, WorkerState.stale),
+                select(worker_processes)
+                .join(workers, workers.c.id == worker_processes.c.worker_id)
+                .where(workers.c.state.in_(running))
             ):
-                process = _row_process(row)
+                process = _row_process(dict(row._mapping))
                 by_worker[process.worker].append(process)
             for worker_id, row in rows.items():
                 processes = by_worker.get(worker_id, [])
@@ -701,9 +645,12 @@ class Registry:
                         continue
                     process.state, process.reason, process.state_since = after, reason, now
                     db.execute(
-                        "UPDATE worker_processes SET state=?, reason=?, state_since=?"
-                        " WHERE worker_id=? AND session=?",
-                        (after, reason, now, worker_id, process.session),
+                        update(worker_processes)
+                        .where(
+                            worker_processes.c.worker_id == worker_id,
+                            worker_processes.c.session == process.session,
+                        )
+                        .values(state=after, reason=reason, state_since=now)
                     )
                     moved.append((process, before, after, reason))
                 was = WorkerState(row["state"])
@@ -712,8 +659,9 @@ class Registry:
                     reasons = [r for p, _, a, r in moved if a is worker.state]
                     reason = reasons[-1] if reasons else worker.reason or _silence(now - worker.last_seen)
                     db.execute(
-                        "UPDATE workers SET state=?, reason=?, state_since=? WHERE id=?",
-                        (worker.state, reason, now, worker_id),
+                        update(workers)
+                        .where(workers.c.id == worker_id)
+                        .values(state=worker.state, reason=reason, state_since=now)
                     )
                     # What it held that was not told before: processes ended earlier were.
                     holding = [p for p, *_ in moved] + [p for p in processes if p.state not in ENDED]
@@ -745,14 +693,19 @@ class Registry:
                 ended = sorted((p for p in processes if p.state in ENDED), key=lambda p: -p.state_since)
                 for process in ended[KEEP_ENDED_PROCESSES:]:
                     db.execute(
-                        "DELETE FROM worker_processes WHERE worker_id=? AND session=?",
-                        (worker_id, process.session),
+                        delete(worker_processes).where(
+                            worker_processes.c.worker_id == worker_id,
+                            worker_processes.c.session == process.session,
+                        )
                     )
-            forgotten = (WorkerState.dead, WorkerState.gone, now - FORGET_AFTER_S)
-            old = "SELECT id FROM workers WHERE state IN (?, ?) AND state_since < ?"
-            db.execute(f"DELETE FROM worker_events WHERE worker_id IN ({old})", forgotten)
-            db.execute(f"DELETE FROM worker_processes WHERE worker_id IN ({old})", forgotten)
-            db.execute("DELETE FROM workers WHERE state IN (?, ?) AND state_since < ?", forgotten)
+            forgotten = (
+                workers.c.state.in_((WorkerState.dead, WorkerState.gone)),
+                workers.c.state_since < now - FORGET_AFTER_S,
+            )
+            old = select(workers.c.id).where(*forgotten)
+            db.execute(delete(worker_events).where(worker_events.c.worker_id.in_(old)))
+            db.execute(delete(worker_processes).where(worker_processes.c.worker_id.in_(old)))
+            db.execute(delete(workers).where(*forgotten))
         self._mark_queues(now, consumers, self.list(now))
         return changes
 
@@ -764,19 +717,18 @@ class Registry:
                 live = any(is_live(p, p.state) for p in processes)
                 if not processes and consumers is not None:
                     live = consumers.get(queue, 0) > 0  # no heartbeats known: the consumer count decides
-                row = db.execute("SELECT down_since FROM queue_liveness WHERE queue=?", (queue,)).fetchone()
-                if live:
-                    db.execute(
-                        "INSERT INTO queue_liveness (queue, down_since) VALUES (?, NULL)"
-                        " ON CONFLICT(queue) DO UPDATE SET down_since=NULL",
-                        (queue,),
+                row = db.execute(
+                    select(queue_liveness.c.down_since).where(queue_liveness.c.queue == queue)
+                ).first()
+                if live or row is None or row.down_since is None:
+                    since = None if live else self._ended_at(processes, now) or now
+                    insert = dialect_insert(db.dialect.name, queue_liveness).values(
+                        queue=queue, down_since=since
                     )
-                elif row is None or row["down_since"] is None:
-                    since = self._ended_at(processes, now) or now
                     db.execute(
-                        "INSERT INTO queue_liveness (queue, down_since) VALUES (?, ?)"
-                        " ON CONFLICT(queue) DO UPDATE SET down_since=excluded.down_since",
-                        (queue, since),
+                        insert.on_conflict_do_update(
+                            index_elements=["queue"], set_={"down_since": insert.excluded.down_since}
+                        )
                     )
 
 
@@ -861,36 +813,36 @@ _PROCESS_COLUMNS = (
 )  # fmt: skip
 
 
-def _upsert(db: sqlite3.Connection, table: str, columns: tuple[str, ...], key: int, values: dict) -> None:
-    row = [json.dumps(values[c]) if c in _JSON else values[c] for c in columns]
-    updates = ", ".join(f"{c}=excluded.{c}" for c in columns[key:])
+def _upsert(db: Connection, table: Table, columns: tuple[str, ...], key: int, values: dict) -> None:
+    row = {c: json.dumps(values[c]) if c in _JSON else values[c] for c in columns}
+    row["draining"] = int(row["draining"])
+    insert = dialect_insert(db.dialect.name, table).values(**row)
+    updates = {c: insert.excluded[c] for c in columns[key:]}
+    db.execute(insert.on_conflict_do_update(index_elements=list(columns[:key]), set_=updates))
+
+
+def _write_worker(db: Connection, values: dict[str, Any]) -> None:
+    _upsert(db, workers, _WORKER_COLUMNS, 1, values)
+
+
+def _write_process(db: Connection, process: ProcessRecord) -> None:
+    _upsert(db, worker_processes, _PROCESS_COLUMNS, 2, {**asdict(process), "worker_id": process.worker})
+
+
+def _add_event(db: Connection, worker_id: str, ts: float, event: str, detail: dict) -> None:
     db.execute(
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        f" ON CONFLICT({', '.join(columns[:key])}) DO UPDATE SET {updates}",
-        row,
+        worker_events.insert().values(worker_id=worker_id, ts=ts, event=event, detail=json.dumps(detail))
     )
 
 
-def _write_worker(db: sqlite3.Connection, values: dict[str, Any]) -> None:
-    _upsert(db, "workers", _WORKER_COLUMNS, 1, values)
-
-
-def _write_process(db: sqlite3.Connection, process: ProcessRecord) -> None:
-    _upsert(db, "worker_processes", _PROCESS_COLUMNS, 2, {**asdict(process), "worker_id": process.worker})
-
-
-def _add_event(db: sqlite3.Connection, worker_id: str, ts: float, event: str, detail: dict) -> None:
-    db.execute(
-        "INSERT INTO worker_events (worker_id, ts, event, detail) VALUES (?, ?, ?, ?)",
-        (worker_id, ts, event, json.dumps(detail)),
-    )
-
-
-def _load(db: sqlite3.Connection, worker_id: str) -> tuple[sqlite3.Row | None, list[ProcessRecord]]:
-    """A worker's own row and its processes."""
-    row = db.execute("SELECT * FROM workers WHERE id=?", (worker_id,)).fetchone()
-    rows = db.execute("SELECT * FROM worker_processes WHERE worker_id=?", (worker_id,))
-    return row, [_row_process(r) for r in rows]
+def _load(
+    db: Connection, worker_id: str, lock: bool = True
+) -> tuple[dict[str, Any] | None, list[ProcessRecord]]:
+    """A worker's own row and its processes; ``lock``: the row is the caller's until its transaction ends."""
+    query = select(workers).where(workers.c.id == worker_id)
+    row = db.execute(query.with_for_update() if lock else query).first()
+    rows = db.execute(select(worker_processes).where(worker_processes.c.worker_id == worker_id))
+    return (dict(row._mapping) if row else None), [_row_process(dict(r._mapping)) for r in rows]
 
 
 def _to_process(values: dict[str, Any]) -> ProcessRecord:
@@ -898,7 +850,7 @@ def _to_process(values: dict[str, Any]) -> ProcessRecord:
     return ProcessRecord(**{k: v for k, v in values.items() if k in names})
 
 
-def _row_process(row: sqlite3.Row) -> ProcessRecord:
+def _row_process(row: dict[str, Any]) -> ProcessRecord:
     data = dict(row)
     for column in _JSON:
         data[column] = json.loads(data[column])
@@ -908,7 +860,7 @@ def _row_process(row: sqlite3.Row) -> ProcessRecord:
     return ProcessRecord(**data)
 
 
-def _row_worker(row: sqlite3.Row, now: float, registry: Registry) -> WorkerRecord:
+def _row_worker(row: dict[str, Any], now: float, registry: Registry) -> WorkerRecord:
     data = dict(row)
     for column in _JSON:
         data[column] = json.loads(data[column])
@@ -928,7 +880,7 @@ def get_registry(settings: Settings | None = None) -> Registry:
     from pipeline.config import get_settings
 
     settings = settings or get_settings()
-    key = (str(settings.db_path), settings.worker_stale_after, settings.worker_dead_after)
+    key = (str(database_target(settings)), settings.worker_stale_after, settings.worker_dead_after)
     with _registries_lock:
         if key not in _registries:
             _registries[key] = Registry.from_settings(settings)

@@ -13,22 +13,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select, update
+
+from pipeline.config import Settings
 from pipeline.db import Database
+from pipeline.schema import api_keys
 from pipeline.security.tokens import AuthError
 
 ROLES = ("readonly", "client", "admin")
 PREFIX = "mpk_"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-"""
 
 
 @dataclass
@@ -50,14 +43,14 @@ def _digest(key: str) -> str:
 
 
 class ApiKeyStore:
-    """API keys in the server's SQLite database.
+    """API keys in the server's database.
 
     Parameters:
-      db_path: the server's database file.
+      db_path: the server's database: its SQLite file, a URL, or the settings naming either.
     """
 
-    def __init__(self, db_path: Path) -> None:
-        self.db = Database(db_path, _SCHEMA)
+    def __init__(self, db_path: Path | str | Settings) -> None:
+        self.db = Database(db_path)
 
     def create(self, name: str, role: str) -> tuple[str, ApiKey]:
         if role not in ROLES:
@@ -67,8 +60,9 @@ class ApiKeyStore:
         record = ApiKey(key_id, name, role, time.time())
         with self.db.transaction() as db:
             db.execute(
-                "INSERT INTO api_keys (id, name, role, digest, created_at) VALUES (?, ?, ?, ?, ?)",
-                (key_id, name, role, _digest(key), record.created_at),
+                api_keys.insert().values(
+                    id=key_id, name=name, role=role, digest=_digest(key), created_at=record.created_at
+                )
             )
         return key, record
 
@@ -77,27 +71,28 @@ class ApiKeyStore:
         if not key.startswith(PREFIX) or key.count("_") < 2:
             raise AuthError("malformed API key")
         key_id = key[len(PREFIX) :].split("_", 1)[0]
-        row = self.db.connect().execute("SELECT * FROM api_keys WHERE id=?", (key_id,)).fetchone()
-        if row is None or not hmac.compare_digest(row["digest"], _digest(key)):
+        with self.db.read() as db:
+            row = db.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        if row is None or not hmac.compare_digest(row.digest, _digest(key)):
             raise AuthError("unknown API key")
-        if row["revoked_at"]:
+        if row.revoked_at:
             raise AuthError(f"API key {key_id} was revoked")
-        data = dict(row)
+        data = dict(row._mapping)
         data.pop("digest")
         return ApiKey(**data)
 
     def list(self) -> list[ApiKey]:
-        rows = (
-            self.db.connect()
-            .execute("SELECT id, name, role, created_at, revoked_at FROM api_keys ORDER BY created_at")
-            .fetchall()
-        )
-        return [ApiKey(**dict(row)) for row in rows]
+        c = api_keys.c
+        query = select(c.id, c.name, c.role, c.created_at, c.revoked_at).order_by(c.created_at)
+        with self.db.read() as db:
+            return [ApiKey(**row._mapping) for row in db.execute(query)]
 
     def revoke(self, key_id: str) -> None:
         with self.db.transaction() as db:
             changed = db.execute(
-                "UPDATE api_keys SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (time.time(), key_id)
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
             ).rowcount
         if not changed:
             raise AuthError(f"no active API key {key_id}")

@@ -17,26 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from sqlalchemy import select, update
 
+from pipeline.config import Settings
 from pipeline.db import Database
 from pipeline.errors import PipelineError
+from pipeline.schema import worker_tokens
 from pipeline.security.keys import derive
 
 ISSUER = "morag-pipeline"
 CAPABILITIES = ("gpu", "cpu")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS worker_tokens (
-    id TEXT PRIMARY KEY,
-    worker TEXT NOT NULL,
-    capability TEXT NOT NULL,
-    issued_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    revoked_at REAL,
-    broker_user TEXT,
-    last_used_at REAL
-);
-"""
 
 
 class AuthError(PipelineError):
@@ -62,15 +52,15 @@ class TokenRecord:
 
 
 class TokenStore:
-    """Issued worker tokens, in the server's SQLite database.
+    """Issued worker tokens, in the server's database.
 
     Parameters:
-      db_path: the server's database file.
+      db_path: the server's database: its SQLite file, a URL, or the settings naming either.
       secret: the server secret (``keys.server_secret``).
     """
 
-    def __init__(self, db_path: Path, secret: bytes) -> None:
-        self.db = Database(db_path, _SCHEMA)
+    def __init__(self, db_path: Path | str | Settings, secret: bytes) -> None:
+        self.db = Database(db_path)
         self.secret = secret
 
     def issue(self, worker: str, capability: str, ttl_s: float) -> tuple[str, TokenRecord]:
@@ -92,9 +82,13 @@ class TokenStore:
         token = jwt.encode(claims, self.secret, algorithm="HS256")
         with self.db.transaction() as db:
             db.execute(
-                "INSERT INTO worker_tokens (id, worker, capability, issued_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (record.id, worker, capability, record.issued_at, record.expires_at),
+                worker_tokens.insert().values(
+                    id=record.id,
+                    worker=worker,
+                    capability=capability,
+                    issued_at=record.issued_at,
+                    expires_at=record.expires_at,
+                )
             )
         return token, record
 
@@ -143,21 +137,26 @@ class TokenStore:
 
     def touch(self, token_id: str) -> None:
         with self.db.transaction() as db:
-            db.execute("UPDATE worker_tokens SET last_used_at=? WHERE id=?", (time.time(), token_id))
+            db.execute(
+                update(worker_tokens).where(worker_tokens.c.id == token_id).values(last_used_at=time.time())
+            )
 
     def get(self, token_id: str) -> TokenRecord | None:
-        row = self.db.connect().execute("SELECT * FROM worker_tokens WHERE id=?", (token_id,)).fetchone()
-        return TokenRecord(**dict(row)) if row else None
+        with self.db.read() as db:
+            row = db.execute(select(worker_tokens).where(worker_tokens.c.id == token_id)).first()
+        return TokenRecord(**row._mapping) if row else None
 
     def list(self) -> list[TokenRecord]:
-        rows = self.db.connect().execute("SELECT * FROM worker_tokens ORDER BY issued_at DESC").fetchall()
-        return [TokenRecord(**dict(row)) for row in rows]
+        with self.db.read() as db:
+            rows = db.execute(select(worker_tokens).order_by(worker_tokens.c.issued_at.desc())).all()
+        return [TokenRecord(**row._mapping) for row in rows]
 
     def revoke(self, token_id: str) -> TokenRecord:
         with self.db.transaction() as db:
             changed = db.execute(
-                "UPDATE worker_tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
-                (time.time(), token_id),
+                update(worker_tokens)
+                .where(worker_tokens.c.id == token_id, worker_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
             ).rowcount
         record = self.get(token_id)
         if record is None:
@@ -168,4 +167,4 @@ class TokenStore:
 
     def set_broker_user(self, token_id: str, user: str) -> None:
         with self.db.transaction() as db:
-            db.execute("UPDATE worker_tokens SET broker_user=? WHERE id=?", (user, token_id))
+            db.execute(update(worker_tokens).where(worker_tokens.c.id == token_id).values(broker_user=user))

@@ -213,7 +213,7 @@ class LocalTransport:
         from pipeline.transfer.serving import task_route_of, task_state_of
 
         secret = server_secret(settings)
-        tasks = TaskStore(settings.db_path)
+        tasks = TaskStore(settings)
         worker = settings.worker_name or worker_id()
         check = GrantCheck(secret, task_state_of(tasks), task_route_of(tasks))
         return cls(

@@ -1,4 +1,5 @@
-"""The worker registry: heartbeats, goodbyes, the alive -> stale -> dead machine, and queue views."""
+"""The worker registry: heartbeats, goodbyes, the alive -> stale -> dead machine, and queue views,
+on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ T0 = 1_000_000.0
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "tasks.db", stale_after=30, dead_after=120)
+def registry(database: Path | str) -> Registry:
+    return Registry(database, stale_after=30, dead_after=120)
 
 
 def beat(worker: str = "gpu-1", session: str = "s1", queues: tuple[str, ...] = ("gpu",), **extra) -> dict:

@@ -1,4 +1,4 @@
-"""The task store: states, events, and finished tasks that stay finished."""
+"""The task store: states, events, and finished tasks that stay finished, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from pipeline.errors import TaskNotFound
 from pipeline.store import State, Task, TaskStore, new_task_id
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> TaskStore:
-    return TaskStore(tmp_path / "tasks.db")
+def store(database: Path | str) -> TaskStore:
+    return TaskStore(database)
 
 
 def make(store: TaskStore) -> Task:
@@ -69,7 +70,7 @@ def test_a_message_is_applied_once_and_a_failed_attempt_leaves_no_replay_record(
     """The nonce of a control message is written with its effect: a handler that failed can be
     retried (not refused as a replay), and one that succeeded changes nothing the second time."""
     task = make(store)
-    with pytest.raises(sqlite3.IntegrityError):  # the handler fails: an event for an unknown task
+    with pytest.raises(IntegrityError):  # the handler fails: an event for an unknown task
         store.add_event("no-such-task", "retrying", {}, nonce="n-1")
     assert not store.seen("n-1")
     store.add_event(task.id, "retrying", {}, nonce="n-1")  # the retry of the same message

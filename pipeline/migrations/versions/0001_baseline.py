@@ -1,0 +1,243 @@
+"""The first revision: the task store's schema as the first release with migrations has it.
+
+It creates only what is missing, so it also adopts a database written before
+migrations (tables present, no ``alembic_version``): missing tables and
+indexes are created, columns added since the first release are added (a
+task's ``published_at`` then reads its ``created_at``: those tasks were
+published), and no row is touched otherwise.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import sqlite
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+# The schema of this revision, frozen here: later revisions change pipeline.schema, not this.
+metadata = MetaData()
+
+
+#: Seconds since the epoch: REAL on SQLite (as the first release wrote it), double precision elsewhere.
+Time = Double().with_variant(sqlite.REAL(), "sqlite")
+#: Counters that may pass 2**31 (bytes, event ids): INTEGER on SQLite, BIGINT elsewhere.
+Count = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _json(name: str, default: str) -> Column:
+    return Column(name, Text, nullable=False, server_default=default)
+
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("input", Text, nullable=False),
+    Column("options", Text, nullable=False),
+    Column("route", Text, nullable=False),
+    _json("progress", "{}"),
+    _json("outputs", "[]"),
+    _json("result", "{}"),
+    Column("error", Text),
+    Column("worker", Text),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", Time, nullable=False),
+    Column("updated_at", Time, nullable=False),
+    Column("started_at", Time),
+    Column("finished_at", Time),
+    # The outbox: NULL until the task's message is published.
+    Column("published_at", Time),
+    Column("deliveries", Integer, nullable=False, server_default="0"),
+    Index("tasks_state", "state"),
+    Index("tasks_created", "created_at"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Count, primary_key=True, autoincrement=True),
+    Column("task_id", Text, ForeignKey("tasks.id"), nullable=False),
+    Column("ts", Time, nullable=False),
+    Column("event", Text, nullable=False),
+    _json("detail", "{}"),
+    Index("events_task", "task_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+seen_nonces = Table(
+    "seen_nonces",
+    metadata,
+    Column("nonce", Text, primary_key=True),
+    Column("ts", Time, nullable=False),
+)
+
+upload_usage = Table(
+    "upload_usage",
+    metadata,
+    Column("key", Text, nullable=False),
+    Column("day", Integer, nullable=False),
+    Column("bytes", Count, nullable=False),
+    PrimaryKeyConstraint("key", "day"),
+)
+
+
+def _heartbeat_columns() -> list[Column]:
+    """The columns a worker's row and each of its processes' rows share (after their keys)."""
+    return [
+        Column("host", Text, nullable=False, server_default=""),
+        Column("pid", Integer),
+        Column("capability", Text, nullable=False),
+        _json("queues", "[]"),
+        Column("threads", Integer, nullable=False, server_default="0"),
+        _json("hardware", "{}"),
+        _json("models", "[]"),
+        _json("current", "[]"),
+        Column("done", Integer, nullable=False, server_default="0"),
+        Column("failed", Integer, nullable=False, server_default="0"),
+        Column("skipped", Integer, nullable=False, server_default="0"),
+        _json("speed", "{}"),
+        Column("draining", Integer, nullable=False, server_default="0"),
+        Column("version", Text, nullable=False, server_default=""),
+        Column("state", Text, nullable=False),
+        Column("reason", Text),
+    ]
+
+
+def _times(*names: str) -> list[Column]:
+    return [
+        Column(name, Time, nullable=name not in ("joined_at", "last_seen", "state_since")) for name in names
+    ]
+
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("session", Text, nullable=False),
+    *_heartbeat_columns(),
+    Column("first_seen", Time, nullable=False),
+    *_times("joined_at", "last_seen", "sent_at", "state_since", "booted_at"),
+    Column("beats", Integer, nullable=False, server_default="0"),
+    Index("workers_state", "state"),
+)
+
+worker_processes = Table(
+    "worker_processes",
+    metadata,
+    Column("worker_id", Text, nullable=False),
+    Column("session", Text, nullable=False),
+    *_heartbeat_columns(),
+    *_times("joined_at", "last_seen", "sent_at", "state_since", "booted_at"),
+    Column("beats", Integer, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("worker_id", "session"),
+)
+
+worker_events = Table(
+    "worker_events",
+    metadata,
+    Column("id", Count, primary_key=True, autoincrement=True),
+    Column("worker_id", Text, nullable=False),
+    Column("ts", Time, nullable=False),
+    Column("event", Text, nullable=False),
+    _json("detail", "{}"),
+    Index("worker_events_worker", "worker_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+refused_senders = Table(
+    "refused_senders",
+    metadata,
+    Column("worker", Text, primary_key=True),
+    Column("refused", Integer, nullable=False, server_default="0"),
+    Column("first_at", Time, nullable=False),
+    Column("last_at", Time, nullable=False),
+    Column("last_reason", Text, nullable=False),
+    Column("last_report", Text, nullable=False),
+)
+
+queue_liveness = Table(
+    "queue_liveness",
+    metadata,
+    Column("queue", Text, primary_key=True),
+    Column("down_since", Time),
+)
+
+worker_tokens = Table(
+    "worker_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("worker", Text, nullable=False),
+    Column("capability", Text, nullable=False),
+    Column("issued_at", Time, nullable=False),
+    Column("expires_at", Time, nullable=False),
+    Column("revoked_at", Time),
+    Column("broker_user", Text),
+    Column("last_used_at", Time),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("role", Text, nullable=False),
+    Column("digest", Text, nullable=False),
+    Column("created_at", Time, nullable=False),
+    Column("revoked_at", Time),
+)
+
+server_parts = Table(
+    "server_parts",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("at", Time, nullable=False),
+    _json("detail", "{}"),
+)
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    inspector = sa.inspect(bind)
+    have = set(inspector.get_table_names())
+    for table in metadata.sorted_tables:
+        if table.name not in have:
+            table.create(bind)
+            continue
+        columns = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in columns:
+                op.add_column(table.name, column._copy())
+                if (table.name, column.name) == ("tasks", "published_at"):
+                    op.execute("UPDATE tasks SET published_at = created_at")
+        indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(bind)
+
+
+def downgrade() -> None:
+    for table in reversed(metadata.sorted_tables):
+        table.drop(op.get_bind(), checkfirst=True)
