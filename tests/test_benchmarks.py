@@ -96,6 +96,17 @@ TINY: dict[str, Tiny] = {
         ),
         (pytest.mark.openssh,),
     ),
+    "store_throughput": Tiny(
+        ("--submits", "30", "--tasks", "10", "--rounds", "1"),
+        (
+            (r"^  sqlite +\d+ +\d+ +\d+$", 1),
+            (
+                rf"^  ratio postgresql/sqlite: (?:submits {RATIO}, outcomes 1 thread {RATIO}, "
+                rf"outcomes 4 threads {RATIO}|skipped \(PostgreSQL .+\))$",
+                1,
+            ),
+        ),
+    ),
     "sweep_and_reroute": Tiny(
         ("--workers", "40", "--messages", "100", "--rounds", "1"),
         (
