@@ -30,11 +30,13 @@ from pathlib import Path
 
 import dramatiq
 import pika
+from sqlalchemy import distinct, func, select
 
 from pipeline.brokers.rabbitmq import build_rabbitmq_broker
 from pipeline.config import Settings
 from pipeline.fleet.registry import Registry
 from pipeline.fleet.sweep import Sweeper
+from pipeline.schema import events
 from pipeline.store import State, Task, TaskStore, new_task_id
 from tests.conftest import fresh_vhost
 
@@ -233,8 +235,9 @@ def bench_reroute(messages: int, rounds: int) -> None:
 
 
 def _rerouted(store: TaskStore) -> int:
-    db = store.db.connect()
-    return db.execute("SELECT COUNT(DISTINCT task_id) FROM events WHERE event='rerouted'").fetchone()[0]
+    query = select(func.count(distinct(events.c.task_id))).where(events.c.event == "rerouted")
+    with store.db.read() as db:
+        return int(db.execute(query).scalar_one())
 
 
 def main() -> None:
