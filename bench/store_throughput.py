@@ -25,13 +25,12 @@ PostgreSQL was skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import secrets
 import statistics
 import tempfile
 import threading
 import time
-import urllib.parse
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 from pipeline.config import Settings
 from pipeline.db import forget_engine
 from pipeline.store import FINAL_STATES, State, Task, TaskStore, new_task_id
-from tests.conftest import POSTGRES
+from tests.conftest import POSTGRES, fresh_postgres_database
 
 #: Thread counts the control outcomes are applied from.
 THREADS = (1, 4)
@@ -71,21 +70,9 @@ def sqlite_store() -> Iterator[Path]:
             forget_engine(path)
 
 
-@contextmanager
-def postgres_store() -> Iterator[str]:
+def postgres_store() -> contextlib.AbstractContextManager[str]:
     """A new, empty PostgreSQL database (``morag_bench_<random>``); yields its URL, drops it afterwards."""
-    import psycopg
-
-    name = f"morag_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = urllib.parse.urlsplit(POSTGRES)._replace(path=f"/{name}").geturl()
-    try:
-        yield url
-    finally:
-        forget_engine(url)
-        with psycopg.connect(POSTGRES, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return fresh_postgres_database("morag_bench")
 
 
 def new_task(i: int) -> Task:

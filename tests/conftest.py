@@ -100,11 +100,11 @@ def postgres_available() -> None:
 
 
 @contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database; yields its URL, drops it afterwards."""
+def fresh_postgres_database(prefix: str = "morag_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database (``<prefix>_<random>``); yields its URL, drops it afterwards."""
     import psycopg
 
-    name = f"morag_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = urllib.parse.urlsplit(POSTGRES)._replace(path=f"/{name}").geturl()
