@@ -5,6 +5,7 @@ revision, a SQLite file of the release before migrations is adopted with every r
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,32 @@ def test_db_upgrade_brings_the_configured_database_to_the_newest_revision(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert migrations.head() in proc.stdout
     assert migrations.current(engine_for(tmp_path / "tasks.db")) == migrations.head()
+
+
+@pytest.mark.postgresql
+def test_replicas_starting_at_once_on_an_empty_postgresql_database_migrate_it_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Several processes open a new PostgreSQL database at the same moment (replicas started
+    together): they take turns under an advisory lock, each ends at the newest revision, and the
+    schema is exactly the declared one."""
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(
+            pool.map(
+                lambda n: run_cli(
+                    "db",
+                    "upgrade",
+                    MORAG_DATA_DIR=str(tmp_path / f"replica-{n}"),
+                    MORAG_DATABASE_URL=postgres_url,
+                ),  # fmt: skip
+                range(4),
+            )
+        )
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+        assert migrations.head() in proc.stdout
+    assert migrations.current(engine_for(postgres_url)) == migrations.head()
+    assert schema_differences(postgres_url) == []
 
 
 def test_a_database_url_that_is_not_postgresql_is_refused_in_one_line(tmp_path: Path) -> None:
