@@ -6,7 +6,11 @@ times R submits of the sample (upload, routing, queue, download, ffmpeg,
 transcription, outputs, verification, result download). The baseline is
 faster-whisper transcribing the same file in this process with its model
 already loaded, and, for reference, a cold run (model load included).
-Prints medians and the ratio pipeline / direct.
+Prints medians and the ratio pipeline / direct. Then, on the same stack, it
+times ``pipeline.client`` submitting the sample and waiting for its task, once
+following the server's event stream and once reading the task again and again
+(as the CLI did before), and prints the ratio stream / polling and each one's
+overhead over faster-whisper direct.
 
     .venv/bin/python -m bench.submit_overhead --rounds 5
 """
@@ -41,7 +45,25 @@ def direct(path: Path, rounds: int) -> tuple[float, list[float]]:
     return cold, warm
 
 
-def pipeline_runs(path: Path, rounds: int) -> list[float]:
+def client_runs(stack: object, path: Path, rounds: int) -> dict[str, list[float]]:
+    """Seconds per task of submit + wait + result through ``pipeline.client``, by way of waiting."""
+    from pipeline.client import Client
+
+    times: dict[str, list[float]] = {"stream": [], "polling": []}
+    with Client(stack.url, api_key=stack.env["MORAG_API_KEY"]) as client:  # type: ignore[attr-defined]
+        for _ in range(rounds):
+            for way in ("stream", "polling"):  # interleaved: both see the same machine
+                started = time.perf_counter()
+                task = client.submit(path)
+                final = task.wait(timeout=600, stream=way == "stream")
+                task.result("txt")
+                times[way].append(time.perf_counter() - started)
+                if final["state"] != "done":
+                    raise RuntimeError(f"{way}: task {final['state']}: {final.get('error')}")
+    return times
+
+
+def pipeline_runs(path: Path, rounds: int) -> tuple[list[float], dict[str, list[float]]]:
     with fresh_vhost() as url, tempfile.TemporaryDirectory() as tmp, open_stack(Path(tmp), url) as stack:
         stack.env["MORAG_PROGRESS_INTERVAL_S"] = "1.0"
         stack.start_server()
@@ -55,7 +77,7 @@ def pipeline_runs(path: Path, rounds: int) -> list[float]:
             times.append(time.perf_counter() - started)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr)
-        return times
+        return times, client_runs(stack, path, rounds)
 
 
 def main() -> None:
@@ -64,13 +86,17 @@ def main() -> None:
     parser.add_argument("--file", type=Path, default=SAMPLES / "talk.mp4")
     args = parser.parse_args()
     cold, warm = direct(args.file, args.rounds)
-    ours = pipeline_runs(args.file, args.rounds)
+    ours, ways = pipeline_runs(args.file, args.rounds)
     d, p = statistics.median(warm), statistics.median(ours)
     print(f"{args.file.name}, median of {args.rounds} rounds")
     print(f"  faster-whisper direct, model loaded   {d:6.2f} s")
     print(f"  faster-whisper direct, cold (load)    {cold:6.2f} s")
     print(f"  morag-pipeline submit, worker warm    {p:6.2f} s  (CLI start, upload, queue, ffmpeg, outputs)")
     print(f"  ratio submit / direct warm: {p / d:.2f}; overhead {p - d:.2f} s")
+    s, q = statistics.median(ways["stream"]), statistics.median(ways["polling"])
+    print(f"  client submit+wait+result, stream     {s:6.2f} s  (overhead {s - d:.2f} s)")
+    print(f"  client submit+wait+result, polling    {q:6.2f} s  (overhead {q - d:.2f} s)")
+    print(f"  ratio stream / polling: {s / q:.2f}; overhead change {(s - d) - (q - d):+.2f} s per task")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ have sftp || need+=(openssh-client)
 have curl || need+=(curl)
 # The deployment-shapes tests run a worker box in its own network namespace (ip netns).
 have ip || need+=(iproute2)
+# The monitoring tests: a real Prometheus (with promtool) scrapes /metrics; `watch` runs under tmux.
+have prometheus && have promtool || need+=(prometheus)
+have tmux || need+=(tmux)
+# The dashboard's browser tests drive Debian's chromium (Playwright never downloads one).
+have chromium || need+=(chromium)
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up && ! have rabbitmq-server && [ ! -x /usr/sbin/rabbitmq-server ]; then
@@ -81,7 +86,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing morag-pipeline with its extras (torch and docling are large: several minutes)"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[gpu,docs,dev]'
+  .venv/bin/pip install -q -e '.[server,worker,documents,dev]'
   echo "$want" > "$stamp"
 fi
 log "ready: $(.venv/bin/morag-pipeline --version)"

@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check pipeline tests bench
 # Three test files at a time (most tests wait, not compute; each has its own vhost, ports and
 # folders); a file's tests share one process, as its module fixtures expect.
-exec .venv/bin/pytest -q -ra -n 3 --dist loadfile "$@"
+# The 25 slowest steps are listed at the end, to keep the run short.
+exec .venv/bin/pytest -q -ra -n 3 --dist loadfile --durations=25 "$@"

@@ -55,8 +55,11 @@ class Settings(BaseSettings):
     # A worker's enrollment file, morag.env in the working directory, is read too.
     model_config = SettingsConfigDict(env_prefix="MORAG_", extra="forbid", env_file="morag.env")
 
-    # Where the server keeps its task store (SQLite) and files.
+    # Where the server keeps its task store (SQLite), audit log and SFTP host key.
     data_dir: Path = Field(default_factory=_default_data_dir)
+    # Where the task files live (default: data_dir/files). Server replicas share
+    # one: a folder every replica mounts (NFS), docs/replicas.md.
+    files_dir: Path = Field(default=None, validate_default=True)  # type: ignore[assignment]
     # The task store's database: empty, the SQLite file in data_dir; a
     # postgresql:// URL puts every table on PostgreSQL (several server replicas).
     database_url: SecretStr | None = None
@@ -77,10 +80,13 @@ class Settings(BaseSettings):
     # API server and the CLI's view of it.
     api_host: str = "127.0.0.1"
     api_port: int = Field(8470, ge=1, le=65535)
+    # Where the CLI finds the server; several replicas' URLs, comma-separated, are tried in turn.
     server_url: str = "http://127.0.0.1:8470"
     # Upload limits, enforced while the upload streams in: audio and video, and documents.
     max_upload_mb: int = Field(4096, ge=1)
     max_document_mb: int = Field(256, ge=1)
+    # The largest image (PNG, JPEG, TIFF, WebP), uploaded or fetched from a URL.
+    max_image_mb: int = Field(64, ge=1)
     # What one client may cost the server; each limit is refused with a 4xx and the reason.
     # A ZIP container (DOCX, PPTX, XLSX) is refused before it is parsed when its
     # directory holds more than max_zip_entries entries, or when its entries unpack
@@ -102,6 +108,9 @@ class Settings(BaseSettings):
     # Whisper models a worker process keeps loaded; the least recently used is
     # dropped when another is needed.
     whisper_max_loaded_models: int = Field(1, ge=1, le=8)
+    # Seconds an OpenAI-compatible request (/v1/audio/*) waits for its task to end; past it
+    # the answer is HTTP 504 with the task's id, and the task goes on (docs/openai.md).
+    openai_wait_s: float = Field(600.0, gt=0, le=3600)
 
     # Workers.
     worker_name: str | None = None
@@ -127,12 +136,17 @@ class Settings(BaseSettings):
     # (an OpenSSH server serves the store instead, see docs/sftp.md).
     sftp_embedded: bool = True
     sftp_listen_host: str = "127.0.0.1"  # where the embedded server listens
-    sftp_host: str = "127.0.0.1"  # where workers connect
+    # Where workers connect: "host" or "host:port"; several replicas, comma-separated, are
+    # tried in turn (a host without a port uses sftp_port).
+    sftp_host: str = "127.0.0.1"
     sftp_port: int = Field(2222, ge=1, le=65535)
     # The store's root folder as the SFTP server names it ("/" on the embedded server).
     sftp_root: str = "/"
     # Pinned server key: its "SHA256:..." fingerprint or its "ssh-ed25519 AAAA..." line.
     sftp_host_key: str | None = None
+    # The embedded server's private host key (default: data_dir/sftp_host_ed25519_key, made on
+    # first start). Server replicas name one file, so that workers see one key whichever they reach.
+    sftp_server_key_file: Path | None = None
     sftp_known_hosts: Path | None = None
     # Worker credentials; the embedded server accepts the same password, or the
     # public keys listed in sftp_authorized_keys.
@@ -169,12 +183,18 @@ class Settings(BaseSettings):
     whisper_compute_type: str = "auto"
     whisper_beam_size: int = Field(5, ge=1, le=20)
     whisper_language: str | None = None
+    # Folders, separated by ':', to load CTranslate2's CUDA libraries from (cuBLAS 12 and what
+    # it opens); empty: the NVIDIA packages of the Python environment, then the system loader.
+    cuda_library_path: str = ""
 
     # Cost model: seconds of processing per second of media.
     gpu_realtime_factor: float = Field(0.02, gt=0)
     cpu_realtime_factor: float = Field(0.25, gt=0)
     # Seconds per document page on a CPU worker.
     cpu_seconds_per_page: float = Field(1.5, gt=0)
+    # Seconds to read one image (OCR and metadata) on a GPU worker and on a CPU worker.
+    gpu_seconds_per_image: float = Field(1.0, gt=0)
+    cpu_seconds_per_image: float = Field(5.0, gt=0)
 
     # Liveness and rerouting. Workers send a heartbeat every
     # heartbeat_interval seconds (0: none); the server calls a worker stale
@@ -196,6 +216,34 @@ class Settings(BaseSettings):
     # max_deliveries times, then failed with the reason.
     publish_wait_s: float = Field(30.0, ge=0)
     task_lost_after_s: float = Field(600.0, ge=10)
+    # A queued task whose queue (with its delay queue and control) has held no message at
+    # all for this long, on two sweeps this far apart, lost its message: it is sent again.
+    vanished_after_s: float = Field(120.0, ge=1)
+
+    # Fetching URLs (web pages, media links) and delivering webhooks: private,
+    # loopback and link-local addresses are refused unless this is on (tests, intranets).
+    fetch_allow_private: bool = False
+    fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list
+    )  # comma-separated host names
+    fetch_max_redirects: int = Field(5, ge=0, le=30)
+    # Seconds a web page may take to arrive, whole (a recording a URL answers with gets this
+    # long between two reads, and the task's time limit in all).
+    fetch_timeout_s: float = Field(30.0, gt=0)
+    # The largest web page fetched: its body is read as it streams and dropped past this.
+    # A URL that answers with a file other than a page is bounded by the limit of that
+    # file's kind (MORAG_MAX_UPLOAD_MB for a recording).
+    fetch_max_mb: int = Field(16, ge=1)
+    # Webhooks (docs/webhooks.md): a task submitted with a callback_url is POSTed, signed, to it
+    # when it ends (the fetch_allow_* settings above say which addresses it may reach). A try
+    # waits webhook_timeout_s for an answer; a failed try is sent again after webhook_backoff_s,
+    # doubling up to webhook_backoff_max_s, until webhook_max_age_s after the task ended. The
+    # server looks for due deliveries every webhook_poll_s (at once when a task ends in its process).
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_backoff_s: float = Field(10.0, gt=0)
+    webhook_backoff_max_s: float = Field(3600.0, gt=0)
+    webhook_max_age_s: float = Field(24 * 3600.0, gt=0)
+    webhook_poll_s: float = Field(2.0, gt=0)
 
     # Documents: folder with docling's layout models for PDF; without it PDFs
     # are converted as text only, and the result says so.
@@ -244,7 +292,7 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
 
-    @field_validator("whisper_allowed_models", mode="before")
+    @field_validator("whisper_allowed_models", "fetch_allow_hosts", mode="before")
     @classmethod
     def _model_names(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -273,12 +321,33 @@ class Settings(BaseSettings):
             raise ValueError("must start with amqp:// or amqps://")
         return value
 
+    @field_validator("files_dir", mode="before")
+    @classmethod
+    def _files_in_data_dir(cls, value: Any, info: ValidationInfo) -> Any:
+        if value in (None, ""):
+            return Path(info.data.get("data_dir") or _default_data_dir()) / "files"
+        return value
+
     @field_validator("server_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        urls = [url.strip().rstrip("/") for url in value.split(",") if url.strip()]
+        if not urls:
+            raise ValueError("must name at least one URL")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} must start with http:// or https://")
+        return ",".join(urls)
+
+    @field_validator("sftp_host")
+    @classmethod
+    def _host_list(cls, value: str) -> str:
+        hosts = [host.strip() for host in value.split(",") if host.strip()]
+        if not hosts:
+            raise ValueError("must name at least one host")
+        for host in hosts:
+            _split_address(host, 22)  # raises on a bad port
+        return ",".join(hosts)
 
     @field_validator("worker_dead_after")
     @classmethod
@@ -332,8 +401,14 @@ class Settings(BaseSettings):
         return self.data_dir / "tasks.db"
 
     @property
-    def files_dir(self) -> Path:
-        return self.data_dir / "files"
+    def server_urls(self) -> list[str]:
+        """The server's URLs, in the order the CLI tries them."""
+        return self.server_url.split(",")
+
+    @property
+    def sftp_addresses(self) -> list[tuple[str, int]]:
+        """The SFTP servers' (host, port), in the order workers try them."""
+        return [_split_address(host, self.sftp_port) for host in self.sftp_host.split(",")]
 
     def redacted(self) -> dict[str, Any]:
         """The settings as plain values, with secrets and passwords hidden."""
@@ -351,6 +426,21 @@ class Settings(BaseSettings):
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message says which and why."""
+
+
+def _split_address(address: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` as (host, port)."""
+    host, port = address, ""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
 
 
 def redact_url(url: str) -> str:

@@ -21,9 +21,9 @@ from pydantic import SecretStr
 from pipeline.brokers import install
 from pipeline.brokers.stub import build_stub_broker
 from pipeline.config import FileAccess, Settings, use_settings
-from pipeline.services import Services, build_services
+from pipeline.services import Services, get_services
 from pipeline.store import FINAL_STATES, Task
-from pipeline.submission import SubmitOptions, submit
+from pipeline.submission import SubmitOptions, submit, submit_url
 
 
 @contextmanager
@@ -45,7 +45,8 @@ def embedded_pipeline(settings: Settings) -> Iterator[tuple[Services, object]]:
         import pipeline.actors.control  # noqa: F401
         import pipeline.actors.cpu  # noqa: F401
 
-        services = build_services(settings)
+        services = get_services()  # the control actors' own, so that they see its capacity too
+        services.capacity = lambda: 1  # the one in-process worker serves the GPU queue too
         worker = Worker(broker, worker_threads=1, worker_timeout=100)
         worker.start()
         try:
@@ -60,11 +61,14 @@ def embedded_pipeline(settings: Settings) -> Iterator[tuple[Services, object]]:
 def run_file(
     services: Services,
     broker: object,
-    path: Path,
+    path: Path | str,
     options: SubmitOptions,
     on_update: Callable[[Task], None] = lambda task: None,
 ) -> Task:
-    """Submit ``path`` to the embedded pipeline and wait until its task ends."""
+    """Submit ``path`` (a file, or a URL the worker fetches) to the embedded pipeline and wait
+    until its task ends."""
+    if isinstance(path, str):
+        return _wait(services, submit_url(services, broker, path, options, gpu_workers=lambda: 1), on_update)
     upload = services.settings.data_dir / "uploads" / "run-upload"
     upload.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -76,6 +80,10 @@ def run_file(
         services, broker, upload, path.name, digest.hexdigest(), path.stat().st_size,
         options, gpu_workers=lambda: 1,
     )  # fmt: skip
+    return _wait(services, task, on_update)
+
+
+def _wait(services: Services, task: Task, on_update: Callable[[Task], None]) -> Task:
     while task.state not in FINAL_STATES:
         time.sleep(0.2)
         task = services.store.get(task.id)

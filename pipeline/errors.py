@@ -37,6 +37,10 @@ class ModelNotFound(BadInput):
     """The configured model cannot be found or loaded."""
 
 
+class UnsupportedSchema(BadInput):
+    """A message written in a schema this release does not read (a newer peer): refused, never guessed at."""
+
+
 class TaskNotFound(PipelineError):
     """No task has this id."""
 

@@ -5,6 +5,10 @@ Every probe is best effort and never raises: a machine without a GPU, without
 from ``nvidia-smi`` where present (name, VRAM total and free, driver and CUDA
 version); otherwise CTranslate2 counts CUDA devices and torch, if installed,
 names them.
+
+``cuda_status`` says whether transcription can run on CUDA here, and when a GPU
+is seen (or CUDA is asked for) but cannot be used, why: no device that
+CTranslate2 sees, its CUDA libraries missing, or cuBLAS refusing to start.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 _SMI_FIELDS = ("index", "name", "memory.total", "memory.free", "driver_version")
@@ -112,6 +118,92 @@ def gpu_info() -> list[dict[str, Any]]:
     return gpus if gpus is not None else _from_libraries()
 
 
+def cuda_status(
+    device: str = "auto",
+    library_dirs: Sequence[Path] | None = None,
+    gpus: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Whether faster-whisper can run on CUDA on this machine, and if not, why.
+
+    Returns ``wanted`` (CUDA is asked for: ``device`` is ``cuda``, or ``auto``
+    on a machine where a GPU is seen), ``usable``, ``devices`` (CUDA devices
+    CTranslate2 counts), ``libraries`` (``cuda_libs.preload``'s findings) and
+    ``problems``, one line each. Wanted but not usable: the worker's GPU sits
+    idle while its tasks move to CPU, which its boot log and heartbeat say.
+    Nothing is probed for ``device`` ``cpu``.
+
+    Parameters:
+      device: the worker's Whisper device (``MORAG_WHISPER_DEVICE``).
+      library_dirs: where to load the CUDA libraries from (``MORAG_CUDA_LIBRARY_PATH``);
+        None: the environment's NVIDIA packages, then the system loader.
+      gpus: the GPUs ``nvidia-smi`` lists (default: asked here).
+    """
+    if device == "cpu":
+        return {"wanted": False, "usable": False, "devices": 0, "problems": []}
+    from pipeline.processors import cuda_libs
+
+    problems: list[str] = []
+    try:
+        import ctranslate2
+
+        devices = ctranslate2.get_cuda_device_count()
+    except Exception as exc:
+        devices = 0
+        problems.append(f"CTranslate2 cannot count CUDA devices: {exc}")
+    listed = (nvidia_smi() if gpus is None else gpus) or []
+    if devices <= 0 and device != "cuda" and not listed:
+        return {"wanted": False, "usable": False, "devices": 0, "problems": []}
+    if devices <= 0 and not problems:
+        problem = "no CUDA device that CTranslate2 can use"
+        if listed:
+            driver = listed[0].get("driver") or "?"
+            problem += (
+                f", though nvidia-smi lists {len(listed)} GPU(s) (driver {driver}, CUDA "
+                f"{listed[0].get('cuda') or '?'}): CTranslate2 is built for CUDA 12 and needs a driver for it"
+            )
+        problems.append(problem)
+    libraries = cuda_libs.preload(library_dirs)
+    if not libraries.ok:
+        problems.append(str(libraries.problem))
+    elif devices > 0:
+        refused = cuda_libs.cublas_probe()
+        if refused:
+            problems.append(refused)
+    return {
+        "wanted": True,
+        "usable": not problems,
+        "devices": max(devices, 0),
+        "libraries": libraries.to_dict(),
+        "problems": problems,
+    }
+
+
 def describe() -> dict[str, Any]:
     """CPU, memory and GPUs, as a heartbeat carries them."""
     return {**cpu_info(), "gpus": gpu_info(), "python": sys.version.split()[0]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.hardware``: print what a worker on this machine reports, as JSON.
+
+    Its hardware and, under ``cuda``, ``cuda_status``. Exits 1 when CUDA is wanted
+    (a GPU is seen, or ``--device cuda``) but cannot be used, else 0.
+    """
+    import argparse
+    import json
+
+    from pipeline.processors import cuda_libs
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.hardware", description=main.__doc__)
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument(
+        "--cuda-library-path", default="", help="folders separated by ':' (default: packages)"
+    )
+    args = parser.parse_args(argv)
+    cuda = cuda_status(args.device, cuda_libs.dirs_from(args.cuda_library_path))
+    print(json.dumps({**describe(), "cuda": cuda}, indent=2))
+    return 1 if cuda["wanted"] and not cuda["usable"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,6 +48,12 @@ class PartLog:
                 )
             )
 
+    def mark_once(self, name: str, detail: dict[str, Any]) -> None:
+        """Record ``detail`` under ``name`` unless something is recorded there already."""
+        with self.db.transaction() as db:
+            insert = self.db.insert(server_parts).values(name=name, at=time.time(), detail=json.dumps(detail))
+            db.execute(insert.on_conflict_do_nothing(index_elements=["name"]))
+
     def last(self, name: str) -> tuple[float, dict[str, Any]] | None:
         with self.db.read() as db:
             row = db.execute(

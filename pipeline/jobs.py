@@ -1,11 +1,11 @@
 """What a worker does with a task message, free of Dramatiq.
 
 A job is the dict a task message carries (see ``task_message.build_job``):
-task id, input reference (path, sha256, size), what the input is, options and
-route. ``run_job`` fetches the input into a private temporary folder, verifies
-it, runs the processor, uploads the outputs and then the manifest that says
-they are complete, and returns their references. The folder is removed
-whatever happens.
+task id, input reference (path, sha256, size; a URL for a web task), what the
+input is, options and route. ``run_job`` fetches the input into a private
+temporary folder, verifies it, runs its kind's runner (``pipeline.kinds``),
+uploads the outputs and then the manifest that says they are complete, and
+returns their references. The folder is removed whatever happens.
 
 A job is idempotent: when the task's manifest already exists (a redelivered
 message whose first run got that far), nothing runs again and the manifest's
@@ -19,14 +19,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import Settings
 from pipeline.errors import AccessRefused, TaskCanceled, UnprovenMessage
+from pipeline.kinds import Outputs, kind_of
 from pipeline.outputs import output_folder, output_name
 from pipeline.processors import Progress, documents, media, whisper
+from pipeline.processors.speech_options import SpeechOptions
 from pipeline.processors.transcripts import FORMATS
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.manifest import Manifest, read_manifest, write_manifest
@@ -37,9 +40,6 @@ TMP_PREFIX = "morag-task-"
 
 class Events(Protocol):
     def progress(self, task_id: str, stage: str, percent: float) -> None: ...
-
-
-Outputs = dict[str, str | bytes]
 
 
 def authorize_job(transport: Transport, job: dict[str, Any]) -> None:
@@ -73,7 +73,8 @@ def run_job(
     When the outputs are already complete the summary has ``reused: True``.
     """
     task_id = job["task_id"]
-    ref = FileRef.from_dict(job["input"])
+    kind = kind_of(job["kind"])
+    ref = FileRef.from_dict(job["input"]) if "path" in job["input"] else None
 
     def progress(stage: str, percent: float) -> None:
         events.progress(task_id, stage, percent)
@@ -82,44 +83,58 @@ def run_job(
         if should_stop():
             raise TaskCanceled(f"canceled while {stage}")
 
-    done = read_manifest(transport, task_id)
+    done = _finished(transport, task_id, kind.name)
     if done is not None:
         return done.outputs, {**done.result, "reused": True}
     # The process id in the name lets a later worker remove what a killed one left.
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         folder = Path(tmp)
         check_stop("waiting")
-        progress("downloading", 0.0)
-        local = transport.download(ref, folder / ("input" + Path(ref.name).suffix))
-        check_stop("downloading")
-        if job["kind"] == "transcribe":
-            outputs, summary = _transcribe(job, local, folder, settings, progress, should_stop)
-        elif job["kind"] == "convert":
-            outputs, summary = _convert(job, local, settings, progress)
-        else:
-            raise ValueError(f"unknown job kind {job['kind']!r}")
-        check_stop("transcribing" if job["kind"] == "transcribe" else "converting")
+        local, download_s = None, 0.0
+        if ref is not None:
+            progress("downloading", 0.0)
+            started = time.perf_counter()
+            local = transport.download(ref, folder / ("input" + Path(ref.name).suffix))
+            download_s = time.perf_counter() - started
+            check_stop("downloading")
+        outputs, summary = kind.run()(job, local, folder, settings, progress, should_stop)
+        summary["kind"] = kind.name  # which stage these outputs are of (pipeline.submission.hand_on)
+        check_stop(kind.working)
         # Another delivery of this task may have finished meanwhile (its worker
         # lost the broker but not the store): its outputs stand, not a second set.
-        done = read_manifest(transport, task_id)
+        done = _finished(transport, task_id, kind.name)
         if done is not None:
             return done.outputs, {**done.result, "reused": True}
         progress("uploading", 0.0)
+        started = time.perf_counter()
         refs = []
         for fmt, content in outputs.items():
-            path = folder / f"out.{fmt}"
+            path = content if isinstance(content, Path) else folder / f"out.{fmt}"
             if isinstance(content, bytes):
                 path.write_bytes(content)
-            else:
+            elif isinstance(content, str):
                 path.write_text(content, encoding="utf-8")
             name = output_name(job["filename"], fmt)  # the server refuses any other name
             uploaded = transport.upload(path, output_folder(task_id) + name)
             refs.append({**uploaded.to_dict(), "format": fmt})
+        summary["transfer"] = {  # what the server's metrics count (pipeline.metrics)
+            "download_s": round(download_s, 3),
+            "download_bytes": ref.size if ref is not None else 0,
+            "upload_s": round(time.perf_counter() - started, 3),
+            "upload_bytes": sum(r["size"] for r in refs),
+        }
         write_manifest(transport, task_id, Manifest(refs, summary), folder)
     return refs, summary
 
 
-def _transcribe(
+def _finished(transport: Transport, task_id: str, kind: str) -> Manifest | None:
+    """The task's manifest when it holds the outputs of this kind's stage (a task that went on
+    to another stage may still hold the manifest of the one before)."""
+    done = read_manifest(transport, task_id)
+    return done if done is not None and done.result.get("kind", kind) == kind else None
+
+
+def transcribe(
     job: dict[str, Any],
     local: Path,
     folder: Path,
@@ -137,8 +152,9 @@ def _transcribe(
         model=options.get("model") or settings.whisper_model,
         device=settings.whisper_device.value,
         compute_type=settings.whisper_compute_type,
-        language=options.get("language") or settings.whisper_language,
+        language=settings.whisper_language,
         beam_size=settings.whisper_beam_size,
+        options=SpeechOptions.parse(options),
         progress=progress,
         should_stop=should_stop,
         source=job["filename"],
@@ -147,18 +163,26 @@ def _transcribe(
     outputs: Outputs = {fmt: render(transcript) for fmt, render in FORMATS.items()}
     summary = {
         "language": transcript.language,
+        "language_probability": transcript.language_probability,
+        "task": transcript.task,
         "duration": transcript.duration,
         "model": transcript.model,
         "device": transcript.device,
         "compute_type": transcript.compute_type,
         "timings": transcript.timings,
         "segments": len(transcript.segments),
+        "words": len(transcript.words),
     }
     return outputs, summary
 
 
-def _convert(
-    job: dict[str, Any], local: Path, settings: Settings, progress: Progress
+def convert(
+    job: dict[str, Any],
+    local: Path,
+    folder: Path,
+    settings: Settings,
+    progress: Progress,
+    should_stop: Callable[[], bool],
 ) -> tuple[Outputs, dict[str, Any]]:
     doc = documents.convert(
         local,

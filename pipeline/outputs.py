@@ -1,12 +1,14 @@
 """The one rule for a task's output files: where they lie and what they are called.
 
 A worker names the outputs of ``talk.mp4`` ``talk.json``, ``talk.srt``, ...
-(``output_name``) and uploads them to ``tasks/<task_id>/output/``. The server
-accepts a completion only when every output it reports is a file directly in
-that task's output folder, with a safe name whose extension is the output's
-format and a format the task's kind produces (``check_outputs``). The CLI
-checks a task's outputs with the same function before it writes any of them
-into ``--output``, so a name like ``.bashrc`` or ``../x`` is never written.
+(``output_name``: the stem and the format's extension, which is its name but for
+``morag``, MoRAG's Markdown, whose files end in ``.morag.md``) and uploads them
+to ``tasks/<task_id>/output/``. The server accepts a completion only when every
+output it reports is a file directly in that task's output folder, with a safe
+name whose extension is the output's format's and a format the task's kind
+produces (``check_outputs``). The CLI checks a task's outputs with the same
+function before it writes any of them into ``--output``, so a name like
+``.bashrc`` or ``../x`` is never written.
 
 A safe name holds only ``A-Z a-z 0-9 . _ -``, starts with a letter, a digit
 or ``_``, and has at most ``NAME_MAX`` characters.
@@ -20,18 +22,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.errors import BadInput
-from pipeline.processors.transcripts import FORMATS as TRANSCRIPT_FORMATS
+from pipeline.kinds import KINDS
 
-#: The formats each kind of task produces.
-FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "transcribe": tuple(TRANSCRIPT_FORMATS),
-    "convert": ("md", "json"),
-}
+#: The formats each kind of task produces (with a file handed on to the next stage, where it may).
+FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {kind.name: kind.outputs for kind in KINDS.values()}
+
+#: The extension of each format whose extension is not its name.
+EXTENSIONS = {"morag": "morag.md"}
+
+
+def extension(fmt: str) -> str:
+    """The extension of a format's files, without its dot: the format's name but for ``EXTENSIONS``."""
+    return EXTENSIONS.get(fmt, fmt)
+
 
 #: The longest output name, extension included.
 NAME_MAX = 128
 #: The longest stem: room is left for the longest extension.
-STEM_MAX = NAME_MAX - 1 - max(len(f) for formats in FORMATS_BY_KIND.values() for f in formats)
+STEM_MAX = NAME_MAX - 1 - max(len(extension(f)) for formats in FORMATS_BY_KIND.values() for f in formats)
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -63,14 +71,14 @@ def output_stem(filename: str) -> str:
 
 
 def output_name(filename: str, fmt: str) -> str:
-    """The name of the ``fmt`` output of an input called ``filename``: ``<safe stem>.<fmt>``."""
-    name = f"{output_stem(filename)}.{fmt}"
+    """The name of the ``fmt`` output of an input called ``filename``: ``<safe stem>.<extension>``."""
+    name = f"{output_stem(filename)}.{extension(fmt)}"
     check_name(name, fmt)
     return name
 
 
 def check_name(name: str, fmt: str) -> None:
-    """Raise UnsafeOutput unless ``name`` is a safe file name ending in ``.<fmt>``."""
+    """Raise UnsafeOutput unless ``name`` is a safe file name ending in ``fmt``'s extension."""
     if len(name) > NAME_MAX:
         raise UnsafeOutput(f"output name {name[:40]!r}… is longer than {NAME_MAX} characters")
     if not _SAFE_NAME.fullmatch(name):
@@ -78,8 +86,8 @@ def check_name(name: str, fmt: str) -> None:
             f"output name {name!r} is unsafe: only A-Z a-z 0-9 . _ - are allowed,"
             " and it must start with a letter, a digit or _"
         )
-    if not name.endswith(f".{fmt}"):
-        raise UnsafeOutput(f"output name {name!r} does not end in .{fmt}, its format")
+    if not name.endswith(f".{extension(fmt)}"):
+        raise UnsafeOutput(f"output name {name!r} does not end in .{extension(fmt)}, its format's extension")
 
 
 def formats_of(kind: str) -> tuple[str, ...]:

@@ -13,13 +13,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import filetype
 
 from pipeline.brokers import PRIORITIES
 from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput, UnsupportedType
-from pipeline.processors import media
+from pipeline.kinds import CONVERT, IMAGE, KINDS, TRANSCRIBE, WEB, Kind, kind_of
+from pipeline.netsafety import check_url
+from pipeline.processors import images, media
 from pipeline.processors.documents import count_pdf_pages_capped
 
 MEDIA_EXTENSIONS = {
@@ -29,6 +32,8 @@ MEDIA_EXTENSIONS = {
 DOCUMENT_EXTENSIONS = {".pdf", ".docx", ".pptx", ".xlsx", ".html", ".htm"}
 MARKDOWN_EXTENSIONS = {".md", ".markdown", ".txt", ""}
 GPU_PREFERENCES = ("require", "prefer", "never")
+#: The longest URL a task may fetch.
+MAX_URL_CHARS = 4096
 
 _OFFICE_PARTS = {"word/document.xml": "docx", "ppt/presentation.xml": "pptx", "xl/workbook.xml": "xlsx"}
 
@@ -37,8 +42,8 @@ _OFFICE_PARTS = {"word/document.xml": "docx", "ppt/presentation.xml": "pptx", "x
 class Classification:
     """What the content of a file is and how big a job it makes."""
 
-    kind: str  # "transcribe" or "convert"
-    format: str  # audio, video, pdf, docx, pptx, xlsx, html, md
+    kind: str  # the name of its kind (pipeline.kinds)
+    format: str  # audio, video, pdf, docx, pptx, xlsx, html, md, png, jpeg, tiff, webp, url
     mime: str
     size: int
     duration: float | None = None
@@ -71,9 +76,11 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
             raise BadInput(f"{filename}: {exc}") from None
         if pages is None:
             raise BadInput(f"{filename}: the PDF is damaged and cannot be opened")
-        return _claimed(Classification("convert", "pdf", "application/pdf", size, pages=pages), suffix)
+        return _claimed(Classification(CONVERT.name, "pdf", "application/pdf", size, pages=pages), suffix)
     if head.startswith(b"PK\x03\x04"):
         return _claimed(_office(path, filename, size, settings or get_settings()), suffix)
+    if image := images.sniff(head):
+        return _claimed(Classification(IMAGE.name, image, f"image/{image}", size), suffix)
 
     text = _as_text(head)
     if text is not None:
@@ -83,7 +90,9 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
     if info is not None:
         if not info.has_audio:
             raise BadInput(f"{filename}: the video has no audio track to transcribe")
-        found = Classification("transcribe", info.kind, _mime(head, info.kind), size, duration=info.duration)
+        found = Classification(
+            TRANSCRIBE.name, info.kind, _mime(head, info.kind), size, duration=info.duration
+        )
         return _claimed(found, suffix)
 
     guessed = filetype.guess(head)
@@ -92,8 +101,27 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
     detected = guessed.mime if guessed else "unknown binary data"
     raise UnsupportedType(
         f"{filename}: unsupported content ({detected}); expected audio, video, PDF, DOCX, "
-        "PPTX, XLSX, HTML or Markdown"
+        "PPTX, XLSX, HTML, Markdown or an image (PNG, JPEG, TIFF, WebP)"
     )
+
+
+def classify_url(url: str, settings: Settings) -> Classification:
+    """A URL to be fetched by a worker: UnsafeURL (BadInput) when it may not be fetched.
+
+    The server fetches nothing: it checks the URL's scheme and, unless
+    ``MORAG_FETCH_ALLOW_PRIVATE`` or ``MORAG_FETCH_ALLOW_HOSTS`` allow it, that its
+    host resolves to public addresses only. The worker checks again at every hop.
+    """
+    if len(url) > MAX_URL_CHARS or not url.isprintable():
+        raise BadInput(f"a URL must be printable and at most {MAX_URL_CHARS} characters")
+    check_url(url, allow_private=settings.fetch_allow_private, allow_hosts=tuple(settings.fetch_allow_hosts))
+    return Classification(WEB.name, "url", "text/uri-list", len(url.encode()))
+
+
+def url_filename(url: str) -> str:
+    """The name a URL's task goes by: the last part of its path, else its host."""
+    parts = urlsplit(url)
+    return unquote(parts.path.rstrip("/").rsplit("/", 1)[-1]) or parts.hostname or "page"
 
 
 def shown_name(filename: str) -> str:
@@ -101,9 +129,13 @@ def shown_name(filename: str) -> str:
     return filename if filename.isprintable() else repr(filename)[1:-1]
 
 
-def looks_like_document(head: bytes) -> bool:
-    """A quick look at a file's first bytes: a document (PDF, Office, text) rather than media."""
-    return head.startswith((b"%PDF-", b"PK\x03\x04")) or _as_text(head) is not None
+def kind_of_head(head: bytes) -> Kind:
+    """A quick look at a file's first bytes: the kind it will most likely be (its upload limit)."""
+    if images.sniff(head):
+        return IMAGE
+    if head.startswith((b"%PDF-", b"PK\x03\x04")) or _as_text(head) is not None:
+        return CONVERT
+    return TRANSCRIBE
 
 
 def _as_text(head: bytes) -> str | None:
@@ -121,10 +153,10 @@ def _as_text(head: bytes) -> str | None:
 def _text(text: str, filename: str, suffix: str, size: int) -> Classification:
     start = text.lstrip("\ufeff \t\r\n").lower()
     if start.startswith(("<!doctype html", "<html")) or "<html" in start[:1024]:
-        found = Classification("convert", "html", "text/html", size)
+        found = Classification(CONVERT.name, "html", "text/html", size)
         return _claimed(found, suffix)
     if suffix in MARKDOWN_EXTENSIONS:
-        return Classification("convert", "md", "text/markdown", size)
+        return Classification(CONVERT.name, "md", "text/markdown", size)
     raise UnsupportedType(
         f"{filename}: the content is plain text, but the name says {suffix} "
         f"({_claim(suffix)}); refusing rather than guessing"
@@ -139,7 +171,7 @@ def _office(path: Path, filename: str, size: int, settings: Settings) -> Classif
     for part, fmt in _OFFICE_PARTS.items():
         if part in names:
             mime = f"application/vnd.openxmlformats-officedocument.{fmt}"
-            return Classification("convert", fmt, mime, size)
+            return Classification(CONVERT.name, fmt, mime, size)
     raise UnsupportedType(f"{filename}: a ZIP archive, not a DOCX, PPTX or XLSX document")
 
 
@@ -245,6 +277,8 @@ def _claimed(found: Classification, suffix: str) -> Classification:
         "video": MEDIA_EXTENSIONS,
         "html": {".html", ".htm"},
         "pdf": {".pdf"},
+        "jpeg": {".jpg", ".jpeg"},
+        "tiff": {".tif", ".tiff"},
     }.get(found.format, {f".{found.format}"})
     if suffix not in expected:
         found.notes.append(
@@ -329,15 +363,8 @@ def expected_finish(found: Classification, queue: str, load: QueueLoad, costs: d
 
 
 def estimate(found: Classification, settings: Settings) -> dict[str, float]:
-    """Expected processing seconds on a GPU worker and on a CPU worker."""
-    if found.kind == "transcribe":
-        seconds = found.duration or 0.0
-        return {
-            "gpu_s": round(2.0 + seconds * settings.gpu_realtime_factor, 1),
-            "cpu_s": round(1.0 + seconds * settings.cpu_realtime_factor, 1),
-        }
-    pages = found.pages or max(1, found.size // 200_000)
-    return {"cpu_s": round(2.0 + pages * settings.cpu_seconds_per_page, 1)}
+    """Expected processing seconds on each queue the task's kind may run on (its ``estimate``)."""
+    return kind_of(found.kind).estimate(found, settings)
 
 
 #: A task goes to a queue only when MORAG_MAX_TIME_LIMIT_S gives it at least this many
@@ -398,7 +425,7 @@ def fit_job(job: Mapping[str, Any], queue: str, settings: Settings) -> Fit:
     A job that carries no media facts (an older message) gets the cap and fits.
     """
     media = job.get("media")
-    if not isinstance(media, Mapping) or media.get("kind") not in ("transcribe", "convert"):
+    if not isinstance(media, Mapping) or media.get("kind") not in KINDS:
         return Fit(queue, settings.max_time_limit_s)
     known = {f.name for f in fields(Classification)}
     try:
@@ -437,14 +464,15 @@ def choose_route(
         raise BadInput(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
     if gpu not in GPU_PREFERENCES:
         raise BadInput(f"gpu must be one of {', '.join(GPU_PREFERENCES)}, not {gpu!r}")
+    kind = kind_of(found.kind)
     costs = estimate(found, settings)
     on_cpu, on_gpu = fit(costs, "cpu", settings), fit(costs, "gpu", settings)
     reasons: list[str] = []
     fallback: str | None = None
-    if found.kind == "convert":
+    if not kind.prefers_gpu:
         queue = "cpu"
-        _refuse_unless(on_cpu, f"split the document, {_RAISE_LIMIT}")
-        reasons.append(f"{found.format} documents are converted on CPU workers")
+        _refuse_unless(on_cpu, f"split it into smaller {kind.accepts}, {_RAISE_LIMIT}")
+        reasons.append(f"{found.format}: {kind.accepts} are handled by CPU workers")
     elif gpu == "never":
         queue = "cpu"
         _refuse_unless(on_cpu, f"let a GPU worker run it (--gpu prefer), split it, {_RAISE_LIMIT}")
@@ -475,9 +503,9 @@ def choose_route(
     else:
         queue = "gpu"
         live = "GPU worker count unknown" if gpu_workers is None else f"{gpu_workers} GPU worker(s) connected"
+        what = f"{found.format} of {found.duration:.0f}s" if found.duration else found.format
         reasons.append(
-            f"{found.format} of {found.duration or 0:.0f}s: about {costs['gpu_s']:.0f}s on GPU "
-            f"against {costs['cpu_s']:.0f}s on CPU; {live}"
+            f"{what}: about {costs['gpu_s']:.0f}s on GPU against {costs['cpu_s']:.0f}s on CPU; {live}"
         )
     reasons.extend(found.notes)
     # The limit for the queue the task goes to; a reroute gives the copy the new queue's (fit_job).

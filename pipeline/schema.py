@@ -59,6 +59,8 @@ tasks = Table(
     Column("deliveries", Integer, nullable=False, server_default="0"),
     Index("tasks_state", "state"),
     Index("tasks_created", "created_at"),
+    Index("tasks_finished", "finished_at"),
+    Index("tasks_worker", "worker", "created_at"),
 )
 
 events = Table(
@@ -201,4 +203,79 @@ server_parts = Table(
     Column("name", Text, primary_key=True),
     Column("at", Time, nullable=False),
     _json("detail", "{}"),
+)
+
+#: The monitoring history (``pipeline.history``): one row per task queue per sample, written by the
+#: sweep; ``done`` and ``failed`` count the tasks of the queue that ended since the sample before.
+monitor_samples = Table(
+    "monitor_samples",
+    metadata,
+    Column("ts", Time, nullable=False),
+    Column("queue", Text, nullable=False),
+    Column("interval_s", Time, nullable=False),
+    Column("messages", Count),
+    Column("consumers", Integer),
+    Column("dead", Count),
+    Column("live", Integer, nullable=False, server_default="0"),
+    Column("done", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("ts", "queue"),
+)
+
+#: Who submitted each task (``owner``: the API key's id, or the principal's name without one): the
+#: ``GET /api/v1/events`` stream of a key follows the tasks of that key.
+task_owners = Table(
+    "task_owners",
+    metadata,
+    Column("task_id", Text, ForeignKey("tasks.id"), primary_key=True),
+    Column("owner", Text, nullable=False),
+    Index("task_owners_owner", "owner", "task_id"),
+)
+
+#: The ``Idempotency-Key`` of each submit, per owner: the same key again returns ``task_id``.
+#: ``task_id`` is NULL while the first request with the key is still being received.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("owner", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("task_id", Text),
+    Column("created_at", Time, nullable=False),
+    PrimaryKeyConstraint("owner", "key"),
+    Index("idempotency_keys_created", "created_at"),
+)
+
+#: The webhook of each task submitted with a ``callback_url`` (``pipeline.webhooks``): ``waiting``
+#: while the task runs, ``pending`` from its end until a 2xx answer (``delivered``) or its max age
+#: (``gave_up``). ``claimed_until`` is the lease of the server sending it (one replica sends each);
+#: ``due_since`` is when the task ended (the max age counts from it). ``key_id`` names the API key
+#: whose webhook secret signs it (NULL: a request without a key, in development mode).
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("task_id", Text, ForeignKey("tasks.id"), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("key_id", Text),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", Time, nullable=False),
+    Column("due_since", Time),
+    Column("next_attempt_at", Time),
+    Column("claimed_until", Time),
+    Column("claimed_by", Text),
+    Column("last_attempt_at", Time),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("delivered_at", Time),
+    Index("webhook_deliveries_due", "state", "next_attempt_at"),
+)
+
+#: The version of each API key's webhook secret (derived from the server secret, the key's id and
+#: this version; no row: version 1). ``morag-pipeline apikey webhook-secret --rotate`` adds one.
+webhook_secret_versions = Table(
+    "webhook_secret_versions",
+    metadata,
+    Column("key_id", Text, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("rotated_at", Time, nullable=False),
 )

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import Settings, get_settings
 from pipeline.security.apikeys import ApiKeyStore
 from pipeline.security.keys import server_secret
 from pipeline.security.tokens import TokenStore
+from pipeline.security.webhook_secrets import WebhookSecrets
 from pipeline.store import TaskStore
 from pipeline.transfer.local import LocalStore
+from pipeline.webhooks.deliveries import DeliveryStore
 
 
 @dataclass
@@ -19,6 +23,11 @@ class Services:
     files: LocalStore
     tokens: TokenStore
     apikeys: ApiKeyStore
+    deliveries: DeliveryStore
+    webhook_secrets: WebhookSecrets
+    # What is known of the workers when a task's next stage is routed (``routing.WorkerView``):
+    # the server's capacity probe, the embedded mode's one worker; None: nothing.
+    capacity: Callable[[], Any] | None = None
 
 
 def build_services(settings: Settings) -> Services:
@@ -31,6 +40,8 @@ def build_services(settings: Settings) -> Services:
         LocalStore(settings.files_dir),
         TokenStore(settings, secret),
         ApiKeyStore(settings),
+        DeliveryStore(settings),
+        WebhookSecrets(settings, secret),
     )
 
 

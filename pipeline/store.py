@@ -20,7 +20,8 @@ from sqlalchemy import Connection, Row, delete, func, select, update
 from pipeline.config import Settings
 from pipeline.db import Database
 from pipeline.errors import TaskNotFound
-from pipeline.schema import events, seen_nonces, tasks, upload_usage
+from pipeline.schema import events, idempotency_keys, seen_nonces, task_owners, tasks, upload_usage
+from pipeline.webhooks import deliveries as webhooks
 
 
 class State(StrEnum):
@@ -35,6 +36,12 @@ FINAL_STATES = frozenset({State.done, State.failed, State.canceled})
 
 #: How long the nonce of an applied message is remembered (a replay within it is a no-op).
 NONCE_RETENTION_S = 7 * 24 * 3600.0
+
+#: How long an ``Idempotency-Key`` names the task its first submit made.
+IDEMPOTENCY_RETENTION_S = 24 * 3600.0
+#: How long a key whose first request is still being received holds off the others; past it a
+#: request with the key is taken as the first (the server that held it stopped).
+IDEMPOTENCY_PENDING_S = 15 * 60.0
 
 _JSON_COLUMNS = ("input", "options", "route", "progress", "outputs", "result")
 
@@ -137,7 +144,8 @@ class TaskStore:
             db.execute(delete(upload_usage).where(upload_usage.c.day < day))
 
     # Writing.
-    def create(self, task: Task) -> Task:
+    def create(self, task: Task, callback: webhooks.Callback | None = None) -> Task:
+        """Record a new task, and the webhook its end is POSTed to (``callback``), if any."""
         now = time.time()
         task.created_at = task.updated_at = now
         with self.db.transaction() as db:
@@ -155,6 +163,8 @@ class TaskStore:
                 )
             )
             _add_event(db, task.id, now, "submitted", {"route": task.route})
+            if callback is not None:
+                webhooks.register(db, task.id, callback, now)
         return task
 
     def mark_running(self, task_id: str, worker: str, attempt: int, nonce: str | None = None) -> bool:
@@ -216,8 +226,9 @@ class TaskStore:
                     progress=json.dumps({"stage": "done", "percent": 100.0}),
                 )
             ).rowcount
-            if changed:
-                _add_event(db, task_id, now, "done", {"worker": worker})
+            due = bool(changed) and _end(db, task_id, now, "done", {"worker": worker})
+        if due:
+            webhooks.DUE.set()
         return bool(changed)
 
     def mark_failed(self, task_id: str, reason: str, worker: str | None, nonce: str | None = None) -> bool:
@@ -237,8 +248,9 @@ class TaskStore:
                     finished_at=now,
                 )
             ).rowcount
-            if changed:
-                _add_event(db, task_id, now, "failed", {"reason": reason, "worker": worker})
+            due = bool(changed) and _end(db, task_id, now, "failed", {"reason": reason, "worker": worker})
+        if due:
+            webhooks.DUE.set()
         return bool(changed)
 
     def mark_canceled(self, task_id: str, reason: str) -> bool:
@@ -259,8 +271,9 @@ class TaskStore:
                     progress=json.dumps({"stage": "canceled", "percent": 0.0}),
                 )
             ).rowcount
-            if changed:
-                _add_event(db, task_id, now, "canceled", {"reason": reason})
+            due = bool(changed) and _end(db, task_id, now, "canceled", {"reason": reason})
+        if due:
+            webhooks.DUE.set()
         return bool(changed)
 
     def requeue(self, task_id: str, detail: dict[str, Any], *, unpublished: bool = False) -> bool:
@@ -287,6 +300,40 @@ class TaskStore:
             ).rowcount
             if changed:
                 _add_event(db, task_id, now, "requeued", detail)
+                webhooks.mark_waiting(db, task_id)
+        return bool(changed)
+
+    def next_stage(
+        self,
+        task_id: str,
+        kind: str,
+        task_input: dict[str, Any],
+        route: dict[str, Any],
+        detail: dict[str, Any],
+        nonce: str | None = None,
+    ) -> bool:
+        """A stage of the task is over and the next begins: the task becomes a queued, unpublished
+        task of ``kind`` with ``task_input`` and ``route``, its history kept, a ``stage done`` event
+        with ``detail`` added. False (and nothing written) when the task already ended."""
+        now = time.time()
+        with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return False
+            changed = db.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.in_(_LIVE))
+                .values(
+                    kind=kind,
+                    state=State.queued,
+                    input=json.dumps(task_input),
+                    route=json.dumps(route),
+                    updated_at=now,
+                    progress=json.dumps({"stage": f"queued for {kind}", "percent": 0.0}),
+                    published_at=None,
+                )
+            ).rowcount
+            if changed:
+                _add_event(db, task_id, now, "stage done", detail)
         return bool(changed)
 
     def reroute(self, moves: Iterable[tuple[str, str, str, str]], by: str, nonce: str | None = None) -> int:
@@ -342,6 +389,128 @@ class TaskStore:
                 return
             _add_event(db, task_id, time.time(), event, detail or {})
 
+    # Submitters and idempotent submits.
+    def claim_idempotency(self, owner: str, key: str) -> str | None:
+        """Hold ``key`` of ``owner`` for a submit being received.
+
+        Returns None when this request is the first with the key (or the key's
+        task is older than ``IDEMPOTENCY_RETENTION_S``): it goes on and then calls
+        ``bind_idempotency`` or ``release_idempotency``. Returns the task id the
+        key made before, or ``""`` while the first request with it is still
+        being received.
+        """
+        now = time.time()
+        with self.db.transaction() as db:
+            if self._claims % 200 == 0:
+                db.execute(
+                    delete(idempotency_keys).where(
+                        idempotency_keys.c.created_at < now - IDEMPOTENCY_RETENTION_S
+                    )
+                )
+            self._claims += 1
+            row = db.execute(
+                select(idempotency_keys.c.task_id, idempotency_keys.c.created_at)
+                .where(idempotency_keys.c.owner == owner, idempotency_keys.c.key == key)
+                .with_for_update()
+            ).first()
+            if row is not None:
+                expired = now - row.created_at > (
+                    IDEMPOTENCY_PENDING_S if row.task_id is None else IDEMPOTENCY_RETENTION_S
+                )
+                if not expired:
+                    return row.task_id or ""
+                db.execute(
+                    delete(idempotency_keys).where(
+                        idempotency_keys.c.owner == owner, idempotency_keys.c.key == key
+                    )
+                )
+            claim = self.db.insert(idempotency_keys).values(
+                owner=owner, key=key, task_id=None, created_at=now
+            )
+            if db.execute(claim.on_conflict_do_nothing().returning(idempotency_keys.c.key)).first() is None:
+                return ""  # another request took it between the read and the write
+        return None
+
+    def bind_idempotency(self, owner: str, key: str, task_id: str) -> None:
+        """The submit that held ``key`` made ``task_id``: the key names it from now on."""
+        with self.db.transaction() as db:
+            db.execute(
+                update(idempotency_keys)
+                .where(idempotency_keys.c.owner == owner, idempotency_keys.c.key == key)
+                .values(task_id=task_id, created_at=time.time())
+            )
+
+    def release_idempotency(self, owner: str, key: str) -> None:
+        """The submit that held ``key`` made no task: the next request with it is the first."""
+        with self.db.transaction() as db:
+            db.execute(
+                delete(idempotency_keys).where(
+                    idempotency_keys.c.owner == owner,
+                    idempotency_keys.c.key == key,
+                    idempotency_keys.c.task_id.is_(None),
+                )
+            )
+
+    def set_owner(self, task_id: str, owner: str) -> None:
+        """Record who submitted ``task_id`` (its key's event stream follows it)."""
+        with self.db.transaction() as db:
+            db.execute(
+                self.db.insert(task_owners).values(task_id=task_id, owner=owner).on_conflict_do_nothing()
+            )
+
+    # Event reads, for the event streams: stored events by id, progress by the time it was written.
+    def last_event_id(self) -> int:
+        """The id of the newest event of any task (0 when none)."""
+        with self.db.read() as db:
+            return int(db.execute(select(func.max(_events.c.id))).scalar() or 0)
+
+    def events_after(
+        self,
+        after: int,
+        *,
+        task_ids: list[str] | None = None,
+        owner: str | None = None,
+        written_before: float | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """Events with an id above ``after``, oldest first: of ``task_ids``, or of ``owner``'s tasks.
+
+        ``written_before`` leaves out events stamped at or after it (their
+        transaction may not be the last one to commit below a later id).
+        """
+        query = select(_events).where(_events.c.id > after).order_by(_events.c.id).limit(limit)
+        query = _of_tasks(query, _events.c.task_id, task_ids, owner)
+        if written_before is not None:
+            query = query.where(_events.c.ts < written_before)
+        with self.db.read() as db:
+            return [
+                {
+                    "id": e.id,
+                    "task_id": e.task_id,
+                    "ts": e.ts,
+                    "event": e.event,
+                    "detail": json.loads(e.detail),
+                }
+                for e in db.execute(query)
+            ]
+
+    def progress_since(
+        self, since: float, *, task_ids: list[str] | None = None, owner: str | None = None
+    ) -> list[Task]:
+        """Running tasks (of ``task_ids``, or of ``owner``) written at or after ``since``, without events."""
+        query = select(tasks).where(tasks.c.state == State.running, tasks.c.updated_at >= since)
+        query = _of_tasks(query, tasks.c.id, task_ids, owner)
+        with self.db.read() as db:
+            return [_to_task(row) for row in db.execute(query)]
+
+    def records(self, task_ids: Iterable[str]) -> dict[str, Task]:
+        """The records of ``task_ids`` that exist, without events, by id."""
+        wanted = sorted(set(task_ids))
+        if not wanted:
+            return {}
+        with self.db.read() as db:
+            return {row.id: _to_task(row) for row in db.execute(select(tasks).where(tasks.c.id.in_(wanted)))}
+
     # Reading.
     def get(self, task_id: str, *, events: bool = True) -> Task:
         with self.db.read() as db:
@@ -369,25 +538,31 @@ class TaskStore:
 
     def unpublished(self, created_before: float) -> list[Task]:
         """Queued tasks whose message was never published, recorded before ``created_before``."""
-        query = (
-            select(tasks)
-            .where(
-                tasks.c.state == State.queued,
-                tasks.c.published_at.is_(None),
-                tasks.c.created_at < created_before,
-            )
-            .order_by(tasks.c.created_at)
+        return self._tasks_where(
+            tasks.c.created_at,
+            tasks.c.state == State.queued,
+            tasks.c.published_at.is_(None),
+            tasks.c.created_at < created_before,
         )
-        with self.db.read() as db:
-            return [_to_task(row) for row in db.execute(query)]
+
+    def waiting(self, updated_before: float) -> list[Task]:
+        """Queued tasks whose message was published and that nothing has touched since ``updated_before``."""
+        return self._tasks_where(
+            tasks.c.updated_at,
+            tasks.c.state == State.queued,
+            tasks.c.published_at.is_not(None),
+            tasks.c.updated_at < updated_before,
+        )
 
     def silent_running(self, updated_before: float) -> list[Task]:
         """Running tasks that no report has touched since ``updated_before``."""
-        query = (
-            select(tasks)
-            .where(tasks.c.state == State.running, tasks.c.updated_at < updated_before)
-            .order_by(tasks.c.updated_at)
+        return self._tasks_where(
+            tasks.c.updated_at, tasks.c.state == State.running, tasks.c.updated_at < updated_before
         )
+
+    def _tasks_where(self, order: Any, *conditions: Any) -> list[Task]:
+        """The tasks meeting every condition, in ``order``: the reconciler's queries."""
+        query = select(tasks).where(*conditions).order_by(order)
         with self.db.read() as db:
             return [_to_task(row) for row in db.execute(query)]
 
@@ -400,8 +575,23 @@ class TaskStore:
 _events = events
 
 
+def _of_tasks(query, column, task_ids: list[str] | None, owner: str | None):  # type: ignore[no-untyped-def]
+    """``query`` narrowed to ``task_ids``, or else to the tasks ``owner`` submitted."""
+    if task_ids is not None:
+        return query.where(column.in_(task_ids))
+    if owner is not None:
+        return query.where(column.in_(select(task_owners.c.task_id).where(task_owners.c.owner == owner)))
+    return query
+
+
 def _add_event(db: Connection, task_id: str, ts: float, event: str, detail: dict) -> None:
     db.execute(_events.insert().values(task_id=task_id, ts=ts, event=event, detail=json.dumps(detail)))
+
+
+def _end(db: Connection, task_id: str, now: float, event: str, detail: dict) -> bool:
+    """A task ended, in the transaction that ends it: its event; whether a webhook is now due."""
+    _add_event(db, task_id, now, event, detail)
+    return webhooks.mark_due(db, task_id, now)
 
 
 def _to_task(row: Row) -> Task:

@@ -1,8 +1,10 @@
-"""From an uploaded file to a published task message.
+"""From an uploaded file (or a URL) to a published task message.
 
 Used by the API and by the embedded ``run`` mode alike: classify the content,
 choose the route, move the file into the task store, record the task
-(``record``), and publish its message to the chosen queue (``deliver``).
+(``record``, ``record_url``), and publish its message to the chosen queue
+(``deliver``). A stage that hands a file on (a fetched URL that answered with a
+recording) makes the task go on as the kind of that file's content (``hand_on``).
 
 The task record is the outbox: it is written before its message is
 published, and marked published once the broker confirmed the message. A
@@ -13,39 +15,76 @@ reconciler (``pipeline.fleet.reconciler``) publishes it on its next sweep.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
+from typing import Any
 
 from dramatiq import Broker
 
 from pipeline.config import Settings
-from pipeline.errors import TaskNotFound
+from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
+from pipeline.kinds import TRANSCRIBE, kind_of
 from pipeline.logs import get_logger
-from pipeline.routing import WorkerView, as_capacity, choose_route, classify, fit_job
+from pipeline.outputs import output_folder
+from pipeline.processors.speech_options import KEYS as SPEECH_KEYS
+from pipeline.processors.speech_options import SpeechOptions
+from pipeline.routing import (
+    Classification,
+    Route,
+    WorkerView,
+    as_capacity,
+    choose_route,
+    classify,
+    classify_url,
+    fit_job,
+    shown_name,
+    url_filename,
+)
 from pipeline.security.audit import audit
 from pipeline.security.grants import DEFAULT_CAPABILITY, issue_grant
 from pipeline.services import Services
 from pipeline.store import State, Task, new_task_id
 from pipeline.task_message import build_job
+from pipeline.transfer.checksums import FileRef
+from pipeline.transfer.manifest import manifest_path
+from pipeline.webhooks.deliveries import Callback
 
 logger = get_logger(__name__)
-
-#: The actor that handles each kind of task.
-ACTORS = {"transcribe": "transcribe", "convert": "convert_document"}
 
 
 @dataclass
 class SubmitOptions:
+    """What a submit asks: the route (priority, gpu), the model, and the transcription options
+    (``pipeline.processors.speech_options``; values as typed or as a form sends them)."""
+
     priority: str = "normal"
     gpu: str = "prefer"
     language: str | None = None
     model: str | None = None
+    task: str | None = None
+    word_timestamps: bool | str | None = None
+    vad: bool | str | None = None
+    prompt: str | None = None
+    temperature: float | str | None = None
+    max_words_per_cue: int | str | None = None
+
+    def to_options(self, kind: str, settings: Settings) -> dict[str, Any]:
+        """The task's options, checked: BadOption for one that is wrong, or that the model cannot
+        honour in a transcription (by the model's name: the worker checks the loaded model too)."""
+        speech = SpeechOptions.parse(asdict(self))
+        if kind == TRANSCRIBE.name:
+            speech.check_model(self.model or settings.whisper_model)
+        plain = {k: v for k, v in asdict(self).items() if v is not None and k not in SPEECH_KEYS}
+        return {**plain, **speech.to_options()}
 
 
-def grant_for(services: Services, task_id: str, input_path: str, queue: str | None = None) -> str:
-    """A transfer grant for one task: read its input, read and write its outputs.
+def grant_for(services: Services, task_id: str, input_path: str | None, queue: str | None = None) -> str:
+    """A transfer grant for one task: read its input (a task of a URL has none), read and write
+    its outputs.
 
     The grant is issued to the workers of ``queue`` (gpu or cpu; by default
     the queue the store routes the task to now, gpu for a task it does not
@@ -57,7 +96,8 @@ def grant_for(services: Services, task_id: str, input_path: str, queue: str | No
             queue = str(services.store.get(task_id, events=False).route["queue"])
         except TaskNotFound:
             queue = DEFAULT_CAPABILITY
-    return issue_grant(services.tokens.secret, task_id, [input_path], services.settings.grant_ttl_s, queue)
+    inputs = [input_path] if input_path else []
+    return issue_grant(services.tokens.secret, task_id, inputs, services.settings.grant_ttl_s, queue)
 
 
 def publish(broker: Broker, task: Task, settings: Settings, grant: str | None = None) -> str:
@@ -66,7 +106,7 @@ def publish(broker: Broker, task: Task, settings: Settings, grant: str | None = 
     Dramatiq picks the queue from the actor, so the message is copied onto the
     routed queue before it is published.
     """
-    actor = broker.get_actor(ACTORS[task.kind])
+    actor = broker.get_actor(kind_of(task.kind).actor)
     job = build_job(task, grant)
     # The limit on the queue the task is on now: the route may have moved since submit.
     limit = fit_job(job, task.route["queue"], settings).time_limit_s
@@ -85,34 +125,79 @@ def record(
     size: int,
     options: SubmitOptions,
     gpu_workers: Callable[[], WorkerView],
+    callback: Callback | None = None,
+    kinds: tuple[str, ...] | None = None,
 ) -> Task:
     """Classify and route an uploaded file and record its task, unpublished. Raises BadInput for
-    content refused.
+    content refused, BadOption for options refused (nothing is kept of either).
 
     ``gpu_workers`` says what is known of the workers: the number of live GPU
     workers, or a ``Capacity`` with each queue's load too (None: unknown).
+    ``callback``: the webhook the task's end is POSTed to, if any.
+    ``kinds``: the kinds of task the caller takes (None: any); other content is UnsupportedType.
     """
     found = classify(upload, filename, services.settings)
-    known = gpu_workers() if found.kind == "transcribe" and options.gpu == "prefer" else None
-    route = choose_route(
-        found,
-        services.settings,
-        priority=options.priority,
-        gpu=options.gpu,
-        capacity=as_capacity(known),
-    )
+    if kinds is not None and found.kind not in kinds:
+        raise UnsupportedType(
+            f"{shown_name(filename)}: {found.format} content makes a {found.kind} task; "
+            f"only {' or '.join(kinds)} tasks are taken here"
+        )
+    stored = options.to_options(found.kind, services.settings)
     task_id = new_task_id()
+    route = _route(services, found, options, gpu_workers)
     ref = services.files.add_input(task_id, filename, upload, sha256, size)
+    name = Path(filename.replace("\\", "/")).name or "upload"
+    task_input = {**ref.to_dict(), "media": found.to_dict()}
+    return _create(services, task_id, found, name, task_input, stored, route, callback)
+
+
+def record_url(
+    services: Services,
+    url: str,
+    options: SubmitOptions,
+    gpu_workers: Callable[[], WorkerView],
+    callback: Callback | None = None,
+) -> Task:
+    """Record the task of a URL, unpublished: a worker fetches it. Raises BadInput (UnsafeURL)
+    for a URL that may not be fetched; nothing is recorded then."""
+    found = classify_url(url, services.settings)
+    stored = options.to_options(found.kind, services.settings)
+    route = _route(services, found, options, gpu_workers)
+    task_id = new_task_id()
+    services.files.task_dir(task_id).mkdir(parents=True)  # where a worker makes the output folder
+    task_input = {"url": url, "media": found.to_dict()}
+    return _create(services, task_id, found, url_filename(url), task_input, stored, route, callback)
+
+
+def _route(
+    services: Services, found: Classification, options: SubmitOptions, gpu_workers: Callable[[], WorkerView]
+) -> Route:
+    known = gpu_workers() if kind_of(found.kind).prefers_gpu and options.gpu == "prefer" else None
+    return choose_route(
+        found, services.settings, priority=options.priority, gpu=options.gpu, capacity=as_capacity(known)
+    )
+
+
+def _create(
+    services: Services,
+    task_id: str,
+    found: Classification,
+    filename: str,
+    task_input: dict[str, Any],
+    options: dict[str, Any],
+    route: Route,
+    callback: Callback | None,
+) -> Task:
     task = Task(
         id=task_id,
         kind=found.kind,
         state=State.queued,
-        filename=Path(filename.replace("\\", "/")).name or "upload",
-        input={**ref.to_dict(), "media": found.to_dict()},
-        options={k: v for k, v in asdict(options).items() if v is not None},
+        filename=filename,
+        input=task_input,
+        options=options,
         route=route.to_dict(),
     )
-    services.store.create(task)
+    services.store.create(task, callback)
     if route.fallback:
         detail = {"from": "gpu", "to": route.queue, "reason": route.fallback, "by": "submit"}
         services.store.add_event(task_id, "rerouted", detail)
@@ -139,7 +224,7 @@ def deliver(services: Services, broker: Broker, task: Task, by: str, wait_s: flo
     pause = 0.5
     while True:
         try:
-            grant = grant_for(services, task.id, task.input["path"], task.route["queue"])
+            grant = grant_for(services, task.id, task.input.get("path"), task.route["queue"])
             message_id = publish(broker, task, services.settings, grant)
             break
         except Exception as exc:
@@ -172,12 +257,81 @@ def submit(
     size: int,
     options: SubmitOptions,
     gpu_workers: Callable[[], WorkerView],
+    callback: Callback | None = None,
+    kinds: tuple[str, ...] | None = None,
 ) -> Task:
     """Turn an uploaded file into a queued task (``record``) and publish it (``deliver``).
 
-    Raises BadInput for content refused. A broker that stays away does not
-    fail the task: it is recorded, and published as soon as the broker is back.
+    Raises BadInput for content refused (``kinds``: see ``record``). A broker that stays away
+    does not fail the task: it is recorded, and published as soon as the broker is back.
     """
-    task = record(services, upload, filename, sha256, size, options, gpu_workers)
+    task = record(services, upload, filename, sha256, size, options, gpu_workers, callback, kinds)
     deliver(services, broker, task, by="submit")
     return services.store.get(task.id)
+
+
+def submit_url(
+    services: Services,
+    broker: Broker,
+    url: str,
+    options: SubmitOptions,
+    gpu_workers: Callable[[], WorkerView],
+    callback: Callback | None = None,
+) -> Task:
+    """Turn a URL into a queued task (``record_url``) and publish it (``deliver``)."""
+    task = record_url(services, url, options, gpu_workers, callback)
+    deliver(services, broker, task, by="submit")
+    return services.store.get(task.id)
+
+
+#: The options a task's record keeps, by name.
+_OPTION_NAMES = frozenset(f.name for f in dataclass_fields(SubmitOptions))
+
+
+def hand_on(
+    services: Services,
+    broker: Broker,
+    task: Task,
+    handed: dict[str, Any],
+    result: dict[str, Any],
+    worker: str,
+    nonce: str | None = None,
+) -> bool:
+    """A stage of ``task`` ended with a file to go on with (``handed``, checked in the store): the
+    task goes on as the kind of that file's content, routed anew; False when it could not.
+
+    The file becomes the task's input (linked, not copied) and leaves the outputs; the
+    stage's manifest is removed, so that the next stage's worker runs. A file no kind takes,
+    or too large for its kind, fails the task, naming the stage. The next stage's
+    message is published at once when the broker answers, else by the reconciler.
+    """
+    settings = services.settings
+    stage = task.kind
+    ref = FileRef.from_dict(handed)
+    try:
+        found = classify(services.files.resolve_plain(ref.path), task.filename, settings)
+        kind = kind_of(found.kind)
+        if (too_large := kind.too_large(ref.size, settings)) is not None:
+            raise BadInput(f"{task.filename}: {too_large}")
+        options = SubmitOptions(**{k: v for k, v in task.options.items() if k in _OPTION_NAMES})
+        route = _route(services, found, options, services.capacity or (lambda: None))
+    except BadInput as exc:
+        if services.store.mark_failed(task.id, f"{stage} stage: {exc}", worker, nonce=nonce):
+            # Nothing left behind: the download and the stage's manifest go.
+            shutil.rmtree(services.files.resolve_plain(output_folder(task.id)), ignore_errors=True)
+        return False
+    services.files.resolve_plain(manifest_path(task.id)).unlink(missing_ok=True)
+    taken = services.files.output_as_input(task.id, ref, task.filename)
+    stages = [*task.input.get("stages", []), {"kind": stage, "worker": worker, "result": result}]
+    task_input = {**taken.to_dict(), "media": found.to_dict(), "stages": stages}
+    if "url" in task.input:
+        task_input["url"] = task.input["url"]
+    summary = f"{stage} done; goes on as {kind.name} ({found.format}) on {route.queue}"
+    detail = {"summary": summary, "stage": stage, "next": kind.name, "queue": route.queue, "worker": worker}
+    if not services.store.next_stage(task.id, kind.name, task_input, route.to_dict(), detail, nonce=nonce):
+        return False
+    # A retry of this completion is ignored from here on: the task's kind is no longer the stage's.
+    services.files.resolve_plain(ref.path).unlink(missing_ok=True)
+    logger.info("task goes on", extra={"task_id": task.id, "stage": stage, "next": kind.name, "by": worker})
+    deliver(services, broker, services.store.get(task.id, events=False), by="stage", wait_s=0)
+    return True

@@ -1,12 +1,20 @@
 """The task message: the job a task actor's message carries, built, read and moved here alone.
 
-A task message is a Dramatiq message of a task actor (``transcribe``,
-``convert_document``) whose one keyword argument, ``job``, holds what a
+A task message is a Dramatiq message of a task actor (one per kind,
+``pipeline.kinds``) whose one keyword argument, ``job``, holds what a
 worker needs: task id, kind, input file ref, media facts, options, route and
 transfer grant (``build_job``). Middleware, the sweep, the dead-letter tools
 and the worker read it with ``job_of`` and ``task_id_of``; a message that
 moves to another queue is copied with ``moved``, which keeps the job's route,
 the message's record of moves and its time limit in step.
+
+A job names the schema it is written in (``schema``), on the same rules as
+``control``'s reports: additive fields keep it, a worker refuses a job in a
+schema it does not read (``check_job``), and a job with none reads as schema 1.
+Schema 2 adds the transcription options of ``speech_options`` (word timestamps,
+``language: auto``, translation, ...), which a schema-1 worker would ignore or
+misread; a job that asks none of them is still written in schema 1, so that
+workers of the previous release keep taking it (``job_schema``).
 """
 
 from __future__ import annotations
@@ -17,16 +25,30 @@ from typing import Any
 import dramatiq
 from dramatiq.common import dq_name
 
+from pipeline import control
+from pipeline.processors.speech_options import AUTO
+from pipeline.processors.speech_options import KEYS as SPEECH_KEYS
 from pipeline.store import Task
+
+#: The newest schema this release writes jobs in, and the oldest one its workers still read.
+JOB_SCHEMA = 2
+OLDEST_JOB_SCHEMA = 1
+
+
+def job_schema(options: dict[str, Any]) -> int:
+    """The oldest schema that says what ``options`` ask: 2 with a transcription option of schema 2."""
+    language_only = set(options) & set(SPEECH_KEYS) <= {"language"}
+    return 1 if language_only and options.get("language") != AUTO else 2
 
 
 def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
     """The message body a worker needs, and nothing more: with ``grant``, its transfer grant."""
     job = {
+        "schema": job_schema(task.options),
         "task_id": task.id,
         "kind": task.kind,
         "filename": task.filename,
-        "input": {k: task.input[k] for k in ("path", "sha256", "size")},
+        "input": {k: task.input[k] for k in ("path", "sha256", "size", "url") if k in task.input},
         "media": task.input["media"],
         "options": task.options,
         "route": {"queue": task.route["queue"], "gpu": task.route["gpu"]},
@@ -43,6 +65,11 @@ def job_of(message: dramatiq.Message) -> dict[str, Any] | None:
     if job is None and message.args:
         job = message.args[0]
     return job if isinstance(job, dict) else None
+
+
+def check_job(job: dict[str, Any]) -> None:
+    """Refuse (``UnsupportedSchema``) a job in a schema this worker does not read."""
+    control.check_schema(job.get("schema"), "the task message", JOB_SCHEMA, OLDEST_JOB_SCHEMA, "this worker")
 
 
 def task_id_of(message: dramatiq.Message) -> str | None:

@@ -67,7 +67,21 @@ TINY: dict[str, Tiny] = {
     ),
     "submit_overhead": Tiny(
         ("--rounds", "1"),
-        ((rf"^  ratio submit / direct warm: {RATIO}; overhead {NUMBER} s$", 1),),
+        (
+            (rf"^  ratio submit / direct warm: {RATIO}; overhead {NUMBER} s$", 1),
+            (rf"^  client submit\+wait\+result, (stream|polling) +{NUMBER} s  \(overhead -?{NUMBER} s\)$", 2),
+            (rf"^  ratio stream / polling: {RATIO}; overhead change [+-]{NUMBER} s per task$", 1),
+        ),
+    ),
+    "dashboard_cost": Tiny(
+        ("--workers", "20", "--tasks", "300", "--rounds", "2"),
+        (
+            (rf"^  baseline: GET /api/v1/tasks \(newest 50, counts\) +{NUMBER} ms$", 1),
+            (rf"^  GET /api/v1/dashboard\S* +{NUMBER} ms   ratio +{RATIO}x$", 3),
+            (rf"^  GET /api/v1/dashboard/history \(6 h\) +{NUMBER} ms   ratio +{RATIO}x$", 1),
+            (rf"^  reading every worker record \(Registry.list\) +{NUMBER} ms   ratio +{RATIO}x$", 1),
+            (rf"^  writing one history sample +{NUMBER} ms   ratio +{RATIO}x$", 1),
+        ),
     ),
     "sftp_throughput": Tiny(
         ("--size-mb", "1", "--rounds", "1"),
@@ -106,6 +120,22 @@ TINY: dict[str, Tiny] = {
                 1,
             ),
         ),
+    ),
+    "replicas": Tiny(
+        ("--uploads", "10", "--notes", "20", "--rounds", "1", "--replicas", "1,2"),
+        (
+            (r"^  sqlite x1 +\d+ +\d+$", 1),
+            *((rf"^  ratio postgresql x{n}/sqlite x1: submits {RATIO}, control {RATIO}$", 1) for n in (1, 2)),
+        ),
+        (pytest.mark.postgresql,),
+    ),
+    "monitoring_cost": Tiny(
+        ("--workers", "20", "--tasks", "500", "--seconds", "2", "--scrape-every", "0.5", "--rounds", "1"),
+        (
+            (r"^  /metrics render: median \d+ ms \(\d+ lines, 1 rounds\)$", 1),
+            (rf"^  ratio scraped/alone: {RATIO} \(cost {NUMBER}%, goal at most 5%\)$", 1),
+        ),
+        (pytest.mark.rabbitmq,),
     ),
     "sweep_and_reroute": Tiny(
         ("--workers", "40", "--messages", "100", "--rounds", "1"),

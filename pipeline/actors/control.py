@@ -6,6 +6,9 @@ message's nonce (``applied_nonce``) is recorded in the transaction of its
 effect, so a handler that fails is retried, and a redelivered message that was
 applied changes nothing. A late report is judged by the task's state, never
 by its age: a completion for a task that ended is recorded and ignored.
+
+Every handler takes ``**newer``: fields a newer worker adds to a report in the
+same schema (``pipeline.control``) are ignored, never an error.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from pipeline import control
 from pipeline.brokers import current_broker
 from pipeline.errors import BadInput, ChecksumMismatch
 from pipeline.fleet.registry import BadHeartbeat, get_registry
+from pipeline.kinds import HANDOFF
 from pipeline.logs import get_logger
 from pipeline.outputs import check_outputs
 from pipeline.security.audit import audit
 from pipeline.services import get_services
 from pipeline.store import FINAL_STATES, State
+from pipeline.submission import hand_on
 from pipeline.transfer.checksums import FileRef
 
 broker = current_broker()
@@ -42,14 +47,14 @@ def applied_nonce() -> str | None:
 
 
 @dramatiq.actor(actor_name=control.TASK_STARTED, **_options)
-def task_started(task_id: str, attempt: int, worker: str, ts: float) -> None:
+def task_started(task_id: str, attempt: int, worker: str, ts: float, **newer: Any) -> None:
     if get_services().store.mark_running(task_id, worker, attempt, nonce=applied_nonce()):
         logger.info("task running", extra={"task_id": task_id, "worker": worker})
 
 
 @dramatiq.actor(actor_name=control.TASK_PROGRESS, **_options)
 def task_progress(
-    task_id: str, stage: str, percent: float, eta_s: float | None, worker: str, ts: float
+    task_id: str, stage: str, percent: float, eta_s: float | None, worker: str, ts: float, **newer: Any
 ) -> None:
     progress = {"stage": stage, "percent": percent, "eta_s": eta_s, "at": ts}
     get_services().store.set_progress(task_id, progress, nonce=applied_nonce())
@@ -57,7 +62,7 @@ def task_progress(
 
 @dramatiq.actor(actor_name=control.TASK_COMPLETED, **_options)
 def task_completed(
-    task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any], worker: str, ts: float
+    task_id: str, outputs: list[dict[str, Any]], result: dict[str, Any], worker: str, ts: float, **newer: Any
 ) -> None:
     """Verify every output on the server's side, then mark the task done.
 
@@ -70,7 +75,12 @@ def task_completed(
     A task is done once: a second completion (a redelivered message whose
     worker found the outputs complete) is recorded and ignored. A completion
     for a canceled task (its worker missed the cancellation) is ignored too,
-    and the outputs it left are removed (never through a symbolic link).
+    and the outputs it left are removed (never through a symbolic link). So
+    is the completion of a stage the task has gone on from (``result["kind"]``
+    names the stage's kind).
+
+    A completion that hands a file on (``pipeline.kinds.HANDOFF``) ends a stage,
+    not the task: the task goes on as that file's kind (``submission.hand_on``).
     """
     services = get_services()
     log = {"task_id": task_id, "worker": worker}
@@ -86,6 +96,12 @@ def task_completed(
                 logger.warning("outputs of a canceled task not removed", extra={**log, "error": str(exc)})
         logger.info("completion for a finished task ignored", extra={**log, "state": state})
         return
+    if result.get("kind", task.kind) != task.kind:
+        detail = {"worker": worker, "stage": result["kind"], "now": task.kind}
+        services.store.add_event(
+            task_id, "completion of an earlier stage ignored", detail, nonce=applied_nonce()
+        )
+        return
     try:
         outputs = check_outputs(task_id, task.kind, outputs)
         for output in outputs:
@@ -98,6 +114,10 @@ def task_completed(
             task_id, f"output failed verification: {exc}", worker, nonce=applied_nonce()
         )
         return
+    handed = [output for output in outputs if output["format"] == HANDOFF]
+    if handed:
+        hand_on(services, broker, task, handed[0], result, worker, nonce=applied_nonce())
+        return
     if services.store.mark_done(task_id, outputs, result, worker, nonce=applied_nonce()):
         logger.info("task done", extra=log)
     else:
@@ -105,7 +125,7 @@ def task_completed(
 
 
 @dramatiq.actor(actor_name=control.TASK_RETRYING, **_options)
-def task_retrying(task_id: str, reason: str, attempts: int, worker: str, ts: float) -> None:
+def task_retrying(task_id: str, reason: str, attempts: int, worker: str, ts: float, **newer: Any) -> None:
     services = get_services()
     if services.store.get(task_id, events=False).state in FINAL_STATES:
         return
@@ -115,13 +135,13 @@ def task_retrying(task_id: str, reason: str, attempts: int, worker: str, ts: flo
 
 
 @dramatiq.actor(actor_name=control.TASK_FAILED, **_options)
-def task_failed(task_id: str, reason: str, attempts: int, worker: str, ts: float) -> None:
+def task_failed(task_id: str, reason: str, attempts: int, worker: str, ts: float, **newer: Any) -> None:
     if get_services().store.mark_failed(task_id, reason, worker, nonce=applied_nonce()):
         logger.warning("task failed", extra={"task_id": task_id, "worker": worker, "reason": reason})
 
 
 @dramatiq.actor(actor_name=control.TASK_NOTE, **_options)
-def task_note(task_id: str, event: str, detail: dict[str, Any], worker: str, ts: float) -> None:
+def task_note(task_id: str, event: str, detail: dict[str, Any], worker: str, ts: float, **newer: Any) -> None:
     """An event a worker adds to the task's history: redelivered, skipped, stopped, reused."""
     get_services().store.add_event(task_id, event, {**detail, "worker": worker}, nonce=applied_nonce())
 
@@ -143,7 +163,7 @@ def unseal(worker: str, capability: str, beat: Any) -> dict[str, Any]:
 
 
 @dramatiq.actor(actor_name=control.WORKER_HEARTBEAT, **_beats)
-def worker_heartbeat(worker: str, capability: str, beat: dict[str, Any]) -> None:
+def worker_heartbeat(worker: str, capability: str, beat: dict[str, Any], **newer: Any) -> None:
     try:
         record = get_registry().heartbeat(unseal(worker, capability, beat))
     except BadHeartbeat as exc:
@@ -154,7 +174,7 @@ def worker_heartbeat(worker: str, capability: str, beat: dict[str, Any]) -> None
 
 
 @dramatiq.actor(actor_name=control.WORKER_GOODBYE, **_beats)
-def worker_goodbye(worker: str, capability: str, beat: dict[str, Any]) -> None:
+def worker_goodbye(worker: str, capability: str, beat: dict[str, Any], **newer: Any) -> None:
     try:
         if get_registry().goodbye(unseal(worker, capability, beat)):
             logger.info("worker gone", extra={"worker": worker, "done": beat.get("done")})
@@ -163,7 +183,9 @@ def worker_goodbye(worker: str, capability: str, beat: dict[str, Any]) -> None:
 
 
 @dramatiq.actor(actor_name=control.TASK_REROUTED, **_options)
-def task_rerouted(task_id: str, source: str, target: str, reason: str, worker: str, ts: float) -> None:
+def task_rerouted(
+    task_id: str, source: str, target: str, reason: str, worker: str, ts: float, **newer: Any
+) -> None:
     """A worker moved the task's message to another queue (a GPU failure sends it to ``cpu``)."""
     if get_services().store.reroute([(task_id, source, target, reason)], by=worker, nonce=applied_nonce()):
         logger.info("task rerouted", extra={"task_id": task_id, "worker": worker, "to": target})

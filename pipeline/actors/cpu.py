@@ -1,21 +1,18 @@
 """Actors of CPU workers: ``dramatiq pipeline.actors.cpu --queues cpu``.
 
-Every GPU actor is registered here too, so a task moved from ``gpu`` to
-``cpu`` runs on a CPU worker instead of being dead-lettered.
+One actor per kind (``pipeline.kinds``). Every GPU actor is registered here
+too, so a task moved from ``gpu`` to ``cpu`` runs on a CPU worker instead of
+being dead-lettered.
 """
 
-from typing import Any
-
-import dramatiq
-
-from pipeline.actors import gpu  # noqa: F401  (registers the GPU actors here)
-from pipeline.actors.perform import PERMANENT, perform
+from pipeline.actors import gpu
+from pipeline.actors.perform import declare
 from pipeline.brokers import current_broker
+from pipeline.kinds import runs_on
 
 broker = current_broker()
 
-
-@dramatiq.actor(queue_name="cpu", actor_name="convert_document", throws=PERMANENT)
-def convert_document(job: dict[str, Any]) -> None:
-    """Convert a document to Markdown and docling JSON."""
-    perform(job)
+actors = {
+    **gpu.actors,
+    **{kind.name: declare(kind) for kind in runs_on("cpu") if kind.name not in gpu.actors},
+}

@@ -10,6 +10,10 @@ arguments, so anyone able to publish it can only make the server look sooner.
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 import dramatiq
 from periodiq import cron
 
@@ -19,6 +23,7 @@ from pipeline.fleet.reconciler import Reconciler
 from pipeline.fleet.registry import get_registry
 from pipeline.fleet.sweep import Sweeper
 from pipeline.health import SWEEP_PART, PartLog
+from pipeline.history import take_sample
 from pipeline.logs import get_logger
 from pipeline.services import get_services
 
@@ -55,7 +60,8 @@ def liveness_sweep() -> None:
     written for ``/healthz``.
     """
     sweep, reconcile = _sweep_parts()
-    done: dict[str, object] = {}
+    started = time.time()
+    done: dict[str, object] = {"by": replica_name()}
     try:
         done["moved"] = sweep.sweep().moved
     except Exception as exc:
@@ -64,5 +70,16 @@ def liveness_sweep() -> None:
         done["reconciled"] = reconcile.run().summary()
     except Exception as exc:
         logger.exception("reconciler failed", extra={"error": str(exc)})
-    if len(done) == 2:
+    done["seconds"] = round(time.time() - started, 3)
+    logger.info("sweep ran", extra={**done, "started": started})
+    if "moved" in done and "reconciled" in done:
         PartLog(get_settings()).mark(SWEEP_PART, done)
+    try:  # the dashboard's charts: one sample of each task queue per sweep
+        take_sample(get_settings())
+    except Exception as exc:
+        logger.exception("history sample failed", extra={"error": str(exc)})
+
+
+def replica_name() -> str:
+    """The server this liveness process belongs to: its host and the server's pid."""
+    return f"{socket.gethostname()} pid {os.getppid()}"

@@ -1,20 +1,14 @@
 """Actors of GPU workers: ``dramatiq pipeline.actors.gpu --queues gpu``.
 
-faster-whisper runs on CUDA where present, else on the CPU (int8).
+One actor per kind that may run on a GPU worker (``pipeline.kinds``):
+transcription (faster-whisper on CUDA where present, else on the CPU, int8)
+and images. A kind that may fall back moves to ``cpu`` when the GPU fails it.
 """
 
-from typing import Any
-
-import dramatiq
-
-from pipeline.actors.perform import PERMANENT, perform
+from pipeline.actors.perform import declare
 from pipeline.brokers import current_broker
+from pipeline.kinds import runs_on
 
 broker = current_broker()
 
-
-# gpu_fallback: a GPU failure (out of memory, no device) moves the task to cpu.
-@dramatiq.actor(queue_name="gpu", actor_name="transcribe", throws=PERMANENT, gpu_fallback=True)
-def transcribe(job: dict[str, Any]) -> None:
-    """Transcribe an audio or video file: JSON, SRT, VTT, TXT and Markdown."""
-    perform(job)
+actors = {kind.name: declare(kind) for kind in runs_on("gpu")}

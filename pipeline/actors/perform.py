@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import dramatiq
 from dramatiq.middleware import CurrentMessage, SkipMessage
 
 from pipeline.brokers import current_broker
@@ -12,9 +13,11 @@ from pipeline.config import get_settings
 from pipeline.errors import BadInput, TaskCanceled, TaskEnded, UnprovenMessage
 from pipeline.identity import worker_id, worker_queues
 from pipeline.jobs import authorize_job, run_job
+from pipeline.kinds import Kind
 from pipeline.logs import get_logger
 from pipeline.middleware.cancellations import is_canceled
 from pipeline.reporting import reporter_for
+from pipeline.task_message import check_job
 from pipeline.transfer.transport import Transport, open_transport
 
 logger = get_logger(__name__)
@@ -32,6 +35,19 @@ def _transport() -> Transport:
     return transport
 
 
+def declare(kind: Kind) -> dramatiq.Actor:
+    """The actor of ``kind``: its name and first queue, failing at once on bad input, and moved
+    to ``cpu`` when the GPU fails it where the kind may fall back."""
+
+    def run(job: dict[str, Any]) -> None:
+        perform(job)
+
+    run.__name__ = run.__qualname__ = kind.actor
+    run.__doc__ = f"Run a {kind.name} task ({kind.accepts}): {', '.join(kind.formats)}."
+    options: dict[str, Any] = {"gpu_fallback": True} if kind.fallback and "gpu" in kind.queues else {}
+    return dramatiq.actor(run, actor_name=kind.actor, queue_name=kind.queues[0], throws=PERMANENT, **options)
+
+
 def perform(job: dict[str, Any]) -> None:
     task_id = job["task_id"]
     message = CurrentMessage.get_current_message()
@@ -43,6 +59,7 @@ def perform(job: dict[str, Any]) -> None:
     try:
         # A message that cannot prove the server sent it changes no task: its grant comes first.
         authorize_job(transport, job)
+        check_job(job)  # then a job in a schema this worker does not read fails, with the reason
         logger.info("task started", extra=log)
         reporter.started(task_id, attempt)
         outputs, result = run_job(

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request, params
 
 from pipeline.logs import get_logger
 from pipeline.security.apikeys import ApiKeyStore, allows
@@ -104,6 +104,41 @@ class Authenticator:
         audit("auth.failed", client=address, key=key_id, path=request.url.path, reason=reason)
         logger.warning("authentication failed", extra={"client": address, "key": key_id, "reason": reason})
         raise HTTPException(401, f"authentication required: {reason}", headers={"WWW-Authenticate": "Bearer"})
+
+
+@dataclass(frozen=True)
+class Access:
+    """The dependencies that guard each kind of endpoint, for a router's ``dependencies=``.
+
+    Parameters:
+      read: looking (the readonly role).
+      write: submitting and canceling tasks (the client role).
+      admin: changing dead letters, asking for a sweep (the admin role).
+    """
+
+    read: list[params.Depends]
+    write: list[params.Depends]
+    admin: list[params.Depends]
+
+    @classmethod
+    def of(cls, auth: Authenticator) -> Access:
+        """The three guards of ``auth``."""
+        return cls(
+            read=[Depends(auth.require("readonly"))],
+            write=[Depends(auth.require("client"))],
+            admin=[Depends(auth.require("admin"))],
+        )
+
+
+def acting(request: Request) -> Principal | None:
+    """Who made ``request``, once a guard let it through (for endpoints that audit who acted)."""
+    return getattr(request.state, "principal", None)
+
+
+def acting_name(request: Request) -> str | None:
+    """The name of who made ``request``, as the audit log records it."""
+    principal = acting(request)
+    return principal.name if principal else None
 
 
 def key_id_of(key: str | None) -> str | None:

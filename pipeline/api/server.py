@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,19 +16,23 @@ from pipeline.api.auth import Authenticator
 from pipeline.brokers import QUEUES, current_broker
 from pipeline.brokers.limits import check_consumer_timeout
 from pipeline.brokers.rabbitmq import connection_parameters, log_queue_type
+from pipeline.brokers.topology import check_topology
 from pipeline.config import Settings, redact_url
 from pipeline.db import engine_for
 from pipeline.errors import PipelineError
 from pipeline.fleet.capacity import CapacityProbe
-from pipeline.fleet.registry import get_registry
+from pipeline.fleet.registry import WorkerState, get_registry
 from pipeline.fleet.scheduler import Liveness, start_liveness
 from pipeline.health import SWEEP_PART, Part, PartLog, report, sweep_allowance
 from pipeline.logs import get_logger
+from pipeline.replicas import ServerPlace
 from pipeline.security.audit import open_audit_log
 from pipeline.security.keys import write_secret_check
 from pipeline.security.ratelimit import FailureLimiter
 from pipeline.services import get_services
 from pipeline.transfer.serving import FileServices, start_file_services
+from pipeline.transfer.sftp_server import host_key_path, load_host_key
+from pipeline.webhooks.courier import Courier
 
 logger = get_logger(__name__)
 
@@ -53,82 +55,22 @@ def check_broker(settings: Settings) -> None:
         raise BrokerUnreachable(f"cannot reach RabbitMQ at {url}: {reason}{fix}") from None
 
 
-class AnotherServer(PipelineError):
-    """A server already consumes ``control`` on this vhost."""
-
-
-class ServerLock:
-    """One server per vhost: an exclusive queue, ``morag.server``, held by this server.
-
-    RabbitMQ lets only the connection that declared an exclusive queue use it,
-    and deletes it when that connection closes, so a second server's declare
-    is refused (RESOURCE_LOCKED) while the first lives, and succeeds once it
-    died, however it died. The queue is on a connection of its own, kept open
-    (and its heartbeats answered) by a thread; should RabbitMQ drop it, the
-    thread takes the queue again. Two servers would each consume ``control``
-    into their own database: workers would flap between them and completions
-    would be lost.
-
-    Parameters:
-      settings: how to reach RabbitMQ.
-    """
-
-    QUEUE = "morag.server"
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._connection: pika.BlockingConnection | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> None:
-        """Takes the lock, or raises AnotherServer with the reason and the fix."""
-        self._connection = self._take()
-        self._thread = threading.Thread(target=self._hold, name="morag-server-lock", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _take(self) -> pika.BlockingConnection:
-        params = connection_parameters(self.settings)
-        name = f"morag-pipeline server on {socket.gethostname()} (pid {os.getpid()})"
-        params.client_properties = {"connection_name": name}
-        connection = pika.BlockingConnection(params)
-        try:
-            connection.channel().queue_declare(self.QUEUE, exclusive=True, auto_delete=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            connection.close()
-            if exc.reply_code != 405:  # RESOURCE_LOCKED
-                raise
-            url = redact_url(self.settings.broker_url.get_secret_value())
-            raise AnotherServer(
-                f"another morag-pipeline server consumes this vhost ({url}: it holds the queue"
-                f" {self.QUEUE}); run one server per vhost, or give each its own MORAG_BROKER_URL vhost"
-            ) from None
-        return connection
-
-    def _hold(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self._connection is None or not self._connection.is_open:
-                    self._connection = self._take()
-                    logger.warning("server lock taken again after RabbitMQ dropped it")
-                self._connection.process_data_events(time_limit=1)
-            except Exception as exc:
-                logger.error("server lock lost; taking it again", extra={"error": str(exc)})
-                self._connection = None
-                self._stop.wait(5)
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()
+def sftp_fingerprint(settings: Settings) -> str | None:
+    """The host key fingerprint the embedded SFTP server will serve (None: it is not run)."""
+    return load_host_key(host_key_path(settings)).fingerprint if settings.sftp_embedded else None
 
 
 def server_parts(
-    settings: Settings, control: Worker, liveness: Liveness, files: FileServices, started: float
+    settings: Settings,
+    control: Worker,
+    liveness: Liveness,
+    files: FileServices,
+    started: float,
+    place: ServerPlace,
+    courier: Courier,
 ) -> dict[str, Callable[[], Part]]:
-    """The checks of ``/healthz``: broker, control consumer, liveness scheduler (its last sweep), SFTP."""
+    """The checks of ``/healthz``: broker, control consumer, liveness scheduler (its last sweep), SFTP,
+    the replicas of this server's group, the GPU workers that cannot run CUDA, and the webhook sender."""
     sweeps = PartLog(settings)
     allowance = sweep_allowance(settings.sweep_cron)
 
@@ -148,6 +90,7 @@ def server_parts(
             "standby": liveness.standby,
             "restarts": liveness.restarts,
             "last_sweep": at,
+            "last_sweep_by": last[1].get("by") if last else None,
             "last_sweep_age_s": round(time.time() - at, 1) if at else None,
         }
         recent = (at or started) > time.time() - allowance
@@ -158,14 +101,41 @@ def server_parts(
             return Part(True, {"embedded": False})
         return Part(files.sftp.serving, {"port": files.sftp.port, "connections": files.sftp.connections})
 
-    return {"broker": broker, "control": control_consumer, "scheduler": scheduler, "sftp": sftp}
+    def replicas() -> Part:
+        return Part(True, {"replicated": place.replicated, "running": place.replicas()})
+
+    registry = get_registry(settings)
+
+    def gpu_workers() -> Part:
+        """Live workers whose GPU cannot run CUDA: their tasks go to CPU (the server stays ok)."""
+        unusable = []
+        for record in registry.list(time.time()):
+            cuda = record.hardware.get("cuda") or {}
+            if record.state is WorkerState.alive and cuda.get("wanted") and not cuda.get("usable"):
+                unusable.append({"worker": record.id, "problems": cuda.get("problems") or []})
+        return Part(True, {"cuda_unusable": unusable})
+
+    def webhooks() -> Part:
+        return Part(courier.alive, courier.deliveries.counts())
+
+    return {
+        "broker": broker,
+        "control": control_consumer,
+        "scheduler": scheduler,
+        "sftp": sftp,
+        "replicas": replicas,
+        "gpu_workers": gpu_workers,
+        "webhooks": webhooks,
+    }
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     check_broker(settings)
-    lock = ServerLock(settings)
-    lock.acquire()  # before anything consumes: a second server on this vhost refuses to start
     services = get_services()  # refuses a weak secret before anything else is opened
+    # Before anything consumes: a second server on this vhost refuses to start, and so does a
+    # replica configured apart from the running ones.
+    place = ServerPlace(settings, sftp_fingerprint(settings))
+    place.acquire()
     database = engine_for(settings)  # its schema brought to the newest revision (``upgrade head``)
     logger.info(
         "task store ready",
@@ -180,6 +150,9 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         broker.declare_queue(queue, ensure=True)
     check_consumer_timeout(settings)  # logs a warning when a queue would redeliver a task still running
     log_queue_type(settings)  # the queue type on this broker and what it costs (priorities)
+    # Whether the broker's topology (queues, bindings, policies) is what the server expects, and what
+    # differs; in the background, as the management API may be slow to answer.
+    threading.Thread(target=check_topology, args=(settings,), name="morag-topology", daemon=True).start()
 
     if settings.dev_mode:
         logger.warning("development mode: requests without an API key act as admin; never expose this")
@@ -194,8 +167,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     control.start()
     # The one periodiq scheduler and the sweep, in a child process kept running.
     liveness = start_liveness(settings)
-    parts = server_parts(settings, control, liveness, files, started=time.time())
-    capacity = CapacityProbe(settings, get_registry(settings))
+    # The webhooks of ended tasks, sent from a thread of this server (one replica sends each).
+    courier = Courier(settings, services.deliveries, services.store, services.webhook_secrets).start()
+    parts = server_parts(settings, control, liveness, files, time.time(), place, courier)
+    capacity = services.capacity = CapacityProbe(settings, get_registry(settings))
     app = create_app(services, broker, capacity, auth, health=lambda: report(parts))
     host, port = host or settings.api_host, port or settings.api_port
     tls = {}
@@ -208,8 +183,9 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", **tls)
     finally:
+        courier.stop()
         files.stop()
         liveness.stop()
         control.stop()
         broker.close()
-        lock.release()
+        place.release()

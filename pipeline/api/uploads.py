@@ -1,8 +1,8 @@
 """Multipart uploads read as they stream in: hashed on the way, refused the moment they are too big.
 
 The file part goes straight to a temporary file with its SHA-256 computed
-while written. Its first bytes tell a document from media, and each has its
-own size limit, enforced during the upload, not after it.
+while written. Its first bytes tell its kind (``pipeline.kinds``), and each
+kind has its own size limit, enforced during the upload, not after it.
 """
 
 from __future__ import annotations
@@ -15,18 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import parse_qsl
 
 from fastapi import HTTPException, Request
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
-from pipeline.routing import looks_like_document
+from pipeline.routing import kind_of_head
 from pipeline.store import TaskStore
 
 #: Form fields other than the file, and the largest value each may have.
 MAX_FIELD_BYTES = 1024
 MAX_FIELDS = 16
 SNIFF_BYTES = 8192
+#: The largest ``application/x-www-form-urlencoded`` body (a URL to fetch and its options).
+MAX_FORM_BYTES = 16 * 1024
+FORM_URLENCODED = b"application/x-www-form-urlencoded"
 #: Free disk space is checked again after every this many bytes received.
 DISK_CHECK_BYTES = 8 * 1024 * 1024
 MIB = 1024 * 1024
@@ -48,23 +52,25 @@ class Limits:
     """What an upload may be.
 
     Parameters:
-      media_bytes: the largest audio or video file.
-      document_bytes: the largest document.
+      kind_bytes: the largest file of each kind, by kind name (``Kind.max_bytes``).
       min_free_bytes: free space the data directory's disk keeps; an upload that would
         leave less is refused with 507, before it starts and while it streams in.
       check_field: called with each form field's name and value as soon as the field
         has arrived; raises HTTPException to refuse the upload.
     """
 
-    media_bytes: int
-    document_bytes: int
+    kind_bytes: dict[str, int]
     min_free_bytes: int = 0
     check_field: Callable[[str, str], None] | None = None
 
     def for_head(self, head: bytes) -> tuple[int, str]:
-        if looks_like_document(head):
-            return self.document_bytes, "documents"
-        return self.media_bytes, "audio and video"
+        """The limit of a file whose first bytes are ``head``, and what the limit is for."""
+        kind = kind_of_head(head)
+        return self.kind_bytes[kind.name], kind.accepts
+
+    @property
+    def largest(self) -> int:
+        return max(self.kind_bytes.values())
 
 
 class _Receiver:
@@ -199,11 +205,7 @@ async def receive_upload(
     if content_type != b"multipart/form-data" or b"boundary" not in options:
         raise HTTPException(415, "send the file as multipart/form-data with a 'file' part")
     declared = request.headers.get("content-length")
-    if (
-        declared
-        and declared.isdigit()
-        and int(declared) > max(limits.media_bytes, limits.document_bytes) + 65536
-    ):
+    if declared and declared.isdigit() and int(declared) > limits.largest + 65536:
         raise HTTPException(413, "upload larger than the server accepts")
     check_free_space(folder, limits.min_free_bytes, int(declared) if declared and declared.isdigit() else 0)
     receiver = _Receiver(folder, limits, max_bytes)
@@ -230,6 +232,29 @@ async def receive_upload(
     return Upload(
         receiver.path, receiver.filename, receiver.digest.hexdigest(), receiver.size, receiver.fields
     )
+
+
+def is_form(request: Request) -> bool:
+    """Whether the request's body is an urlencoded form (a URL to fetch), not an upload."""
+    content_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    return bool(content_type == FORM_URLENCODED)
+
+
+async def receive_form(request: Request, limits: Limits) -> dict[str, str]:
+    """The fields of an urlencoded form body, each checked by ``limits.check_field``; 4xx when refused."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise HTTPException(413, f"form larger than {MAX_FORM_BYTES // 1024} KiB")
+    try:
+        fields = dict(parse_qsl(body.decode("utf-8"), max_num_fields=MAX_FIELDS, strict_parsing=bool(body)))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"malformed form: {exc}") from None
+    if limits.check_field is not None:
+        for name, value in fields.items():
+            limits.check_field(name, value)
+    return fields
 
 
 class DailyQuota:

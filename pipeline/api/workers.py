@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Annotated, Any
 
 import dramatiq
 from dramatiq import Broker
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.params import Depends
 
+from pipeline.api.auth import Access
 from pipeline.fleet.registry import ProcessRecord, WorkerNotFound, WorkerRecord, WorkerState, get_registry
 from pipeline.services import Services
 
@@ -47,21 +46,17 @@ def _age(now: float, then: float) -> float:
     return round(max(0.0, now - then), 1)
 
 
-def workers_router(
-    services: Services,
-    broker: Broker,
-    read: Sequence[Depends] = (),
-    admin: Sequence[Depends] = (),
-) -> APIRouter:
+def workers_router(services: Services, broker: Broker, access: Access) -> APIRouter:
     """Routes over the registry in ``services.settings``' database.
 
-    ``read`` guards the listings, ``admin`` the sweep (FastAPI dependencies).
+    ``access.read`` guards the listings, ``access.admin`` the sweep, which is
+    published through ``broker``.
     """
     router = APIRouter(prefix="/api/v1/workers", tags=["workers"])
     settings = services.settings
     registry = get_registry(settings)
 
-    @router.get("", dependencies=list(read))
+    @router.get("", dependencies=access.read)
     def list_workers(
         state: Annotated[list[WorkerState] | None, Query(description="alive | stale | dead | gone")] = None,
     ) -> dict[str, Any]:
@@ -99,7 +94,7 @@ def workers_router(
             },
         }
 
-    @router.post("/sweep", status_code=202, dependencies=list(admin))
+    @router.post("/sweep", status_code=202, dependencies=access.admin)
     def sweep_now() -> dict[str, Any]:
         """Ask for a sweep now rather than at the next minute; it runs on the server's sweep consumer."""
         from pipeline.actors.fleet import SWEEP_QUEUE
@@ -113,7 +108,7 @@ def workers_router(
             raise HTTPException(503, f"cannot reach the broker: {exc}") from None
         return {"message_id": message.message_id, "queue": SWEEP_QUEUE}
 
-    @router.get("/{worker_id}", dependencies=list(read))
+    @router.get("/{worker_id}", dependencies=access.read)
     def show_worker(worker_id: str, history: Annotated[int, Query(ge=0, le=1000)] = 100) -> dict[str, Any]:
         """One worker's record, its processes, and its history (joined, stale, dead, revived, gone)."""
         now = time.time()

@@ -238,11 +238,13 @@ def fresh_copy(message: dramatiq.Message) -> dramatiq.Message:
     )
 
 
-def _regranted(message: dramatiq.Message, regrant: Callable[[str, str], str] | None) -> dramatiq.Message:
+def _regranted(
+    message: dramatiq.Message, regrant: Callable[[str, str | None], str] | None
+) -> dramatiq.Message:
     job = job_of(message)
     if regrant is None or job is None or "grant" not in job:
         return message
-    return with_grant(message, regrant(job["task_id"], job["input"]["path"]))
+    return with_grant(message, regrant(job["task_id"], job["input"].get("path")))
 
 
 def retry(
@@ -251,7 +253,7 @@ def retry(
     store: TaskStore,
     queues: Iterable[str],
     ids: list[str] | None = None,
-    regrant: Callable[[str, str], str] | None = None,
+    regrant: Callable[[str, str | None], str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Send chosen dead letters (all when ``ids`` is None) back to their queues.
 

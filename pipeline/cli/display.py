@@ -19,6 +19,7 @@ from rich.table import Table
 
 from pipeline.errors import PipelineError
 from pipeline.outputs import UnsafeOutput, check_outputs
+from pipeline.processors.transcripts import describe_language
 
 FINAL = {"done", "failed", "canceled"}
 # States of a file that never became a task: the server refused it, or the CLI stopped before sending it.
@@ -102,6 +103,7 @@ def follow(
     diagnose: Diagnose | None = None,
     quiet_after: float = QUIET_AFTER_S,
     clock: Callable[[], float] = time.monotonic,
+    pause: Callable[[float], None] = time.sleep,
 ) -> list[TaskDict]:
     """Show a bar per task with its stage and percent until every task has ended.
 
@@ -110,7 +112,8 @@ def follow(
     state and progress stay the same for ``quiet_after`` seconds gets a line on
     stderr with the reason ``diagnose`` gives, again when the reason changes
     and every ``4 * quiet_after`` seconds while it stays. Polls quickly at first
-    and more slowly while nothing changes, up to ``max_poll``.
+    and more slowly while nothing changes, up to ``max_poll``; ``pause`` waits
+    between two looks (a watch of the event stream returns early on a change).
     """
     poll = 0.05
     deadline = None if timeout is None else clock() + timeout
@@ -151,8 +154,8 @@ def follow(
                     pending.discard(tid)
             if not pending or (deadline is not None and clock() >= deadline):
                 break
-            pause = poll if deadline is None else min(poll, max(0.0, deadline - clock()))
-            time.sleep(pause)
+            wait = poll if deadline is None else min(poll, max(0.0, deadline - clock()))
+            pause(wait)
             poll = min(max_poll, poll * 1.5)
     return [latest[tid] for tid in task_ids]
 
@@ -308,7 +311,11 @@ def show_status(task: TaskDict) -> None:
     """A task's state, route and the reasons for it, progress, and events."""
     route = task["route"]
     media = task["input"].get("media", {})
-    out.print(f"[bold]{task['id']}[/]  {task['filename']}  [bold]{task['state']}[/]")
+    out.print(f"[bold]{task['id']}[/]  {task['filename']}  [bold]{task['state']}[/]  ({task['kind']})")
+    if task["input"].get("url"):
+        out.print(f"  url:      {task['input']['url']}", markup=False)
+    for stage in task["input"].get("stages", []):
+        out.print(f"  stage:    {stage['kind']} done by {stage['worker']}", markup=False)
     size = media.get("duration") and f", {media['duration']:.1f}s" or ""
     pages = media.get("pages") and f", {media['pages']} pages" or ""
     out.print(f"  content:  {media.get('format')} ({media.get('mime')}{size}{pages})")
@@ -327,12 +334,28 @@ def show_status(task: TaskDict) -> None:
     result = task.get("result") or {}
     if result.get("device"):
         out.print(f"  ran on:   {result['device']} with {result.get('model')}")
+    if result.get("language"):
+        language = describe_language(
+            result["language"], result.get("language_probability"), result.get("task")
+        )
+        out.print(f"  language: {language}", markup=False)
     for note in result.get("notes", []):
         out.print(f"  note:     {note}", markup=False)
+    webhook = task.get("webhook")
+    if webhook:
+        tries = f" (tries: {webhook['attempts']})" if webhook["attempts"] else ""
+        out.print(f"  webhook:  {webhook['state']} -> {webhook['url']}{tries}", markup=False)
+        if webhook.get("last_error") and webhook["state"] != "delivered":
+            again = (
+                f"; next try {_when(webhook['next_attempt_at'])}" if webhook.get("next_attempt_at") else ""
+            )
+            out.print(f"            last error: {webhook['last_error']}{again}", markup=False)
     out.print("  events:")
     for event in task.get("events", []):
         detail = event.get("detail") or {}
-        extra = detail.get("reason") or detail.get("worker") or detail.get("queue") or ""
+        extra = (
+            detail.get("reason") or detail.get("summary") or detail.get("worker") or detail.get("queue") or ""
+        )
         out.print(f"    {_when(event['ts'])}  {event['event']:<10} {extra}", markup=False)
 
 

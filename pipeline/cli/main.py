@@ -14,29 +14,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pipeline.cli.doctor as doctor
 from pipeline import __version__
 from pipeline.brokers import PRIORITIES
-from pipeline.cli import db_cmd, failures_cmd, security_cmd, store_cmd, submit_cmd, workers_cmd
+from pipeline.cli import db_cmd, failures_cmd, monitor_cmd, security_cmd, store_cmd, submit_cmd, workers_cmd
+from pipeline.cli.speech_args import add_speech_options, speech_options
 from pipeline.config import ConfigError, Settings, get_settings
 from pipeline.errors import PipelineError
+from pipeline.kinds import KINDS
 from pipeline.routing import GPU_PREFERENCES
 
-FORMATS = ("json", "srt", "vtt", "txt", "md")
+FORMATS = ("json", "srt", "vtt", "txt", "md", "morag")
 
 
 def _task_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.add_argument(
+        "files", nargs="+", type=_file_or_url, metavar="FILE|URL",
+        help="files to upload, or http(s) URLs a worker fetches (web pages, recordings, documents)",
+    )  # fmt: skip
     parser.add_argument("--priority", choices=list(PRIORITIES), default="normal")
     parser.add_argument(
         "--gpu", choices=GPU_PREFERENCES, default="prefer",
         help="prefer: GPU when one is there (default); require: wait for one; never: CPU",
     )  # fmt: skip
-    parser.add_argument("--language", help="spoken language (default: detected)")
     parser.add_argument(
         "--model",
         help="Whisper model (default: the server's MORAG_WHISPER_MODEL; the server accepts only"
         " the models in its MORAG_WHISPER_ALLOWED_MODELS)",
     )
+    add_speech_options(parser)
     _result_options(parser)
 
 
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = commands.add_parser("tasks", help="list recent tasks")
     tasks.add_argument("--state", choices=["queued", "running", "done", "failed", "canceled"])
+    tasks.add_argument("--kind", choices=list(KINDS), help="only tasks of this kind")
+    tasks.add_argument("--worker", help="only tasks this worker ran or runs")
+    tasks.add_argument("--queue", choices=["gpu", "cpu"], help="only tasks routed to this queue")
     tasks.add_argument("--limit", type=int, default=20)
     tasks.add_argument("--json", action="store_true")
 
@@ -84,13 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     security_cmd.add_commands(commands)
     failures_cmd.add_commands(commands)
     workers_cmd.add_commands(commands)
+    monitor_cmd.add_commands(commands)
     store_cmd.add_commands(commands)
     db_cmd.add_commands(commands)
+    doctor.add_commands(commands)
     return parser
 
 
-def _check_files(paths: list[Path]) -> None:
-    for path in paths:
+def _file_or_url(text: str) -> Path | str:
+    """A URL stays text (a worker fetches it); anything else is a file's path."""
+    return text if text.startswith(("http://", "https://")) else Path(text)
+
+
+def _check_files(items: list[Path | str]) -> None:
+    for path in items:
+        if isinstance(path, str):
+            continue  # a URL: the server checks it
         if not path.exists():
             raise PipelineError(f"{path}: no such file")
         if not path.is_file():
@@ -112,7 +130,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.submission import SubmitOptions
 
     _check_files(args.files)
-    options = SubmitOptions(priority=args.priority, gpu=args.gpu, language=args.language, model=args.model)
+    options = SubmitOptions(priority=args.priority, gpu=args.gpu, model=args.model, **speech_options(args))
     finished: list[dict[str, Any]] = []
     with embedded_pipeline(settings) as (services, broker):
         for path in args.files:
@@ -152,13 +170,35 @@ def cmd_tasks(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli import display
     from pipeline.cli.client import ApiClient
 
-    listing = ApiClient.from_settings(settings).tasks(args.state, args.limit)
+    filtered = bool(args.kind or args.worker or args.queue)
+    # The filters other than state are applied here, over the most the API lists at once.
+    listing = ApiClient.from_settings(settings).tasks(args.state, 1000 if filtered else args.limit)
+    listing["tasks"] = select_tasks(listing["tasks"], args.kind, args.worker, args.queue)[: args.limit]
     display.emit(listing, args.json, lambda x: display.show_tasks(x["tasks"], x["counts"]))
     return 0
 
 
+def select_tasks(
+    tasks: list[dict[str, Any]], kind: str | None, worker: str | None, queue: str | None
+) -> list[dict[str, Any]]:
+    """The tasks of ``kind``, run by ``worker``, routed to ``queue`` (None: any)."""
+    return [
+        t
+        for t in tasks
+        if (kind is None or t["kind"] == kind)
+        and (worker is None or t.get("worker") == worker)
+        and (queue is None or t["route"].get("queue") == queue)
+    ]
+
+
 def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.api.server import serve
+    try:
+        from pipeline.api.server import serve
+    except ModuleNotFoundError as exc:
+        raise PipelineError(
+            f"the server needs the server extra ({exc.name} is not installed): "
+            "pip install 'morag-pipeline[server]'"
+        ) from None
 
     serve(settings, args.host, args.port)
     return 0
@@ -185,8 +225,10 @@ COMMANDS = {
     "apikey": security_cmd.cmd_apikey,
     **failures_cmd.COMMANDS,
     **workers_cmd.COMMANDS,
+    **monitor_cmd.COMMANDS,
     **store_cmd.COMMANDS,
     **db_cmd.COMMANDS,
+    **doctor.COMMANDS,
 }
 
 

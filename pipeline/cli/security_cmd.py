@@ -24,6 +24,7 @@ from pipeline.security.tokens import CAPABILITIES
 from pipeline.services import Services, build_services
 
 out = console()
+err = console(stderr=True)
 
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -50,6 +51,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--sftp-host", help="the SFTP host as the worker reaches it (default: MORAG_SFTP_HOST)"
     )
     issue.add_argument(
+        "--server-url", help="the API as the worker reaches it, for doctor's clock check (default: ours)"
+    )
+    issue.add_argument(
         "--broker-user", action="store_true",
         help="create a RabbitMQ user for this worker, limited to its queues (management API)",
     )  # fmt: skip
@@ -65,6 +69,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     actions.add_parser("list")
     revoke = actions.add_parser("revoke")
     revoke.add_argument("key_id", metavar="ID")
+    webhook = actions.add_parser(
+        "webhook-secret", help="print (or --rotate) the secret signing a key's webhooks"
+    )
+    webhook.add_argument(
+        "key", metavar="NAME", help="the key's name or id (development: requests without a key)"
+    )
+    webhook.add_argument(
+        "--rotate", action="store_true", help="make a new secret; the old one signs nothing more"
+    )
 
 
 def _services(settings: Settings) -> Services:
@@ -98,6 +111,7 @@ def enrollment(settings: Settings, args: argparse.Namespace, token: str, key: st
         "MORAG_SFTP_PORT": str(settings.sftp_port),
         "MORAG_WORKER_TOKEN": token,
         "MORAG_WORKER_KEY": key,
+        "MORAG_SERVER_URL": args.server_url or settings.server_url,
     }
     pin = _host_key_pin(settings)
     if pin:
@@ -158,11 +172,24 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_apikey(args: argparse.Namespace, settings: Settings) -> int:
-    keys = _services(settings).apikeys
+    services = _services(settings)
+    keys, webhooks = services.apikeys, services.webhook_secrets
     if args.action == "create":
         key, record = keys.create(args.name, args.role)
         audit("apikey.created", key=record.id, name=record.name, role=record.role)
         print(key)
+        err.print(
+            f"webhook secret (signs this key's webhooks): {webhooks.secret_of(record.id)}", markup=False
+        )
+        return 0
+    if args.action == "webhook-secret":
+        key_id = webhooks.key_id(args.key)
+        if args.rotate:
+            secret = webhooks.rotate(key_id)
+            audit("apikey.webhook_secret_rotated", key=key_id, version=webhooks.version(key_id))
+        else:
+            secret = webhooks.secret_of(key_id)
+        print(secret)
         return 0
     if args.action == "list":
         print(json.dumps([vars(k) for k in keys.list()], indent=2))

@@ -3,7 +3,8 @@
 A file the server refuses (its content, its size) is said on stderr and the
 rest go on. A failure that every later file would meet too (no answer from the
 server, a key it refuses) stops the sending; the tasks sent before it are still
-followed. While a task does not move, the wait says why; ``--timeout`` bounds it.
+followed, through the server's event stream (a task is read on its own only while the
+stream is cut). While a task does not move, the wait says why; ``--timeout`` bounds it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from pipeline.cli import display
 from pipeline.cli.client import ApiClient, ClientError
+from pipeline.cli.speech_args import speech_options
 from pipeline.cli.waiting import WaitReasons
 
 TaskDict = dict[str, Any]
@@ -27,6 +29,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=_seconds, metavar="SECONDS",
         help="stop waiting after this long (default: until every task ends); the tasks go on",
+    )  # fmt: skip
+    parser.add_argument(
+        "--callback-url", metavar="URL",
+        help="POST a signed summary here when each task ends (docs/webhooks.md)",
     )  # fmt: skip
 
 
@@ -40,18 +46,25 @@ def _seconds(text: str) -> float:
     return value
 
 
-def not_sent(path: Path, state: str, reason: str) -> TaskDict:
-    """The record of a file that never became a task: ``refused`` or ``unsent``, and why."""
-    return {"id": None, "filename": path.name, "file": str(path), "state": state, "error": reason}
+def name_of(item: Path | str) -> str:
+    """How a file (its name) or a URL (whole) is called in messages."""
+    return item if isinstance(item, str) else item.name
 
 
-def _about(path: Path, reason: str) -> str:
+def not_sent(path: Path | str, state: str, reason: str) -> TaskDict:
+    """The record of a file (or URL) that never became a task: ``refused`` or ``unsent``, and why."""
+    return {"id": None, "filename": name_of(path), "file": str(path), "state": state, "error": reason}
+
+
+def _about(path: Path | str, reason: str) -> str:
     """The server's reason without the file's name in front when it already starts with it."""
-    prefix = f"{path.name}: "
+    prefix = f"{name_of(path)}: "
     return reason[len(prefix) :] if reason.startswith(prefix) else reason
 
 
-def send(client: ApiClient, paths: list[Path], form: dict[str, str | None], quiet: bool) -> list[TaskDict]:
+def send(
+    client: ApiClient, paths: list[Path | str], form: dict[str, str | None], quiet: bool
+) -> list[TaskDict]:
     """Upload each file; one entry per file, in order: the task record, or ``not_sent``.
 
     A refusal of one file is said on stderr and the next file goes. An error every
@@ -61,18 +74,18 @@ def send(client: ApiClient, paths: list[Path], form: dict[str, str | None], quie
     entries: list[TaskDict] = []
     for index, path in enumerate(paths):
         try:
-            task = client.submit(path, **form)
+            task = client.submit(path, **form).record
         except ClientError as exc:
             if exc.about_the_request:
                 reason = _about(path, str(exc))
-                display.err.print(f"morag-pipeline: {path.name}: refused: {reason}", markup=False)
+                display.err.print(f"morag-pipeline: {name_of(path)}: refused: {reason}", markup=False)
                 entries.append(not_sent(path, "refused", reason))
                 continue
             if not any(e.get("id") for e in entries):
                 raise
             left = paths[index:]
             display.err.print(
-                f"morag-pipeline: {exc}; not sent: {', '.join(p.name for p in left)}", markup=False
+                f"morag-pipeline: {exc}; not sent: {', '.join(name_of(p) for p in left)}", markup=False
             )
             entries += [not_sent(p, "unsent", str(exc)) for p in left]
             break
@@ -80,37 +93,10 @@ def send(client: ApiClient, paths: list[Path], form: dict[str, str | None], quie
         if not quiet:
             route = task["route"]
             display.err.print(
-                f"{path.name}: task {task['id']} -> queue {route['queue']} ({route['reasons'][0]})",
+                f"{name_of(path)}: task {task['id']} -> queue {route['queue']} ({route['reasons'][0]})",
                 markup=False,
             )
     return entries
-
-
-class Poll:
-    """Reads a task for ``follow``; while the server does not answer, the last record stands
-    (the wait then says so), so a server restart does not end the wait.
-
-    Parameters:
-      client: the API client.
-      first: the records the server returned at submit, by id.
-    """
-
-    def __init__(self, client: ApiClient, first: dict[str, TaskDict]) -> None:
-        self.client = client
-        self.last = dict(first)
-        self.unreachable: ClientError | None = None
-
-    def __call__(self, task_id: str) -> TaskDict:
-        try:
-            task = self.client.task(task_id)
-        except ClientError as exc:
-            if exc.status is not None:
-                raise
-            self.unreachable = exc
-            return self.last[task_id]
-        self.unreachable = None
-        self.last[task_id] = task
-        return task
 
 
 def cmd_submit(args: argparse.Namespace, client: ApiClient) -> int:
@@ -120,7 +106,8 @@ def cmd_submit(args: argparse.Namespace, client: ApiClient) -> int:
     file was refused, or a task had not ended at ``--timeout``. 2: no file became
     a task.
     """
-    form = {"priority": args.priority, "gpu": args.gpu, "language": args.language, "model": args.model}
+    form = {"priority": args.priority, "gpu": args.gpu, "model": args.model,
+            "callback_url": args.callback_url, **speech_options(args)}  # fmt: skip
     entries = send(client, args.files, form, quiet=args.json)
     sent = {e["id"]: e for e in entries if e.get("id")}
     if args.no_wait or not sent:
@@ -135,16 +122,22 @@ def cmd_submit(args: argparse.Namespace, client: ApiClient) -> int:
         if len(entries) > 1:
             display.err.print(display.summary(entries), markup=False)
         return display.exit_code(entries)
-    poll = Poll(client, sent)
+    # The tasks' events come through one stream; a task is read on its own only while it is cut.
+    watch = client.watch(sent).start()
     reasons = WaitReasons(client)
 
     def why(task: TaskDict) -> str:
-        if poll.unreachable is not None:
-            return f"no answer from the server: {poll.unreachable}"
+        if watch.unreachable is not None:
+            return f"no answer from the server: {watch.unreachable}"
         return reasons(task)
 
     names = {tid: task["filename"] for tid, task in sent.items()}
-    followed = display.follow(list(sent), names, poll, timeout=args.timeout, diagnose=why)
+    try:
+        followed = display.follow(
+            list(sent), names, watch.get, timeout=args.timeout, diagnose=why, pause=watch.wait_change
+        )
+    finally:
+        watch.stop()
     ended = {task["id"]: task for task in followed}
     for task in ended.values():
         if task["state"] not in display.FINAL:

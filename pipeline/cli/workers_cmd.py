@@ -15,18 +15,6 @@ STATES = ("alive", "stale", "dead", "gone")
 STYLES = {"alive": "green", "stale": "yellow", "dead": "red", "gone": "dim"}
 
 
-class WorkersClient(ApiClient):
-    def workers(self, states: list[str] | None = None) -> dict[str, Any]:
-        params = {"state": states} if states else {}
-        return self._request("GET", "/api/v1/workers", params=params).json()
-
-    def worker(self, worker_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/api/v1/workers/{worker_id}").json()
-
-    def sweep(self) -> dict[str, Any]:
-        return self._request("POST", "/api/v1/workers/sweep").json()
-
-
 def add_commands(commands: argparse._SubParsersAction) -> None:
     workers = commands.add_parser(
         "workers",
@@ -38,8 +26,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     workers.add_argument("worker_id", nargs="?", metavar="ID", help="show one worker and its history")
     workers.add_argument("--state", action="append", choices=STATES, help="only workers in this state")
+    workers.add_argument("--capability", action="append", help="only workers of this capability (gpu, cpu)")
+    workers.add_argument("--queue", action="append", help="only workers consuming this queue")
     workers.add_argument("--sweep", action="store_true", help="ask the server to sweep the registry now")
     workers.add_argument("--json", action="store_true")
+
+
+def select_workers(
+    listing: dict[str, Any], capabilities: list[str] | None = None, queues: list[str] | None = None
+) -> dict[str, Any]:
+    """The listing with only the workers of one of ``capabilities`` that consume one of ``queues``."""
+    kept = [
+        w
+        for w in listing["workers"]
+        if (not capabilities or w["capability"] in capabilities)
+        and (not queues or set(queues) & set(w.get("queues") or []))
+    ]
+    return {**listing, "workers": kept}
 
 
 def _age(seconds: float) -> str:
@@ -60,6 +63,9 @@ def gpu_label(worker: dict[str, Any]) -> str:
             shown = f"{free / 1024:.0f}/" if isinstance(free, int | float) else ""
             label += f" ({shown}{gpu['vram_total_mb'] / 1024:.0f} GiB)"
         labels.append(label)
+    cuda = (worker.get("hardware") or {}).get("cuda") or {}
+    if cuda.get("wanted") and not cuda.get("usable"):
+        labels.append("CUDA unusable")
     return ", ".join(labels) or "-"
 
 
@@ -125,6 +131,8 @@ def show_worker(worker: dict[str, Any]) -> None:
     for gpu in hardware.get("gpus") or []:
         if gpu.get("driver") or gpu.get("cuda"):
             out.print(f"             driver {gpu.get('driver', '?')}, CUDA {gpu.get('cuda', '?')}")
+    for problem in (hardware.get("cuda") or {}).get("problems") or []:
+        out.print(f"  cuda:      {problem}", markup=False)
     out.print(f"  models:    {', '.join(worker.get('models') or []) or '-'}")
     out.print(f"  current:   {', '.join(worker.get('current') or []) or '-'}")
     out.print(
@@ -159,14 +167,15 @@ def show_worker(worker: dict[str, Any]) -> None:
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.cli import display
 
-    client = WorkersClient.from_settings(settings)
+    client = ApiClient.from_settings(settings)
     if args.sweep:
         client.sweep()
         display.err.print("sweep requested")
     if args.worker_id:
         display.emit(client.worker(args.worker_id), args.json, show_worker)
     else:
-        display.emit(client.workers(args.state), args.json, show_workers)
+        listing = select_workers(client.workers(args.state), args.capability, args.queue)
+        display.emit(listing, args.json, show_workers)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The reconciler: every task that is not final gets an end.
 
 It runs with every liveness sweep, in the server's liveness process, and looks
-for two gaps no message will ever close:
+for three gaps no message will ever close:
 
 - a task recorded but never published (the server died between the two, or
   the broker stayed away longer than ``MORAG_PUBLISH_WAIT_S``): its message is
@@ -9,7 +9,14 @@ for two gaps no message will ever close:
 - a task ``running`` that no report has touched for ``MORAG_TASK_LOST_AFTER_S``
   and that no live worker holds (its worker is gone and its message with it,
   or its outcome was dropped): it is queued and delivered again, at most
-  ``MORAG_MAX_DELIVERIES`` messages in all, then failed with the reason.
+  ``MORAG_MAX_DELIVERIES`` messages in all, then failed with the reason;
+- a task ``queued`` whose message is in no queue (an operator purged the
+  queue, or the broker lost it): when the management API shows the task's
+  queue, its delay queue and ``control`` holding no message at all (ready or
+  unacknowledged) on two passes at least ``MORAG_VANISHED_AFTER_S`` apart, and
+  the task is untouched meanwhile, it is delivered again, under the same bound.
+  A queue that still holds messages hides nothing: the check needs it empty.
+  It needs RabbitMQ's management API; without it the check is skipped and logged.
 
 A task whose message still waits in a queue is delivered twice at worst:
 outcomes are idempotent (a second completion is a no-op), so nothing is
@@ -22,9 +29,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from dramatiq import Broker
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.common import dq_name
 
-from pipeline.fleet.registry import Registry, WorkerState
+from pipeline.brokers.management import Management
+from pipeline.fleet.registry import TASK_QUEUES, Registry, WorkerState
 from pipeline.logs import get_logger
 from pipeline.security.audit import audit
 from pipeline.services import Services
@@ -59,6 +70,8 @@ class Reconciler:
         self.services = services
         self.registry = registry
         self.broker = broker
+        #: Queued tasks seen with no message anywhere, by id: (when first seen, their updated_at then).
+        self._missing: dict[str, tuple[float, float]] = {}
 
     def run(self, now: float | None = None) -> ReconcileReport:
         now = time.time() if now is None else now
@@ -79,9 +92,47 @@ class Reconciler:
         for task in store.silent_running(updated_before=now - settings.task_lost_after_s):
             if task.id not in held:
                 self._lost(task, now, report)
+        self._vanished(now, report)
         if report.published or report.redelivered or report.failed:
             logger.info("reconciled", extra=report.summary())
         return report
+
+    def _vanished(self, now: float, report: ReconcileReport) -> None:
+        """Deliver again the queued tasks whose queue has held no message for two passes."""
+        settings, store = self.services.settings, self.services.store
+        bound = settings.vanished_after_s
+        waiting = store.waiting(updated_before=now - bound) if isinstance(self.broker, RabbitmqBroker) else []
+        if not waiting:
+            self._missing.clear()
+            return
+        try:
+            with Management(settings) as api:
+                held = {q["name"]: q.get("messages") for q in api.queues(columns="name,messages")}
+        except httpx.HTTPError as exc:
+            logger.warning("vanished messages not checked: no management API", extra={"error": str(exc)})
+            return
+        empty = {
+            queue
+            for queue in TASK_QUEUES
+            if all(held.get(name, 0) == 0 for name in (queue, dq_name(queue), "control"))
+        }
+        missing: dict[str, tuple[float, float]] = {}
+        for task in waiting:
+            queue = task.route.get("queue")
+            if queue not in empty:
+                continue
+            first, seen_updated = self._missing.get(task.id, (now, task.updated_at))
+            if seen_updated != task.updated_at:
+                first = now
+            if now - first < bound or store.get(task.id, events=False).updated_at != task.updated_at:
+                missing[task.id] = (first, task.updated_at)
+                continue
+            reason = (
+                f"queued, but its message is in no queue ({queue} and {dq_name(queue)} empty for"
+                f" {round(now - first)}s, MORAG_VANISHED_AFTER_S={bound:g})"
+            )
+            self._again(task, reason, report)
+        self._missing = missing
 
     def _lost(self, task: Task, now: float, report: ReconcileReport) -> None:
         silent, bound = round(now - task.updated_at), self.services.settings.task_lost_after_s
@@ -89,6 +140,9 @@ class Reconciler:
             f"running on {task.worker or 'a worker'} with no report for {silent}s"
             f" (MORAG_TASK_LOST_AFTER_S={bound:g}) and no live worker holds it"
         )
+        self._again(task, reason, report)
+
+    def _again(self, task: Task, reason: str, report: ReconcileReport) -> None:
         outcome = deliver_again(self.services, self.broker, task, reason)
         if outcome == "redelivered":
             report.redelivered.append(task.id)

@@ -11,15 +11,18 @@ sleeps with ``alarm()`` and wakes in a SIGALRM handler, and Python lets only
 the main thread install signal handlers; the server's main thread belongs to
 uvicorn. Running the sweep there too keeps a long sweep (thousands of
 messages to move) off the server's ``control`` consumer, so task events and
-heartbeats keep flowing while it runs; registry and task store are SQLite
-files both processes share.
+heartbeats keep flowing while it runs; registry and task store are the
+database both processes share.
 
 The child is started and stopped with the server, and started again when it
 dies: it dies with the server (``PR_SET_PDEATHSIG`` on Linux, and it checks
 its parent every tick), stops cleanly on SIGTERM (a sweep under way finishes
-first), and a lock file in the data directory keeps a second server on the
-same data from starting a second scheduler (periodiq sends duplicate ticks if
-two run). A broker that is away at a tick costs that tick only.
+first). One liveness process at a time leads (``take_lead``): a lock file in
+the data directory keeps a second server on the same data from starting a
+second scheduler (periodiq sends duplicate ticks if two run), and on
+PostgreSQL an advisory lock lets exactly one replica of a group sweep while
+the others stand by, each ready to take over within seconds of the leader's
+end. A broker that is away at a tick costs that tick only.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 from dramatiq import Worker
 
@@ -43,6 +46,10 @@ from pipeline.logs import get_logger
 logger = get_logger("pipeline.fleet.scheduler")  # also when run as __main__
 
 LOCK_NAME = "scheduler.lock"
+#: The PostgreSQL advisory lock of the sweeps ("morag-sw" in ASCII): one replica sweeps at a time.
+SWEEP_LOCK = 0x6D6F7261672D7377
+#: Seconds between two tries of a standing-by replica to take the lead.
+LEAD_RETRY_S = 2.0
 
 
 #: Seconds a stopping liveness process gets to finish a sweep under way.
@@ -93,12 +100,15 @@ class Liveness:
             # The settings this server runs with, even where they did not come from the environment.
             "MORAG_BROKER_URL": self.settings.broker_url.get_secret_value(),
             "MORAG_DATA_DIR": str(self.settings.data_dir),
+            "MORAG_FILES_DIR": str(self.settings.files_dir),
             "MORAG_SWEEP_CRON": self.settings.sweep_cron,
             "MORAG_LOG_LEVEL": self.settings.log_level,
             "MORAG_LOG_JSON": "true" if self.settings.log_json else "false",
         }
         if self.settings.secret_key is not None:
             env["MORAG_SECRET_KEY"] = self.settings.secret_key.get_secret_value()
+        if self.settings.database_url is not None:
+            env["MORAG_DATABASE_URL"] = self.settings.database_url.get_secret_value()
         child = subprocess.Popen(
             [sys.executable, "-m", "pipeline.fleet.scheduler", str(os.getpid())], env=env
         )
@@ -156,8 +166,60 @@ def _die_with_parent(parent: int) -> None:
         sys.exit(0)
 
 
-def hold_lock(data_dir: Path) -> IO[str] | None:
-    """The scheduler lock of ``data_dir``, held until the returned file is closed; None if taken."""
+class Lead:
+    """The right to schedule and run sweeps, held by one liveness process at a time.
+
+    On SQLite (one server) it is a lock file in the data directory; on
+    PostgreSQL (several replicas, on several machines) a session advisory
+    lock, held on a connection of its own: PostgreSQL frees it when that
+    connection ends, however the process died.
+
+    Parameters:
+      release: lets the lead go.
+      check: raises when the lead was lost (the database connection ended).
+    """
+
+    def __init__(self, release: Callable[[], None], check: Callable[[], None] = lambda: None) -> None:
+        self.release = release
+        self.check = check
+
+
+def take_lead(settings: Settings, wait: Callable[[float], bool]) -> Lead | None:
+    """The lead of this server's liveness processes, or None when another process holds it.
+
+    On PostgreSQL a replica waits for the lead (``wait(seconds)`` returning
+    true gives up, returning None) and takes it within ``LEAD_RETRY_S`` of its
+    holder's end; on SQLite it does not wait.
+    """
+    from pipeline.replicas import is_replicated
+
+    if is_replicated(settings):
+        return _advisory_lead(settings, wait)
+    return _file_lead(settings.data_dir)
+
+
+def _advisory_lead(settings: Settings, wait: Callable[[float], bool]) -> Lead | None:
+    from sqlalchemy import text
+
+    from pipeline.db import engine_for
+
+    connection = engine_for(settings).connect().execution_options(isolation_level="AUTOCOMMIT")
+    told = False
+    while not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SWEEP_LOCK}).scalar():
+        if not told:
+            logger.info("another replica sweeps; this one stands by to take over")
+            told = True
+        if wait(LEAD_RETRY_S):
+            connection.close()
+            return None
+
+    def check() -> None:
+        connection.execute(text("SELECT 1"))
+
+    return Lead(connection.close, check)
+
+
+def _file_lead(data_dir: Path) -> Lead | None:
     data_dir.mkdir(parents=True, exist_ok=True)
     handle = (data_dir / LOCK_NAME).open("a+")
     try:
@@ -169,7 +231,7 @@ def hold_lock(data_dir: Path) -> IO[str] | None:
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
     handle.flush()
-    return handle
+    return Lead(handle.close)
 
 
 def main(argv: list[str]) -> int:
@@ -181,8 +243,12 @@ def main(argv: list[str]) -> int:
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
-    lock = hold_lock(settings.data_dir)
-    if lock is None:
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    lead = take_lead(settings, lambda seconds: stopping.wait(seconds) or os.getppid() != parent)
+    if lead is None:
+        if stopping.is_set() or os.getppid() != parent:
+            return 0
         logger.warning(
             "another liveness scheduler holds the lock; this server stands by and sends no sweeps",
             extra={"lock": str(settings.data_dir / LOCK_NAME)},
@@ -206,6 +272,11 @@ def main(argv: list[str]) -> int:
         def schedule(self) -> None:
             if os.getppid() != parent:
                 raise SystemExit(0)
+            try:
+                lead.check()
+            except Exception as exc:  # its holder cannot know that no other process sweeps now
+                logger.error("lead of the sweeps lost; stopping", extra={"error": str(exc)})
+                raise SystemExit(1) from None
             super().schedule()
 
         def send_actors(self, actors: list, now: object) -> None:
@@ -221,6 +292,8 @@ def main(argv: list[str]) -> int:
     scheduler = _Scheduler(actors=[liveness_sweep])
     # SIGTERM ends periodiq's loop (it stops on a false item); the worker then stops cleanly.
     signal.signal(signal.SIGTERM, lambda *_: scheduler.alarm_q.put_nowait(False))
+    if stopping.is_set():  # a SIGTERM came while the lead was being taken
+        scheduler.alarm_q.put_nowait(False)
     logger.info(
         "liveness scheduler running",
         extra={"cron": str(liveness_sweep.options["periodic"]), "pid": os.getpid()},
@@ -236,7 +309,7 @@ def main(argv: list[str]) -> int:
         signal.alarm(0)
         worker.stop(timeout=int(STOP_TIMEOUT_S * 1000))
         broker.close()
-        lock.close()
+        lead.release()
         logger.info("liveness process stopped")
     return 0
 

@@ -35,6 +35,7 @@ from pipeline.brokers.rabbitmq import connection_parameters, queue_stats
 from pipeline.config import Settings
 from pipeline.errors import TaskNotFound
 from pipeline.fleet.registry import TASK_QUEUES, QueueView, Registry, Transition, WorkerState
+from pipeline.kinds import actors_on
 from pipeline.logs import get_logger
 from pipeline.routing import fit_job
 from pipeline.security.audit import audit
@@ -43,8 +44,6 @@ from pipeline.task_message import gpu_preference, job_of, moved
 
 logger = get_logger(__name__)
 
-#: The actors each kind of worker registers: a message moves only where its actor is.
-ACTORS_ON = {"gpu": frozenset({"transcribe"}), "cpu": frozenset({"transcribe", "convert_document"})}
 OTHER = {"gpu": "cpu", "cpu": "gpu"}
 
 
@@ -222,7 +221,7 @@ class _Decider:
                     extra={"task_id": job.get("task_id"), "reason": needs, "waited_s": round(waited)},
                 )
             return Decision(Action.keep, needs)
-        if not self.can_move or message.actor_name not in ACTORS_ON[self.target]:
+        if not self.can_move or message.actor_name not in actors_on(self.target):
             return Decision(Action.keep)
         if self.target == "gpu" and preference != "prefer":
             return Decision(Action.keep, "GPU not wanted")

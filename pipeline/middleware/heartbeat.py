@@ -13,8 +13,10 @@ from dramatiq import Broker, Middleware, Worker
 from dramatiq.broker import MessageProxy
 
 from pipeline import __version__, control, hardware
+from pipeline.config import Settings, get_settings
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
+from pipeline.processors import cuda_libs
 from pipeline.task_message import job_of, task_id_of
 
 logger = get_logger(__name__)
@@ -40,12 +42,15 @@ def seal(kind: str, beat: dict[str, Any]) -> dict[str, Any]:
 class Heartbeat(Middleware):
     """Sends a heartbeat to the ``control`` queue every ``interval`` seconds.
 
-    A thread started at worker boot sends the worker's id, host, capability
+    At boot the worker checks that it can transcribe on CUDA where a GPU is
+    seen or CUDA is asked for (``check_cuda``), and says so in its log. A
+    thread started at worker boot sends the worker's id, host, capability
     (``gpu`` if it consumes the ``gpu`` queue, else ``cpu``), queues,
-    hardware, loaded models, the tasks in flight, done and failed counts,
-    measured speed and version. While the worker shuts down cleanly its beats
-    say ``draining``; once it has stopped it sends a goodbye. Workers of the
-    ``control`` queue alone (the server) send nothing.
+    hardware (with that check's finding under ``cuda``), loaded models, the
+    tasks in flight, done and failed counts, measured speed and version.
+    While the worker shuts down cleanly its beats say ``draining``; once it
+    has stopped it sends a goodbye. Workers of the ``control`` queue alone
+    (the server) send nothing.
 
     Each process of a worker beats on its own, under a session of its own
     made at boot, with the worker's shared name (``pipeline.identity``) and
@@ -80,11 +85,15 @@ class Heartbeat(Middleware):
         self._boot = 0.0
         self._hardware: dict[str, Any] = {}
         self._smi = False
+        self._cuda: dict[str, Any] = {}
 
     # Worker life.
     def after_worker_boot(self, broker: Broker, worker: Worker) -> None:
         queues = sorted(worker.consumer_whitelist or broker.get_declared_queues())
-        if self.interval <= 0 or not any(q in TASK_QUEUES for q in queues):
+        if not any(q in TASK_QUEUES for q in queues):
+            return
+        self._cuda = check_cuda()
+        if self.interval <= 0:
             return
         self.session = uuid.uuid4().hex  # a fresh session for every boot, even in a forked process
         self._broker = broker
@@ -143,7 +152,7 @@ class Heartbeat(Middleware):
             self._measure("task_s", elapsed)
             job = job_of(message) or {}
             duration = (job.get("media") or {}).get("duration")
-            if job.get("kind") == "transcribe" and duration:
+            if duration:  # media: its speed is measured per second of it
                 self._measure("realtime_factor", elapsed / duration)
             self._samples += 1
 
@@ -172,7 +181,7 @@ class Heartbeat(Middleware):
                 "capability": "gpu" if "gpu" in self._queues else "cpu",
                 "queues": self._queues,
                 "threads": self._threads,
-                "hardware": self._hardware,
+                "hardware": {**self._hardware, "cuda": self._cuda} if self._cuda else self._hardware,
                 "models": loaded_models(),
                 "current": sorted(set(self._in_flight.values())),
                 **self._counts,
@@ -197,6 +206,31 @@ class Heartbeat(Middleware):
         while not self._stop.is_set():
             self._send(control.WORKER_HEARTBEAT, "beat")
             self._stop.wait(self.interval)
+
+
+def check_cuda(settings: Settings | None = None) -> dict[str, Any]:
+    """``hardware.cuda_status`` for this worker's settings, logged: an error when a GPU is
+    seen (or CUDA asked for) but cannot be used, naming why; a line when it is ready."""
+    settings = settings or get_settings()
+    try:
+        status = hardware.cuda_status(
+            settings.whisper_device.value, cuda_libs.dirs_from(settings.cuda_library_path)
+        )
+    except Exception as exc:  # a probe must never stop a worker from booting
+        status = {"wanted": True, "usable": False, "devices": 0, "problems": [f"CUDA check failed: {exc}"]}
+    if status["wanted"] and not status["usable"]:
+        logger.error(
+            "CUDA unusable: this worker will not transcribe on its GPU; GPU tasks move to the cpu queue",
+            extra={"worker": worker_id(), "device": settings.whisper_device.value,
+                   "problems": status["problems"]},
+        )  # fmt: skip
+    elif status["wanted"]:
+        logger.info(
+            "CUDA ready",
+            extra={"worker": worker_id(), "devices": status["devices"],
+                   "libraries": status["libraries"]["loaded"]},
+        )  # fmt: skip
+    return status
 
 
 def _task_id(message: MessageProxy) -> str | None:

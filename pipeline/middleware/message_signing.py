@@ -12,7 +12,7 @@ from dramatiq.middleware import SkipMessage
 
 from pipeline import control
 from pipeline.config import Settings
-from pipeline.errors import PipelineError, TaskNotFound
+from pipeline.errors import PipelineError, TaskNotFound, UnsupportedSchema
 from pipeline.fleet.registry import get_registry
 from pipeline.logs import get_logger
 from pipeline.security import signatures
@@ -72,7 +72,8 @@ class MessageSigning(Middleware):
     unsigned (outside development mode), forged, from a revoked or
     wrong-capability token, or names another worker is dropped, audited, and
     noted on its task (``report rejected``), so ``status`` shows why the task
-    did not move. Outcomes (``control.OUTCOMES``) are never refused for their
+    did not move. So is one written in a schema the server does not read
+    (``control.check_schema``). Outcomes (``control.OUTCOMES``) are never refused for their
     age; their nonce is put in ``options["nonce"]`` for the control actors,
     which record it in the transaction of their effect. A message whose nonce
     was applied before is acknowledged as a no-op. Heartbeats older than
@@ -128,6 +129,10 @@ class MessageSigning(Middleware):
         if self._verifier is None:
             self._verifier = _Verifier(self.settings)
         try:
+            control.check_schema(
+                message.options.get(control.SCHEMA_OPTION), f"the {message.actor_name} report",
+                control.SCHEMA, control.OLDEST_SCHEMA, "the server",
+            )  # fmt: skip
             self._verifier.verify(message)
         except Duplicate as exc:
             logger.info(
@@ -135,7 +140,7 @@ class MessageSigning(Middleware):
                 extra={"task_id": message.kwargs.get("task_id"), "actor": message.actor_name},
             )
             raise SkipMessage(str(exc)) from None
-        except AuthError as exc:
+        except (AuthError, UnsupportedSchema) as exc:
             self._verifier.rejected(broker, message, str(exc))
             raise SkipMessage(str(exc)) from None
 

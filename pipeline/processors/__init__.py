@@ -1,5 +1,5 @@
 """The work itself, free of Dramatiq: media probing and audio extraction, Whisper
-transcription, transcript formats, and document conversion.
+transcription, transcript formats, document conversion, web pages and images.
 
 Each long-running function takes an optional ``progress(stage, percent)``
 callback and raises ``pipeline.errors`` exceptions for bad input.

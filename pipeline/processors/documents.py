@@ -34,6 +34,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,23 @@ def convert(
     started = time.perf_counter()
     text_only = doc_format == "pdf" and artifacts_path is None
     progress("extracting text" if text_only else "converting", 0.0)
-    doc = convert_capped(path, doc_format, artifacts_path, source, limits)
+    doc = convert_capped(path, doc_format, (path, doc_format, artifacts_path, source), limits)
     doc.timings["convert_s"] = round(time.perf_counter() - started, 3)
     progress("converting", 100.0)
     return doc
 
 
 def convert_capped(
-    path: Path, doc_format: str, artifacts_path: Path | None, source: str, limits: isolation.Limits
+    path: Path,
+    doc_format: str,
+    args: tuple[Any, ...],
+    limits: isolation.Limits,
+    here: Callable[..., Document] | None = None,
 ) -> Document:
-    """``convert_here`` run in the worker process's converter child, each cap turned into its reason."""
+    """``here(*args)`` (``convert_here`` by default) run in the worker process's converter child,
+    each cap turned into its reason. ``path`` and ``doc_format`` name the file the reasons speak of."""
     try:
-        return converter().call(convert_here, (path, doc_format, artifacts_path, source), limits)
+        return converter().call(here or convert_here, args, limits)
     except isolation.CapExceeded as exc:
         raise _refusal(exc, doc_format) from None
     except isolation.ResultTooLarge:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from pipeline.errors import GpuError, ModelNotFound
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
 from pipeline.processors import Progress, no_progress
-from pipeline.processors.transcripts import Segment, Transcript
+from pipeline.processors.speech_options import SpeechOptions
+from pipeline.processors.transcripts import Segment, Transcript, Word
 
 logger = get_logger(__name__)
 
@@ -162,10 +164,18 @@ def load_model(
 
 
 def _open(name: str, device: str, compute_type: str) -> Any:
-    """Load a WhisperModel; GpuError for a GPU at fault, else ModelNotFound."""
+    """Load a WhisperModel; GpuError for a GPU at fault (its CUDA libraries missing too), else
+    ModelNotFound. On CUDA, the libraries CTranslate2 opens are loaded first (``cuda_libs``)."""
     from faster_whisper import WhisperModel
 
     source = resolve_model(name)
+    if device == "cuda":
+        from pipeline.config import get_settings
+        from pipeline.processors import cuda_libs
+
+        libraries = cuda_libs.preload(cuda_libs.dirs_from(get_settings().cuda_library_path))
+        if not libraries.ok:
+            raise GpuError(f"cannot load {name} on the GPU: {libraries.problem}")
     try:
         return WhisperModel(source, device=device, compute_type=compute_type)
     except Exception as exc:
@@ -192,6 +202,7 @@ def transcribe(
     compute_type: str = "auto",
     language: str | None = None,
     beam_size: int = 5,
+    options: SpeechOptions | None = None,
     progress: Progress = no_progress,
     should_stop: Callable[[], bool] = lambda: False,
     source: str = "",
@@ -199,20 +210,29 @@ def transcribe(
 ) -> Transcript:
     """Transcribe an audio file, reporting progress as segments arrive.
 
+    ``options`` are what the task asks (``SpeechOptions``: translation, word
+    timestamps, VAD, prompt, temperature, its language or ``auto``); ``language``
+    is the worker's default, used when the options name none (None: detect it).
+    BadOption when the loaded model cannot do what is asked (translate, or hear a
+    language other than English, with an English-only model).
+
     ``should_stop`` is polled between segments; when it returns True the
     transcription stops early and what was heard so far is returned.
     ``max_loaded`` is how many models this process keeps loaded (``load_model``).
     """
+    options = options or SpeechOptions()
     started = time.perf_counter()
     progress("loading model", 0.0)
     whisper, used_device, used_compute = load_model(model, device, compute_type, max_loaded=max_loaded)
     loaded = time.perf_counter()
+    asked = options.language_for(language)
+    replace(options, language=asked).check_model(model, english=not whisper.model.is_multilingual)
     progress("transcribing", 0.0)
     segments: list[Segment] = []
     try:
-        pieces, info = whisper.transcribe(str(audio), language=language, beam_size=beam_size)
+        pieces, info = whisper.transcribe(str(audio), beam_size=beam_size, **_decoding(options, asked))
         for piece in pieces:
-            segments.append(Segment(round(piece.start, 3), round(piece.end, 3), piece.text.strip()))
+            segments.append(_segment(piece))
             if info.duration > 0:
                 progress("transcribing", min(99.0, 100.0 * piece.end / info.duration))
             if should_stop():
@@ -225,10 +245,52 @@ def transcribe(
     return Transcript(
         segments=segments,
         language=info.language,
-        duration=round(info.duration, 3),
+        language_probability=None if asked else _round(info.language_probability, 4),
+        task=options.task,
+        duration=_round(info.duration, 3),
+        speech_duration=_round(info.duration_after_vad, 3) if options.vad else None,
         model=model,
         device=used_device,
         compute_type=used_compute,
         timings={"load_s": round(loaded - started, 3), "transcribe_s": round(done - loaded, 3)},
         source=source,
+        options=options.to_options(),
     )
+
+
+def _decoding(options: SpeechOptions, language: str | None) -> dict[str, Any]:
+    """faster-whisper's arguments for ``options``; its own defaults for what is not asked."""
+    kwargs: dict[str, Any] = {
+        "language": language,
+        "task": options.task,
+        "word_timestamps": options.word_timestamps,
+        "vad_filter": options.vad,
+        "initial_prompt": options.prompt,
+    }
+    if options.temperature:  # 0 or absent: faster-whisper's fallback schedule
+        kwargs["temperature"] = options.temperature
+    return kwargs
+
+
+def _segment(piece: Any) -> Segment:
+    """Our Segment of a faster-whisper segment, with its words when they were asked."""
+    words = None
+    if piece.words is not None:
+        words = [
+            Word(_round(w.start, 3), _round(w.end, 3), w.word, _round(w.probability, 4)) for w in piece.words
+        ]
+    return Segment(
+        _round(piece.start, 3),
+        _round(piece.end, 3),
+        piece.text.strip(),
+        words=words,
+        avg_logprob=_round(piece.avg_logprob, 4),
+        compression_ratio=_round(piece.compression_ratio, 4),
+        no_speech_prob=_round(piece.no_speech_prob, 4),
+        temperature=_round(piece.temperature, 2),
+    )
+
+
+def _round(value: Any, digits: int) -> float:
+    """A plain float (faster-whisper gives numpy ones too), rounded."""
+    return round(float(value), digits)

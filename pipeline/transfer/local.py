@@ -78,6 +78,20 @@ class LocalStore:
         shutil.move(src, dest)
         return ref
 
+    def output_as_input(self, task_id: str, output: FileRef, name: str) -> FileRef:
+        """Make an output of the task its input ``name`` too (a stage's download, the next stage's
+        input): a second link to the same file, made again without harm; the output's own name
+        stays until the caller removes it."""
+        ref = FileRef(self.input_path(task_id, name), output.sha256, output.size)
+        source, dest = self.resolve_plain(output.path), self.resolve_plain(ref.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(source, dest)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, dest)
+        return ref
+
     def resolve_plain(self, relpath: str) -> Path:
         """``resolve``, refusing a path that passes through a symbolic link on its way.
 

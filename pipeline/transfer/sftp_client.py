@@ -400,15 +400,43 @@ def _raise_status(msg: paramiko.Message) -> None:
     raise _Failed(f"SFTP server: {text or 'failure'}")
 
 
-def open_connection(settings: Settings, check: HostKeyCheck | None = None) -> paramiko.Transport:
-    """An SSH connection to the server the settings name, its host key verified, logged in.
+#: Per process: the index in MORAG_SFTP_HOST of the server that took the last login, tried first.
+_answering: dict[str, int] = {}
 
-    A connection the server closes before the login completes (it holds too
-    many handshakes from this address, or is restarting) raises a transient
-    error (``EOFError``, ``OSError`` or ``paramiko.SSHException``): the
-    transfer tries again after its backoff.
+
+def open_connection(settings: Settings, check: HostKeyCheck | None = None) -> paramiko.Transport:
+    """An SSH connection to a server the settings name, its host key verified, logged in.
+
+    ``MORAG_SFTP_HOST`` may name several servers (replicas serving one
+    store): the one that took the last login is tried first, and one that
+    cannot be reached or closes the connection before the login completes
+    makes way for the next. A refused login or host key is not passed over:
+    it raises at once. When none answers, the last server's error is raised,
+    a transient one (``EOFError``, ``OSError`` or ``paramiko.SSHException``):
+    the transfer tries again after its backoff.
     """
-    host, port = settings.sftp_host, settings.sftp_port
+    addresses = settings.sftp_addresses
+    first = _answering.get(settings.sftp_host, 0) % len(addresses)
+    for turn in range(len(addresses)):
+        index = (first + turn) % len(addresses)
+        host, port = addresses[index]
+        try:
+            transport = _open_one(settings, host, port, check)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            if turn == len(addresses) - 1:
+                raise
+            following = "{}:{}".format(*addresses[(index + 1) % len(addresses)])
+            logger.warning(
+                "sftp server not answering; trying the next one",
+                extra={"server": f"{host}:{port}", "next": following, "error": _describe(exc)},
+            )
+            continue
+        _answering[settings.sftp_host] = index
+        return transport
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _open_one(settings: Settings, host: str, port: int, check: HostKeyCheck | None) -> paramiko.Transport:
     sock = socket.create_connection((host, port), timeout=settings.sftp_timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(
@@ -424,7 +452,7 @@ def open_connection(settings: Settings, check: HostKeyCheck | None = None) -> pa
         transport.auth_timeout = transport.channel_timeout = settings.sftp_timeout_s
         transport.start_client(timeout=settings.sftp_timeout_s)
         (check or HostKeyCheck.from_settings(settings)).verify(host, port, transport.get_remote_server_key())
-        _authenticate(transport, settings)
+        _authenticate(transport, settings, f"{host}:{port}")
         transport.set_keepalive(30)
     except BaseException:
         transport.close()
@@ -457,7 +485,7 @@ def connect(settings: Settings, check: HostKeyCheck | None = None) -> SftpSessio
         raise
 
 
-def _authenticate(transport: paramiko.Transport, settings: Settings) -> None:
+def _authenticate(transport: paramiko.Transport, settings: Settings, where: str) -> None:
     """An enrolled worker logs in with its token; otherwise with the shared account's key or password."""
     user = settings.sftp_username
     try:
@@ -480,7 +508,6 @@ def _authenticate(transport: paramiko.Transport, settings: Settings) -> None:
             raise TimeoutError(
                 f"the SFTP server did not answer the login in {settings.sftp_timeout_s:g} s"
             ) from None
-        where = f"{settings.sftp_host}:{settings.sftp_port}"
         raise TransferError(f"SFTP server {where} refused worker {user!r}: {exc}") from None
     except OSError as exc:
         if settings.sftp_key_file is not None and not settings.sftp_key_file.is_file():

@@ -357,7 +357,8 @@ def read_authorized_keys(path: Path) -> list[paramiko.PKey]:
 
 
 def host_key_path(settings: Settings) -> Path:
-    return settings.data_dir / HOST_KEY_NAME
+    """The embedded server's private host key: MORAG_SFTP_SERVER_KEY_FILE, else in the data directory."""
+    return settings.sftp_server_key_file or settings.data_dir / HOST_KEY_NAME
 
 
 def load_host_key(path: Path) -> paramiko.PKey:

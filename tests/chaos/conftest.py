@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,10 +74,19 @@ class PrivateRabbitmq:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
 
     def ctl(self, *args: str, timeout: float = 120) -> None:
-        subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
-            env=self.env, check=True, capture_output=True, timeout=timeout,
-        )  # fmt: skip
+        """``rabbitmqctl`` on this node. On a loaded machine the CLI can fail to reach a node that
+        runs (exit 69, "unavailable"): that is tried again until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = subprocess.run(
+                [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
+                env=self.env, capture_output=True, text=True, timeout=timeout,
+            )  # fmt: skip
+            if proc.returncode == 0:
+                return
+            if proc.returncode != 69 or time.monotonic() > deadline:
+                raise AssertionError(f"rabbitmqctl {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+            time.sleep(2)
 
 
 @pytest.fixture

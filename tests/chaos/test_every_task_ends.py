@@ -1,5 +1,6 @@
 """Every task reaches an end when the server's own parts fail: the broker restarts during a submit,
-the liveness process dies, a task is recorded but never published, a running task's message is lost."""
+the liveness process dies, a task is recorded but never published, a running task's message is lost,
+a queued task's message is purged from its queue."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from pipeline.config import Settings
 from pipeline.services import build_services
 from pipeline.store import Task
 from pipeline.submission import SubmitOptions, record
-from tests.chaos.conftest import PrivateRabbitmq, wait_consumers
-from tests.conftest import Stack, wait_for
+from tests.chaos.conftest import PrivateRabbitmq, submit, wait_consumers
+from tests.conftest import Stack, management, queue_depth, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -130,3 +131,25 @@ def test_a_running_task_whose_message_was_lost_is_delivered_again(stack: Stack, 
     assert len(requeued) == 1 and requeued[0]["ts"] >= started + 10
     assert "vanished-worker" in requeued[0]["detail"]["reason"]
     assert done["worker"] == "local-cpu" and done["deliveries"] == 2
+
+
+def test_a_queued_task_whose_message_was_purged_is_delivered_again(stack: Stack, samples: Path) -> None:
+    """An operator purges the queue in the management UI (or the broker loses it): the task, still
+    queued, has no message anywhere; the reconciler sees the queue empty on two sweeps and sends it again."""
+    import httpx
+
+    stack.env["MORAG_VANISHED_AFTER_S"] = "3"
+    stack.start_server()
+    task_id = submit(stack, samples / "report.html")["id"]  # no worker yet: it waits in ``cpu``
+    amqp = stack.env["MORAG_BROKER_URL"]
+    wait_for("the message in its queue", lambda: queue_depth(amqp, "cpu") == 1, 30, stack)
+    base, auth = management()
+    vhost = amqp.rsplit("/", 1)[1]
+    httpx.delete(f"{base}/api/queues/{vhost}/cpu/contents", auth=auth, timeout=10).raise_for_status()
+    assert queue_depth(amqp, "cpu") == 0
+    stack.start_worker("cpu", "local-cpu", enroll=False, MORAG_FILE_ACCESS="shared")
+    done = sweep_until(stack, "the task done", lambda: finished(stack, task_id))
+    requeued = [e for e in done["events"] if e["event"] == "requeued"]
+    assert len(requeued) == 1 and "its message is in no queue" in requeued[0]["detail"]["reason"]
+    assert [e["event"] for e in done["events"]].count("done") == 1
+    assert done["deliveries"] == 2

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.chaos.conftest import events, submit
-from tests.conftest import Stack, queue_info
+from tests.conftest import SPOKEN_WORDS, Stack, queue_info
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -193,7 +193,8 @@ def test_a_gpu_failure_moves_the_task_to_cpu_with_the_reason(stack: Stack, sampl
     assert "GPU failed on gpu-worker: cannot load tiny.en on the GPU: CUDA failed" in move["detail"]["reason"]
     assert events(done, "retrying") == [] and events(done, "failed") == []
     assert done["route"]["queue"] == "cpu"
-    assert "quick" in stack.get(f"/api/v1/tasks/{done['id']}/result", timeout=30).text.lower()
+    result = stack.get(f"/api/v1/tasks/{done['id']}/result", timeout=30).text.lower()
+    assert all(word in result for word in SPOKEN_WORDS), result
 
     # A task that requires the GPU is not moved: retried on the GPU, then failed with the reason.
     failed = sweeping_until(stack, "the GPU-only task to fail", lambda: ended(stack, required["id"]))

@@ -1,4 +1,5 @@
-"""CUDA checks: run only on a machine with an NVIDIA GPU (``pytest -m gpu``).
+"""CUDA checks: run only on a machine with an NVIDIA GPU (``pytest -m gpu``, or
+``tests/gpu/gpu_check.sh``, which also fails where no device is seen).
 
 On a machine without one they are skipped with that reason; the CPU fallback
 of ``device=auto`` is covered by every other transcription test.
@@ -6,26 +7,28 @@ of ``device=auto`` is covered by every other transcription test.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.processors import media, whisper
+from pipeline import hardware
+from pipeline.processors import cuda_libs, media, whisper
 from tests.conftest import SPOKEN_WORDS
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_device")]
 
 
-def cuda_devices() -> int:
-    import ctranslate2
-
-    return ctranslate2.get_cuda_device_count()
-
-
-@pytest.fixture(autouse=True)
-def needs_cuda() -> None:
-    if cuda_devices() == 0:
-        pytest.skip("no CUDA device on this machine")
+def test_the_cuda_stack_is_usable_from_the_environment_alone() -> None:
+    status = hardware.cuda_status("auto")
+    assert status["wanted"] is True
+    assert status["problems"] == []
+    assert status["usable"] is True
+    # Every library CTranslate2 opens came from this environment's NVIDIA packages.
+    loaded = status["libraries"]["loaded"]
+    assert len(loaded) == len(cuda_libs.LIBRARIES)
+    assert all(Path(sys.prefix) in Path(path).parents for path in loaded.values()), loaded
+    assert cuda_libs.cublas_probe() is None
 
 
 def test_auto_picks_cuda_with_float16(samples: Path, tmp_path: Path) -> None:

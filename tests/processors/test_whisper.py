@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import BadInput, ModelNotFound
 from pipeline.processors import media, whisper
-from tests.conftest import SPOKEN_WORDS
+from pipeline.processors.speech_options import BadOption, SpeechOptions
+from tests.conftest import SAMPLES, SPOKEN_WORDS
 
 
 def auto_device() -> tuple[str, str]:
@@ -66,3 +68,48 @@ def test_stop_between_segments(wav: Path) -> None:
 def test_audio_extraction_refuses_corrupt_media(corrupt_mp4: Path, tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="cannot decode audio: corrupt input packet"):
         media.extract_audio(corrupt_mp4, tmp_path / "out.wav")
+
+
+def test_word_timestamps_and_a_detected_language(wav: Path) -> None:
+    options = SpeechOptions(language="auto", word_timestamps=True)
+    transcript = whisper.transcribe(wav, options=options, language="de")  # auto wins over the worker's de
+    assert transcript.language == "en" and transcript.language_probability is not None
+    assert 0 < transcript.language_probability <= 1
+    for segment in transcript.segments:
+        assert segment.words, segment
+        assert "".join(w.word for w in segment.words).strip() == segment.text
+        for word in segment.words:
+            assert segment.start <= word.start <= word.end <= segment.end + 0.01
+            assert 0 <= word.probability <= 1
+    assert transcript.options == {"language": "auto", "word_timestamps": True}
+    given = whisper.transcribe(wav, options=SpeechOptions(language="en"))
+    assert given.language_probability is None and given.segments[0].words is None
+
+
+def test_vad_skips_the_silence_before_the_speech(tmp_path: Path) -> None:
+    padded = tmp_path / "padded.wav"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono",
+         "-i", str(SAMPLES / "speech.mp3"), "-filter_complex", "[0]atrim=0:4[s];[s][1]concat=n=2:v=0:a=1",
+         "-ar", "16000", "-ac", "1", str(padded)],
+        check=True,
+    )  # fmt: skip
+    transcript = whisper.transcribe(padded, options=SpeechOptions(vad=True, word_timestamps=True))
+    assert transcript.duration == pytest.approx(13.2, abs=0.4)
+    assert transcript.speech_duration is not None and transcript.speech_duration < transcript.duration - 3
+    assert transcript.words[0].start >= 3.5  # the times are the file's, not the speech's
+    assert all(word in transcript.text.lower() for word in SPOKEN_WORDS)
+
+
+def test_a_prompt_sets_the_spelling(wav: Path) -> None:
+    # The sample says "speech pipeline" (samples/make_samples.sh), heard in lower case without a prompt.
+    prompted = whisper.transcribe(wav, options=SpeechOptions(prompt="SPEECH PIPELINE"))
+    assert "SPEECH PIPELINE" in prompted.text
+    assert prompted.options == {"prompt": "SPEECH PIPELINE"}
+
+
+def test_the_loaded_model_refuses_what_it_cannot_do(wav: Path) -> None:
+    with pytest.raises(BadOption, match="tiny.en is English-only: it cannot translate"):
+        whisper.transcribe(wav, options=SpeechOptions(task="translate"))
+    with pytest.raises(BadOption, match=r"cannot transcribe french \(fr\)"):
+        whisper.transcribe(wav, language="fr")  # a worker's own default is checked too

@@ -16,6 +16,7 @@ from pipeline.transfer.checksums import FileRef, sha256_file
 from pipeline.transfer.local import LocalStore
 from pipeline.transfer.sftp_server import SftpServer
 from pipeline.transfer.transport import open_transport
+from tests.conftest import SPOKEN_WORDS
 from tests.transfer.conftest import worker_settings
 
 SAMPLES = Path(__file__).resolve().parent.parent.parent / "samples"
@@ -73,7 +74,8 @@ def test_worker_runs_a_job_over_sftp(worker: Settings, store: LocalStore) -> Non
     for output in outputs:
         store.check(FileRef.from_dict(output))  # what the control actor does before marking the task done
     text = next(o for o in outputs if o["format"] == "txt")
-    assert "quick" in store.resolve(text["path"]).read_text().lower()
+    transcript = store.resolve(text["path"]).read_text().lower()
+    assert all(word in transcript for word in SPOKEN_WORDS), transcript
     assert summary["segments"] >= 1
     assert list(worker.data_dir.iterdir()) == []
 

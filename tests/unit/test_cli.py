@@ -73,12 +73,27 @@ NO_BROKER = {"MORAG_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/%2
 
 @pytest.mark.slow
 def test_run_transcribes_without_broker_or_server(samples: Path, tmp_path: Path) -> None:
-    proc = run_cli("run", str(samples / "talk.mp4"), "--output", str(tmp_path), **NO_BROKER)
+    proc = run_cli("run", str(samples / "talk.mp4"), "--output", str(tmp_path), "--word-timestamps",
+                   "--language", "auto", **NO_BROKER)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md", ".srt", ".txt", ".vtt"]
+    names = ["talk.json", "talk.md", "talk.morag.md", "talk.srt", "talk.txt", "talk.vtt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     text = (tmp_path / "talk.txt").read_text().lower()
     for word in SPOKEN_WORDS:
         assert word in text
+    transcript = json.loads((tmp_path / "talk.json").read_text())
+    assert transcript["options"] == {"language": "auto", "word_timestamps": True}
+    assert transcript["language"] == "en" and 0 < transcript["language_probability"] <= 1
+    assert all(segment["words"] for segment in transcript["segments"])
+    assert (tmp_path / "talk.morag.md").read_text().startswith("# Audio Transcription: talk.mp4\n")
+
+
+def test_run_refuses_what_the_model_cannot_do(samples: Path) -> None:
+    proc = run_cli("run", str(samples / "speech.mp3"), "--task", "translate", **NO_BROKER)
+    assert proc.returncode == 2
+    assert "model tiny.en is English-only: it cannot translate" in proc.stderr
+    proc = run_cli("run", str(samples / "speech.mp3"), "--language", "xx", **NO_BROKER)
+    assert proc.returncode == 2 and "argument --language: unknown language 'xx'" in proc.stderr
 
 
 @pytest.mark.slow

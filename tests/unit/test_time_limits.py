@@ -114,7 +114,7 @@ def test_a_recording_too_long_even_for_a_gpu_is_refused(gpu: str) -> None:
 
 def test_a_document_too_long_for_a_cpu_worker_is_refused() -> None:
     pdf = Classification("convert", "pdf", "application/pdf", 10**7, pages=900)
-    with pytest.raises(BadInput, match=r"on a CPU worker.*; split the document"):
+    with pytest.raises(BadInput, match=r"on a CPU worker.*; split it into smaller documents"):
         choose_route(pdf, SETTINGS)
     assert choose_route(Classification("convert", "pdf", "application/pdf", 10**5, pages=40), SETTINGS)
 

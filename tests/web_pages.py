@@ -1,0 +1,120 @@
+"""A local web site for the web-page and media-URL tests: an article, a page over the size limit,
+a redirect loop, a 404, a redirect to ``localhost`` and a recording, served from 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from tests.conftest import SAMPLES
+
+ARTICLE = b"""<!doctype html>
+<html lang="en"><head><title>GPU farms for ingestion | Example News</title>
+<meta name="author" content="Ada Lovelace">
+<meta property="article:published_time" content="2024-03-05">
+<meta property="og:site_name" content="Example News">
+</head><body>
+<nav><a href="/">Home</a> <a href="/about">About</a></nav>
+<article>
+<h1>GPU farms for ingestion</h1>
+<p>Remote workers transcribe recordings on a shared pool of graphics cards. The queue decides
+where each task runs, and a slow machine never blocks the others.</p>
+<p>Read the <a href="/docs/routing.html">routing guide</a> for the cost model, and the
+<a href="https://example.org/faq">FAQ</a> for the rest.</p>
+<p>Every worker sends a heartbeat, and the server moves waiting work when a capability has no
+live worker left. This keeps the pipeline moving through failures of single machines.</p>
+</article>
+<footer>Copyright 2024 Example News</footer>
+</body></html>
+"""
+#: Two megabytes of page, sent in chunks (no Content-Length): over a limit of one.
+BIG_PAGE = b"<html><body>" + b"<p>filler text of a page far too large</p>\n" * 48_000 + b"</body></html>"
+
+
+@dataclass
+class Reply:
+    """What the site answers to one path: a status, headers and a body."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    pause_s: float = 0.0  # between two chunks of a chunked body: a page that trickles in
+
+
+def pages(path: str, base: str) -> Reply:
+    """The site's pages; ``base`` is its own URL (``http://127.0.0.1:<port>``)."""
+    html = {"Content-Type": "text/html; charset=utf-8"}
+    port = base.rsplit(":", 1)[1]
+    if path == "/news/gpu-farms.html":
+        return Reply(body=ARTICLE, headers=html)
+    if path == "/big.html":
+        return Reply(body=BIG_PAGE, headers={**html, "Transfer-Encoding": "chunked"})
+    if path == "/loop":
+        return Reply(302, headers={"Location": "/loop"})
+    if path == "/to-localhost":
+        return Reply(302, headers={"Location": f"http://localhost:{port}/news/gpu-farms.html"})
+    if path == "/slow.html":  # 1 KB a second for 30 s
+        return Reply(
+            body=b"<p>" + b"slow " * 6000, headers={**html, "Transfer-Encoding": "chunked"}, pause_s=1.0
+        )
+    if path == "/busy":
+        return Reply(503, b"<html><body>try again later</body></html>", html)
+    if path == "/data.bin":
+        return Reply(body=bytes(range(256)) * 64, headers={"Content-Type": "application/octet-stream"})
+    if path == "/talks/speech.mp3":
+        return Reply(body=(SAMPLES / "speech.mp3").read_bytes(), headers={"Content-Type": "audio/mpeg"})
+    return Reply(404, b"<html><body>no such page</body></html>", html)
+
+
+@contextmanager
+def local_site(answer: Callable[[str, str], Reply] = pages) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering each GET with ``answer(path, base URL)``; yields the
+    base URL (``http://127.0.0.1:<port>``). A page served in chunks has no Content-Length."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            reply = answer(self.path, base)
+            self.send_response(reply.status)
+            chunked = reply.headers.get("Transfer-Encoding") == "chunked"
+            if not chunked:
+                self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            try:
+                if not chunked:
+                    self.wfile.write(reply.body)
+                    return
+                size = 1024 if reply.pause_s else 65536
+                for at in range(0, len(reply.body), size):
+                    piece = reply.body[at : at + size]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                    time.sleep(reply.pause_s)
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading (a page over its limit)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # a client that hung up (a page over its limit) is not the site's fault
+
+    server = Server(("127.0.0.1", 0), Handler)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield base
+    finally:
+        server.shutdown()
+        server.server_close()
