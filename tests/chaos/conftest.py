@@ -12,26 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pika
 import pytest
 
-from tests.conftest import Stack, free_port, looped_speech, open_stack, wait_for  # noqa: F401 (re-exported)
+from tests.conftest import Stack, consumers, free_port, looped_speech, open_stack, wait_for  # noqa: F401 (re-exported)
 
 RABBITMQ_BIN = Path(os.environ.get("MORAG_TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 
 T = TypeVar("T")
-
-
-def consumers(amqp_url: str, queue: str) -> int:
-    """Consumers on a queue, asked of RabbitMQ itself (works without the management plugin)."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        return connection.channel().queue_declare(queue, passive=True).method.consumer_count
-    except pika.exceptions.ChannelClosedByBroker:
-        return 0
-    finally:
-        if connection.is_open:
-            connection.close()
 
 
 def wait_consumers(stack: Stack, queue: str, count: int = 1, timeout: float = 90) -> None:
