@@ -32,7 +32,7 @@ from tests.conftest import ROOT, Stack, open_stack, wait_for
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 #: The release before schemas: its workers send reports without one and read jobs without one.
-PREVIOUS_RELEASE = "747c4b3"
+PREVIOUS_RELEASE = "2c2166b"
 
 
 @pytest.fixture(scope="module")

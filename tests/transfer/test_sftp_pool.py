@@ -184,7 +184,9 @@ def test_a_fleet_of_workers_each_within_its_pool(
                     peak[worker.name] = max(peak[worker.name], open_now)
 
     workers = [
-        enroll(f"box{w:03d}", sftp_attempts=10, sftp_backoff_s=0.1, sftp_max_backoff_s=2.0)
+        # Patient as a real fleet restarting at once must be: about a minute of tries each (on a
+        # loaded machine 100 pools queue for the 16 handshakes one address may have in progress).
+        enroll(f"box{w:03d}", sftp_attempts=20, sftp_backoff_s=0.1, sftp_max_backoff_s=4.0)
         for w in range(FLEET)
     ]
     jobs = []
