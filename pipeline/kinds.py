@@ -198,7 +198,7 @@ WEB = Kind(
     takes_url=True,
 )
 MEDIA = Kind(
-    name="media",
+    name="media_url",
     actor="fetch_media",
     queues=("cpu",),
     fallback=False,

@@ -20,7 +20,7 @@ The file is handed on (``HANDOFF``): the server makes it the task's input and
 the task goes on as a transcription. The metadata (title, channel, duration,
 page) and the subtitles travel in the stage's result under ``carry``; the server
 adds what a stage carries to the task's final result. Every refusal names the
-stage: ``media stage: <reason>``.
+stage: ``media_url stage: <reason>``.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def download(
 ) -> tuple[Path, dict[str, Any]]:
     """Download the media of ``url`` into ``folder``: the file and yt-dlp's metadata.
 
-    BadInput (``media stage: …``) for what can never be downloaded; PipelineError for a site
+    BadInput (``media_url stage: …``) for what can never be downloaded; PipelineError for a site
     that is busy (HTTP 5xx, 429), retried.
     """
     import yt_dlp

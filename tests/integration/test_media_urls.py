@@ -53,14 +53,14 @@ def test_a_cpu_worker_downloads_media_urls_and_a_gpu_worker_transcribes_them(
     assert "goes on as transcribe (audio) on gpu" in status
     assert "source:   speech; subtitles: none" in status
     status = stack.cli("status", page["id"]).stdout
-    assert "stage:    web done by cpu-worker" in status and "goes on as media on cpu" in status
+    assert "stage:    web done by cpu-worker" in status and "goes on as media_url on cpu" in status
     assert "subtitles: en" in status
 
-    assert private["state"] == "failed" and private["error"].startswith(f"media stage: {urls[2]}: ")
+    assert private["state"] == "failed" and private["error"].startswith(f"media_url stage: {urls[2]}: ")
     assert "localhost resolves to a private address" in private["error"]
     assert long["state"] == "failed"
     assert long["error"] == (
-        f"media stage: {urls[3]}: 45s of media, longer than the 40s allowed (MORAG_MEDIA_MAX_DURATION_S)"
+        f"media_url stage: {urls[3]}: 45s of media, longer than the 40s allowed (MORAG_MEDIA_MAX_DURATION_S)"
     )
     for task in (private, long):  # no download, no output left behind
         assert [p for p in (stack.data_dir / "files" / "tasks" / task["id"]).rglob("*") if p.is_file()] == []

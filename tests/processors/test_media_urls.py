@@ -102,7 +102,7 @@ def test_a_sites_metadata_and_subtitles_are_what_the_result_keeps() -> None:
 def test_what_the_metadata_says_is_too_much_is_refused_before_any_download() -> None:
     url = "https://www.youtube.com/watch?v=x"
     media_urls.check_info({"duration": 40, "filesize": 1024 * 1024}, url, SETTINGS)  # at the limits
-    with pytest.raises(BadInput, match=r"^media stage: .*: 18000s of media, longer than the 40s allowed"):
+    with pytest.raises(BadInput, match=r"^media_url stage: .*: 18000s of media, longer than the 40s allowed"):
         media_urls.check_info({"duration": 5 * 3600}, url, SETTINGS)
     with pytest.raises(
         BadInput, match=r"larger than the 1 MiB allowed for media URLs \(MORAG_MAX_UPLOAD_MB\)"
@@ -129,7 +129,7 @@ def test_each_bad_media_url_fails_naming_the_stage_and_its_reason(site: str, tmp
         folder.mkdir()
         with pytest.raises(BadInput) as caught:
             run(url, folder)
-        assert str(caught.value).startswith(f"media stage: {url}: "), str(caught.value)
+        assert str(caught.value).startswith(f"media_url stage: {url}: "), str(caught.value)
         assert reason in str(caught.value), str(caught.value)
         if url.endswith("long.m3u8"):  # the playlist states its duration: refused before the download
             assert list(folder.iterdir()) == []

@@ -115,7 +115,7 @@ def test_run_downloads_media_urls_and_transcribes_them_with_their_metadata(site:
 
     assert {t["state"] for t in failed} == {"failed"}
     errors = [t["error"] for t in failed]
-    assert all(error.startswith("media stage: ") for error in errors), errors
+    assert all(error.startswith("media_url stage: ") for error in errors), errors
     assert "HTTP Error 404: Not Found" in errors[0]
     assert (
         "localhost resolves to a private address" in errors[1]
