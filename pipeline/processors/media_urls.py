@@ -233,8 +233,13 @@ def download(
     BadInput (``media_url stage: …``) for what can never be downloaded; PipelineError for a site
     that is busy (HTTP 5xx, 429), retried.
     """
-    import yt_dlp
-    from yt_dlp.utils import DownloadCancelled, DownloadError
+    try:
+        import yt_dlp
+        from yt_dlp.utils import DownloadCancelled, DownloadError
+    except ImportError:  # a worker installed without the worker extra
+        raise PipelineError(
+            f"{MEDIA.name} stage: yt-dlp is not installed on this worker (the worker extra)"
+        ) from None
 
     watch = _Watch(url, settings, progress, should_stop)
     with checking_proxy(
