@@ -255,6 +255,11 @@ class Settings(BaseSettings):
     # Documents: folder with docling's layout models for PDF; without it PDFs
     # are converted as text only, and the result says so.
     docling_artifacts_path: Path | None = None
+    # Images: a folder holding a Hugging Face image-captioning model (BLIP, ViT-GPT2…, saved
+    # with save_pretrained: its config, weights, image processor and tokenizer); each image's
+    # result then has a caption. Unset: no caption. A folder that is missing or holds no
+    # loadable model fails image tasks with the reason, and the worker says so at boot.
+    caption_model_path: Path | None = None
 
     # Security. secret_key signs worker tokens, transfer grants and the keys
     # workers sign their messages with; the server refuses to start without
