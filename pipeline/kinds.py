@@ -197,7 +197,7 @@ WEB = Kind(
     hands_off=True,
     takes_url=True,
 )
-MEDIA = Kind(
+MEDIA_URL = Kind(
     name="media_url",
     actor="fetch_media",
     queues=("cpu",),
@@ -225,7 +225,7 @@ IMAGE = Kind(
 )
 
 #: Every kind, by name.
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (TRANSCRIBE, CONVERT, WEB, MEDIA, IMAGE)}
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (TRANSCRIBE, CONVERT, WEB, MEDIA_URL, IMAGE)}
 
 
 def kind_of(name: str) -> Kind:

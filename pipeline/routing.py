@@ -20,7 +20,7 @@ import filetype
 from pipeline.brokers import PRIORITIES
 from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput, UnsupportedType
-from pipeline.kinds import CONVERT, IMAGE, KINDS, MEDIA, TRANSCRIBE, WEB, Kind, kind_of
+from pipeline.kinds import CONVERT, IMAGE, KINDS, MEDIA_URL, TRANSCRIBE, WEB, Kind, kind_of
 from pipeline.netsafety import check_url
 from pipeline.processors import images, media, media_urls
 from pipeline.processors.documents import count_pdf_pages_capped
@@ -117,7 +117,7 @@ def classify_url(url: str, settings: Settings) -> Classification:
     if len(url) > MAX_URL_CHARS or not url.isprintable():
         raise BadInput(f"a URL must be printable and at most {MAX_URL_CHARS} characters")
     check_url(url, allow_private=settings.fetch_allow_private, allow_hosts=tuple(settings.fetch_allow_hosts))
-    kind = MEDIA if media_urls.is_media_url(url) else WEB
+    kind = MEDIA_URL if media_urls.is_media_url(url) else WEB
     return Classification(kind.name, "url", "text/uri-list", len(url.encode()))
 
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from pipeline.checking_proxy import CheckingProxy, checking_proxy
 from pipeline.config import Settings
 from pipeline.errors import BadInput, PipelineError, TaskCanceled
-from pipeline.kinds import HANDOFF, MEDIA, Outputs
+from pipeline.kinds import HANDOFF, MEDIA_URL, Outputs
 from pipeline.logs import get_logger
 from pipeline.processors import Progress, media, no_progress
 
@@ -80,7 +80,7 @@ def is_media_url(url: str) -> bool:
 
 def failed(reason: str) -> BadInput:
     """A refusal of the media stage, named so in the task's error."""
-    return BadInput(f"{MEDIA.name} stage: {reason}")
+    return BadInput(f"{MEDIA_URL.name} stage: {reason}")
 
 
 def check_info(info: dict[str, Any], url: str, settings: Settings) -> None:
@@ -93,7 +93,7 @@ def check_info(info: dict[str, Any], url: str, settings: Settings) -> None:
     if isinstance(duration, int | float) and duration > settings.media_max_duration_s:
         raise failed(_too_long(url, duration, settings))
     size = info.get("filesize") or info.get("filesize_approx")
-    if isinstance(size, int | float) and (too_large := MEDIA.too_large(int(size), settings)):
+    if isinstance(size, int | float) and (too_large := MEDIA_URL.too_large(int(size), settings)):
         raise failed(f"{url}: {too_large}")
 
 
@@ -159,16 +159,16 @@ class _Watch:
         done = status.get("downloaded_bytes") or 0
         total = status.get("total_bytes") or status.get("total_bytes_estimate")
         for size in (done, total):
-            if size and (too_large := MEDIA.too_large(int(size), self.settings)):
+            if size and (too_large := MEDIA_URL.too_large(int(size), self.settings)):
                 self.stop(failed(f"{self.url}: {too_large}"))
         self.check()
         if status.get("status") == "finished":
-            self.progress(MEDIA.working, 100.0)
+            self.progress(MEDIA_URL.working, 100.0)
         elif total:
-            self.progress(MEDIA.working, min(99.0, 100.0 * done / total))
+            self.progress(MEDIA_URL.working, min(99.0, 100.0 * done / total))
         elif status.get("fragment_count"):
             self.progress(
-                MEDIA.working,
+                MEDIA_URL.working,
                 min(99.0, 100.0 * (status.get("fragment_index") or 0) / status["fragment_count"]),
             )
 
@@ -238,7 +238,7 @@ def download(
         from yt_dlp.utils import DownloadCancelled, DownloadError
     except ImportError:  # a worker installed without the worker extra
         raise PipelineError(
-            f"{MEDIA.name} stage: yt-dlp is not installed on this worker (the worker extra)"
+            f"{MEDIA_URL.name} stage: yt-dlp is not installed on this worker (the worker extra)"
         ) from None
 
     watch = _Watch(url, settings, progress, should_stop)
@@ -252,7 +252,7 @@ def download(
                 info = ydl.extract_info(url, download=False)
                 check_info(info, url, settings)
                 watch.check()
-                progress(MEDIA.working, 0.0)
+                progress(MEDIA_URL.working, 0.0)
                 info = ydl.process_ie_result(info, download=True)
         except (DownloadError, DownloadCancelled) as exc:
             raise watch.stopped or _reason(url, exc, proxy) from None
@@ -260,7 +260,7 @@ def download(
     path = next((f for f in files if f.is_file()), None)
     if path is None:
         raise failed(f"{url}: yt-dlp downloaded no file")
-    if too_large := MEDIA.too_large(path.stat().st_size, settings):
+    if too_large := MEDIA_URL.too_large(path.stat().st_size, settings):
         raise failed(f"{url}: {too_large}")
     probed = media.probe(path)
     if probed is None:
@@ -279,7 +279,7 @@ def _reason(url: str, exc: Exception, proxy: CheckingProxy) -> PipelineError:
     if "Unsupported URL" in words:
         return failed(f"{url}: no media found there (yt-dlp: {words})")
     if any(f"HTTP Error {code}" in words for code in ("429", "500", "502", "503", "504")):
-        return PipelineError(f"{MEDIA.name} stage: {url}: {words}")  # the site's trouble: retried
+        return PipelineError(f"{MEDIA_URL.name} stage: {url}: {words}")  # the site's trouble: retried
     return failed(f"{url}: {words}")
 
 
@@ -294,7 +294,7 @@ def run(
     """The runner of media tasks: the media downloaded and handed on, its metadata and subtitles
     carried to the task's result."""
     url = job["input"]["url"]
-    progress(MEDIA.working, 0.0)
+    progress(MEDIA_URL.working, 0.0)
     started = time.perf_counter()
     path, info = download(url, folder, settings, progress, should_stop)
     source = {"url": url, **metadata(info)}

@@ -33,7 +33,7 @@ import httpx
 from pipeline import __version__
 from pipeline.config import Settings
 from pipeline.errors import BadInput, PipelineError, TaskCanceled
-from pipeline.kinds import CONVERT, HANDOFF, IMAGE, MEDIA, TRANSCRIBE, WEB, Kind, Outputs
+from pipeline.kinds import CONVERT, HANDOFF, IMAGE, MEDIA_URL, TRANSCRIBE, WEB, Kind, Outputs
 from pipeline.netsafety import safe_client
 from pipeline.processors import Progress, documents, no_progress
 
@@ -270,7 +270,7 @@ def run(
     page = extract(html, fetched.final_url)
     if not page.markdown and embeds_media(html):
         reason = "the page has no article but embeds media"
-        return {}, {**summary, "goes_on_as": MEDIA.name, "reason": reason, "title": page.title}
+        return {}, {**summary, "goes_on_as": MEDIA_URL.name, "reason": reason, "title": page.title}
     if not page.markdown:
         page = with_docling(fetched.path, page, fetched.final_url, settings)
     about = {k: v for k, v in asdict(page).items() if k != "markdown"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kinds import MEDIA, TRANSCRIBE, WEB
+from pipeline.kinds import MEDIA_URL, TRANSCRIBE, WEB
 from tests.conftest import SPOKEN_WORDS, Stack
 from tests.web_pages import SUBTITLES, local_site
 
@@ -36,7 +36,7 @@ def test_a_cpu_worker_downloads_media_urls_and_a_gpu_worker_transcribes_them(
         assert proc.returncode == 1, proc.stderr
         playlist, page, private, long = json.loads(proc.stdout)
 
-    for task, stages in ((playlist, [MEDIA.name]), (page, [WEB.name, MEDIA.name])):
+    for task, stages in ((playlist, [MEDIA_URL.name]), (page, [WEB.name, MEDIA_URL.name])):
         assert (task["kind"], task["state"]) == (TRANSCRIBE.name, "done"), task.get("error")
         assert [(s["kind"], s["worker"]) for s in task["input"]["stages"]] == [
             (s, "cpu-worker") for s in stages
@@ -49,7 +49,7 @@ def test_a_cpu_worker_downloads_media_urls_and_a_gpu_worker_transcribes_them(
     assert stored.is_file() and stored.stat().st_size == playlist["input"]["size"]
 
     status = stack.cli("status", playlist["id"]).stdout
-    assert f"url:      {urls[0]}" in status and "stage:    media done by cpu-worker" in status
+    assert f"url:      {urls[0]}" in status and f"stage:    {MEDIA_URL.name} done by cpu-worker" in status
     assert "goes on as transcribe (audio) on gpu" in status
     assert "source:   speech; subtitles: none" in status
     status = stack.cli("status", page["id"]).stdout

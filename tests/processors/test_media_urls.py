@@ -18,7 +18,7 @@ import pytest
 from pipeline.checking_proxy import checking_proxy
 from pipeline.config import Settings
 from pipeline.errors import BadInput
-from pipeline.kinds import HANDOFF, MEDIA, WEB
+from pipeline.kinds import HANDOFF, MEDIA_URL, WEB
 from pipeline.processors import media, media_urls, no_progress, web
 from pipeline.routing import classify_url
 from tests.conftest import free_port
@@ -37,7 +37,7 @@ def site() -> Iterator[str]:
 
 
 def run(url: str, folder: Path, settings: Settings = SETTINGS) -> tuple[dict, dict]:
-    job = {"task_id": "t1", "kind": MEDIA.name, "filename": "x", "input": {"url": url}, "media": {}}
+    job = {"task_id": "t1", "kind": MEDIA_URL.name, "filename": "x", "input": {"url": url}, "media": {}}
     return media_urls.run(job, None, folder, settings, no_progress, lambda: False)
 
 
@@ -48,7 +48,7 @@ def test_a_direct_video_and_an_hls_playlist_come_down_with_their_metadata(
     site: str, tmp_path: Path, path: str, seconds: float, title: str
 ) -> None:
     progress: list[tuple[str, float]] = []
-    job = {"task_id": "t1", "kind": MEDIA.name, "filename": "x", "input": {"url": f"{site}/{path}"}}
+    job = {"task_id": "t1", "kind": MEDIA_URL.name, "filename": "x", "input": {"url": f"{site}/{path}"}}
     outputs, summary = media_urls.run(
         job, None, tmp_path, SETTINGS, lambda stage, pct: progress.append((stage, pct)), lambda: False
     )
@@ -62,7 +62,7 @@ def test_a_direct_video_and_an_hls_playlist_come_down_with_their_metadata(
         "generic",
     )
     assert abs(source["duration"] - seconds) < 0.6
-    assert progress[0] == (MEDIA.working, 0.0) and progress[-1] == (MEDIA.working, 100.0)
+    assert progress[0] == (MEDIA_URL.working, 0.0) and progress[-1] == (MEDIA_URL.working, 100.0)
 
 
 def test_a_page_with_a_video_comes_down_with_its_subtitles(site: str, tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_a_page_with_a_video_comes_down_with_its_subtitles(site: str, tmp_path: 
 def test_a_page_with_no_article_that_embeds_media_goes_on_as_a_media_url(site: str, tmp_path: Path) -> None:
     job = {"task_id": "t1", "kind": WEB.name, "filename": "x", "input": {"url": f"{site}/watch/talk.html"}}
     outputs, summary = web.run(job, None, tmp_path, SETTINGS, no_progress, lambda: False)
-    assert outputs == {} and summary["goes_on_as"] == MEDIA.name
+    assert outputs == {} and summary["goes_on_as"] == MEDIA_URL.name
     assert summary["reason"] == "the page has no article but embeds media"
 
 
@@ -154,7 +154,7 @@ def test_the_media_sites_and_hls_playlists_are_media_urls() -> None:
     # Allowed by name, the hosts are not looked up: this runs offline.
     hosts = ["www.youtube.com", "youtu.be", "m.youtube.com", "vimeo.com", "cdn.example.org", "example.org"]
     settings = Settings(fetch_allow_hosts=hosts)
-    assert {classify_url(url, settings).kind for url in media_sites} == {MEDIA.name}
+    assert {classify_url(url, settings).kind for url in media_sites} == {MEDIA_URL.name}
     assert classify_url(pages[0], settings).kind == WEB.name
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.cli.client import ApiClient
 from pipeline.config import Settings, use_settings
-from pipeline.kinds import CONVERT, IMAGE, MEDIA, TRANSCRIBE, WEB
+from pipeline.kinds import CONVERT, IMAGE, MEDIA_URL, TRANSCRIBE, WEB
 from pipeline.services import build_services
 from tests.conftest import SPOKEN_WORDS, TEST_SECRET, free_port, in_process_api
 from tests.processors.test_images import WORDS, render
@@ -101,14 +101,14 @@ def test_run_downloads_media_urls_and_transcribes_them_with_their_metadata(site:
 
     # An HLS playlist is a media URL: downloaded by a CPU worker, then transcribed.
     assert (playlist["kind"], playlist["state"]) == (TRANSCRIBE.name, "done"), playlist.get("error")
-    assert [stage["kind"] for stage in playlist["input"]["stages"]] == [MEDIA.name]
+    assert [stage["kind"] for stage in playlist["input"]["stages"]] == [MEDIA_URL.name]
     assert [e["event"] for e in playlist["events"]].count("stage done") == 1
     source = playlist["result"]["source"]
     assert (source["title"], source["webpage_url"], source["duration"]) == ("speech", inputs[0], 9)
     assert all(word in playlist["text"].lower() for word in SPOKEN_WORDS)
     # A page with no article that embeds a video goes on as a media URL, and its subtitles come too.
     assert (page["kind"], page["state"]) == (TRANSCRIBE.name, "done"), page.get("error")
-    assert [stage["kind"] for stage in page["input"]["stages"]] == [WEB.name, MEDIA.name]
+    assert [stage["kind"] for stage in page["input"]["stages"]] == [WEB.name, MEDIA_URL.name]
     assert page["result"]["source"]["subtitles"]["en"]["text"] == SUBTITLES.decode()
     assert page["result"]["source"]["title"].startswith("Remote GPU workers")
     assert all(word in page["text"].lower() for word in SPOKEN_WORDS)
@@ -166,3 +166,13 @@ def test_submit_sends_a_url_to_be_fetched_and_the_server_refuses_a_private_one(
     assert [t["id"] for t in api_client.tasks()["tasks"]] == [queued["id"]]
     assert [p.name for p in (tmp_path / "data" / "files" / "tasks").iterdir()] == [queued["id"]]
     assert [p for p in (tmp_path / "data" / "files").rglob("*") if p.is_file()] == []
+
+
+def test_submit_sends_a_media_url_to_be_downloaded_on_a_cpu_worker(
+    api_client: ApiClient, site: str, capsys: pytest.CaptureFixture
+) -> None:
+    playlist = f"{site}/hls/speech.m3u8"
+    assert submit(api_client, "--json", "--no-wait", playlist) == 0
+    queued = json.loads(capsys.readouterr().out)
+    assert (queued["kind"], queued["state"], queued["input"]["url"]) == (MEDIA_URL.name, "queued", playlist)
+    assert queued["route"]["queue"] == "cpu" and queued["filename"] == "speech.m3u8"
