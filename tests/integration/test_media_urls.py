@@ -6,6 +6,7 @@ source's metadata; a bad media URL fails naming the stage and leaves nothing beh
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_a_cpu_worker_downloads_media_urls_and_a_gpu_worker_transcribes_them(
     status = stack.cli("status", playlist["id"]).stdout
     assert f"url:      {urls[0]}" in status and f"stage:    {MEDIA_URL.name} done by cpu-worker" in status
     assert "goes on as transcribe (audio) on gpu" in status
+    # Each stage started on its own worker (and reported its own progress while it ran).
+    assert re.search(r"started\s+cpu-worker", status) and re.search(r"started\s+gpu-worker", status)
     assert "source:   speech; subtitles: none" in status
     status = stack.cli("status", page["id"]).stdout
     assert "stage:    web done by cpu-worker" in status and "goes on as media_url on cpu" in status
