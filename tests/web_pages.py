@@ -117,6 +117,11 @@ def pages(path: str, base: str) -> Reply:
         return Reply(body=(SAMPLES / "speech.mp3").read_bytes(), headers={"Content-Type": "audio/mpeg"})
     if path == "/talks/talk.mp4":
         return Reply(body=(SAMPLES / "talk.mp4").read_bytes(), headers={"Content-Type": "video/mp4"})
+    if path == "/talks/slow.mp3":  # 1 KB a second: 37 s for the speech
+        body = (SAMPLES / "speech.mp3").read_bytes()
+        return Reply(
+            body=body, headers={"Content-Type": "audio/mpeg", "Transfer-Encoding": "chunked"}, pause_s=1.0
+        )
     if path == "/talks/talk.en.vtt":
         return Reply(body=SUBTITLES, headers={"Content-Type": "text/vtt"})
     if path == "/watch/talk.html":

@@ -133,6 +133,9 @@ def test_each_bad_media_url_fails_naming_the_stage_and_its_reason(site: str, tmp
         assert reason in str(caught.value), str(caught.value)
         if url.endswith("long.m3u8"):  # the playlist states its duration: refused before the download
             assert list(folder.iterdir()) == []
+    # A download that trickles in is stopped at its time limit.
+    with pytest.raises(BadInput, match=r"slow.mp3: not downloaded within 3s \(MORAG_MEDIA_TIMEOUT_S\)"):
+        run(f"{site}/talks/slow.mp3", tmp_path, SETTINGS.model_copy(update={"media_timeout_s": 3}))
     # A direct file states no duration: it is measured once downloaded.
     with pytest.raises(BadInput, match=r"talk.mp4: 13s of media, longer than the 10s allowed"):
         run(f"{site}/talks/talk.mp4", tmp_path, SETTINGS.model_copy(update={"media_max_duration_s": 10}))
