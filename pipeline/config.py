@@ -234,6 +234,13 @@ class Settings(BaseSettings):
     # A URL that answers with a file other than a page is bounded by the limit of that
     # file's kind (MORAG_MAX_UPLOAD_MB for a recording).
     fetch_max_mb: int = Field(16, ge=1)
+    # Media URLs (YouTube and every site yt-dlp supports): a CPU worker downloads the media
+    # with yt-dlp, through a local proxy that applies the fetch_allow_* rule to every request,
+    # within media_timeout_s in all (the task's time limit follows from it) and
+    # MORAG_MAX_UPLOAD_MB. Media longer than media_max_duration_s is refused from its metadata
+    # before the download where the site states its duration, else once downloaded.
+    media_timeout_s: float = Field(600.0, gt=0)
+    media_max_duration_s: float = Field(4 * 3600.0, gt=0)
     # Webhooks (docs/webhooks.md): a task submitted with a callback_url is POSTed, signed, to it
     # when it ends (the fetch_allow_* settings above say which addresses it may reach). A try
     # waits webhook_timeout_s for an answer; a failed try is sent again after webhook_backoff_s,
@@ -248,6 +255,11 @@ class Settings(BaseSettings):
     # Documents: folder with docling's layout models for PDF; without it PDFs
     # are converted as text only, and the result says so.
     docling_artifacts_path: Path | None = None
+    # Images: a folder holding a Hugging Face image-captioning model (BLIP, ViT-GPT2…, saved
+    # with save_pretrained: its config, weights, image processor and tokenizer); each image's
+    # result then has a caption. Unset: no caption. A folder that is missing or holds no
+    # loadable model fails image tasks with the reason, and the worker says so at boot.
+    caption_model_path: Path | None = None
 
     # Security. secret_key signs worker tokens, transfer grants and the keys
     # workers sign their messages with; the server refuses to start without

@@ -86,6 +86,8 @@ class Kind:
       size_limit: the setting (in MiB) that bounds its input.
       working: what its progress and a cancellation call the work (``transcribing``).
       hands_off: whether its outputs may include a ``HANDOFF`` file that goes on as a new stage.
+      takes_url: whether its input is a URL a worker fetches, not a file (a stage may also hand
+        its URL on to such a kind: a page that embeds a video goes on as a media URL).
     """
 
     name: str
@@ -99,6 +101,7 @@ class Kind:
     size_limit: str
     working: str
     hands_off: bool = False
+    takes_url: bool = False
 
     @property
     def prefers_gpu(self) -> bool:
@@ -144,6 +147,11 @@ def _per_fetch(found: Facts, settings: Settings) -> dict[str, float]:
     return {"cpu_s": round(2.0 + settings.fetch_timeout_s, 1)}
 
 
+def _per_media_fetch(found: Facts, settings: Settings) -> dict[str, float]:
+    # The download may take its whole media timeout; the transcription is the next stage's.
+    return {"cpu_s": round(2.0 + settings.media_timeout_s, 1)}
+
+
 def _per_image(found: Facts, settings: Settings) -> dict[str, float]:
     return {
         "gpu_s": round(2.0 + settings.gpu_seconds_per_image, 1),
@@ -187,6 +195,21 @@ WEB = Kind(
     size_limit="fetch_max_mb",
     working="fetching",
     hands_off=True,
+    takes_url=True,
+)
+MEDIA_URL = Kind(
+    name="media_url",
+    actor="fetch_media",
+    queues=("cpu",),
+    fallback=False,
+    estimate=_per_media_fetch,
+    runner="pipeline.processors.media_urls:run",
+    formats=(),  # the download is handed on, and transcribed as the task's next stage
+    accepts="media URLs",
+    size_limit="max_upload_mb",
+    working="downloading",
+    hands_off=True,
+    takes_url=True,
 )
 IMAGE = Kind(
     name="image",
@@ -202,7 +225,7 @@ IMAGE = Kind(
 )
 
 #: Every kind, by name.
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (TRANSCRIBE, CONVERT, WEB, IMAGE)}
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (TRANSCRIBE, CONVERT, WEB, MEDIA_URL, IMAGE)}
 
 
 def kind_of(name: str) -> Kind:

@@ -20,9 +20,9 @@ import filetype
 from pipeline.brokers import PRIORITIES
 from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput, UnsupportedType
-from pipeline.kinds import CONVERT, IMAGE, KINDS, TRANSCRIBE, WEB, Kind, kind_of
+from pipeline.kinds import CONVERT, IMAGE, KINDS, MEDIA_URL, TRANSCRIBE, WEB, Kind, kind_of
 from pipeline.netsafety import check_url
-from pipeline.processors import images, media
+from pipeline.processors import images, media, media_urls
 from pipeline.processors.documents import count_pdf_pages_capped
 
 MEDIA_EXTENSIONS = {
@@ -111,11 +111,14 @@ def classify_url(url: str, settings: Settings) -> Classification:
     The server fetches nothing: it checks the URL's scheme and, unless
     ``MORAG_FETCH_ALLOW_PRIVATE`` or ``MORAG_FETCH_ALLOW_HOSTS`` allow it, that its
     host resolves to public addresses only. The worker checks again at every hop.
+    A URL of a media site (``media_urls.is_media_url``: YouTube, Vimeo…) or of an HLS
+    playlist is a media URL, downloaded by yt-dlp; any other is a web page.
     """
     if len(url) > MAX_URL_CHARS or not url.isprintable():
         raise BadInput(f"a URL must be printable and at most {MAX_URL_CHARS} characters")
     check_url(url, allow_private=settings.fetch_allow_private, allow_hosts=tuple(settings.fetch_allow_hosts))
-    return Classification(WEB.name, "url", "text/uri-list", len(url.encode()))
+    kind = MEDIA_URL if media_urls.is_media_url(url) else WEB
+    return Classification(kind.name, "url", "text/uri-list", len(url.encode()))
 
 
 def url_filename(url: str) -> str:

@@ -335,3 +335,51 @@ def hand_on(
     logger.info("task goes on", extra={"task_id": task.id, "stage": stage, "next": kind.name, "by": worker})
     deliver(services, broker, services.store.get(task.id, events=False), by="stage", wait_s=0)
     return True
+
+
+def hand_on_url(
+    services: Services,
+    broker: Broker,
+    task: Task,
+    result: dict[str, Any],
+    worker: str,
+    nonce: str | None = None,
+) -> bool:
+    """A stage of ``task`` ended with its URL to go on with as another kind that takes URLs
+    (``result["goes_on_as"]``: a page that embeds a video goes on as a media URL); False when
+    it could not. The task keeps its URL, its history and the stage's result."""
+    stage = task.kind
+    try:
+        kind = kind_of(str(result["goes_on_as"]))
+        if not kind.takes_url or "url" not in task.input or kind.name == stage:
+            raise BadInput(f"cannot go on as {kind.name}: it does not take this task's URL")
+    except (KeyError, BadInput) as exc:
+        services.store.mark_failed(task.id, f"{stage} stage: {exc}", worker, nonce=nonce)
+        return False
+    url = task.input["url"]
+    found = Classification(kind.name, "url", "text/uri-list", len(url.encode()))
+    options = SubmitOptions(**{k: v for k, v in task.options.items() if k in _OPTION_NAMES})
+    route = _route(services, found, options, services.capacity or (lambda: None))
+    services.files.resolve_plain(manifest_path(task.id)).unlink(missing_ok=True)
+    stages = [*task.input.get("stages", []), {"kind": stage, "worker": worker, "result": result}]
+    task_input = {"url": url, "media": found.to_dict(), "stages": stages}
+    summary = f"{stage} done; goes on as {kind.name} on {route.queue}"
+    if reason := result.get("reason"):
+        summary += f": {reason}"
+    detail = {"summary": summary, "stage": stage, "next": kind.name, "queue": route.queue, "worker": worker}
+    if not services.store.next_stage(task.id, kind.name, task_input, route.to_dict(), detail, nonce=nonce):
+        return False
+    logger.info("task goes on", extra={"task_id": task.id, "stage": stage, "next": kind.name, "by": worker})
+    deliver(services, broker, services.store.get(task.id, events=False), by="stage", wait_s=0)
+    return True
+
+
+def carried(task: Task) -> dict[str, Any]:
+    """What the task's earlier stages carry to its final result (``result["carry"]`` of each):
+    the metadata and subtitles of a media URL's download."""
+    found: dict[str, Any] = {}
+    for stage in task.input.get("stages", []):
+        carry = stage.get("result", {}).get("carry")
+        if isinstance(carry, dict):
+            found.update(carry)
+    return found

@@ -1,14 +1,20 @@
 """A local web site for the web-page and media-URL tests: an article, a page over the size limit,
-a redirect loop, a 404, a redirect to ``localhost`` and a recording, served from 127.0.0.1."""
+a redirect loop, a 404, a redirect to ``localhost`` and a recording, served from 127.0.0.1; and
+media for yt-dlp: a video, a page that embeds it with subtitles, HLS playlists (made with ffmpeg
+from the samples, once per test session)."""
 
 from __future__ import annotations
 
+import functools
 import http.server
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.conftest import SAMPLES
 
@@ -33,6 +39,48 @@ live worker left. This keeps the pipeline moving through failures of single mach
 """
 #: Two megabytes of page, sent in chunks (no Content-Length): over a limit of one.
 BIG_PAGE = b"<html><body>" + b"<p>filler text of a page far too large</p>\n" * 48_000 + b"</body></html>"
+
+
+#: A page that embeds a video with English subtitles, and nothing else to read.
+WATCH_PAGE = b"""<!doctype html>
+<html lang="en"><head><title>Remote GPU workers</title></head><body>
+<video controls width="640">
+<source src="/talks/talk.mp4" type="video/mp4">
+<track kind="subtitles" src="/talks/talk.en.vtt" srclang="en" label="English">
+</video>
+</body></html>
+"""
+SUBTITLES = b"""WEBVTT
+
+00:00:00.000 --> 00:00:04.000
+Remote workers transcribe recordings.
+
+00:00:04.000 --> 00:00:09.000
+Each graphics card takes one task at a time.
+"""
+#: The media the site serves, made by ffmpeg from the samples: name -> content type.
+MEDIA_TYPES = {".m3u8": "application/vnd.apple.mpegurl", ".ts": "video/mp2t", ".mp3": "audio/mpeg"}
+
+
+@functools.cache
+def media_folder() -> Path:
+    """HLS playlists with their segments, made once: ``speech`` (9 s), ``long`` (the speech five
+    times, 46 s), and ``big`` (30 s of noise at 320 kb/s, 1.2 MB); and ``big.mp3``."""
+    folder = Path(tempfile.mkdtemp(prefix="media-site-"))
+    ffmpeg = ["ffmpeg", "-v", "error", "-y"]
+    big = folder / "big.mp3"
+    subprocess.run(
+        [*ffmpeg, "-f", "lavfi", "-i", "anoisesrc=d=30:a=0.3", "-b:a", "320k", str(big)], check=True
+    )
+    sources = {"speech": ["-i", str(SAMPLES / "speech.mp3")], "big": ["-i", str(big)]}
+    sources["long"] = ["-stream_loop", "4", "-i", str(SAMPLES / "speech.mp3")]
+    for name, source in sources.items():
+        subprocess.run(
+            [*ffmpeg, *source, "-c", "copy", "-f", "hls", "-hls_time", "2", "-hls_playlist_type", "vod",
+             "-hls_segment_filename", str(folder / f"{name}%d.ts"), str(folder / f"{name}.m3u8")],
+            check=True,
+        )  # fmt: skip
+    return folder
 
 
 @dataclass
@@ -67,6 +115,21 @@ def pages(path: str, base: str) -> Reply:
         return Reply(body=bytes(range(256)) * 64, headers={"Content-Type": "application/octet-stream"})
     if path == "/talks/speech.mp3":
         return Reply(body=(SAMPLES / "speech.mp3").read_bytes(), headers={"Content-Type": "audio/mpeg"})
+    if path == "/talks/talk.mp4":
+        return Reply(body=(SAMPLES / "talk.mp4").read_bytes(), headers={"Content-Type": "video/mp4"})
+    if path == "/talks/slow.mp3":  # 1 KB a second: 37 s for the speech
+        body = (SAMPLES / "speech.mp3").read_bytes()
+        return Reply(
+            body=body, headers={"Content-Type": "audio/mpeg", "Transfer-Encoding": "chunked"}, pause_s=1.0
+        )
+    if path == "/talks/talk.en.vtt":
+        return Reply(body=SUBTITLES, headers={"Content-Type": "text/vtt"})
+    if path == "/watch/talk.html":
+        return Reply(body=WATCH_PAGE, headers=html)
+    if path == "/hls/to-localhost.m3u8":
+        return Reply(302, headers={"Location": f"http://localhost:{port}/hls/speech.m3u8"})
+    if path.startswith("/hls/") and (file := media_folder() / path.removeprefix("/hls/")).is_file():
+        return Reply(body=file.read_bytes(), headers={"Content-Type": MEDIA_TYPES[file.suffix]})
     return Reply(404, b"<html><body>no such page</body></html>", html)
 
 

@@ -29,7 +29,7 @@ from pipeline.outputs import check_outputs
 from pipeline.security.audit import audit
 from pipeline.services import get_services
 from pipeline.store import FINAL_STATES, State
-from pipeline.submission import hand_on
+from pipeline.submission import carried, hand_on, hand_on_url
 from pipeline.transfer.checksums import FileRef
 
 broker = current_broker()
@@ -80,7 +80,10 @@ def task_completed(
     names the stage's kind).
 
     A completion that hands a file on (``pipeline.kinds.HANDOFF``) ends a stage,
-    not the task: the task goes on as that file's kind (``submission.hand_on``).
+    not the task: the task goes on as that file's kind (``submission.hand_on``). So
+    does one whose result names a kind to go on as with the task's URL
+    (``goes_on_as``: ``submission.hand_on_url``). The final result holds what the
+    earlier stages carry (``submission.carried``).
     """
     services = get_services()
     log = {"task_id": task_id, "worker": worker}
@@ -118,6 +121,10 @@ def task_completed(
     if handed:
         hand_on(services, broker, task, handed[0], result, worker, nonce=applied_nonce())
         return
+    if result.get("goes_on_as"):
+        hand_on_url(services, broker, task, result, worker, nonce=applied_nonce())
+        return
+    result = {**carried(task), **result}
     if services.store.mark_done(task_id, outputs, result, worker, nonce=applied_nonce()):
         logger.info("task done", extra=log)
     else:

@@ -43,7 +43,7 @@ def declare(kind: Kind) -> dramatiq.Actor:
         perform(job)
 
     run.__name__ = run.__qualname__ = kind.actor
-    run.__doc__ = f"Run a {kind.name} task ({kind.accepts}): {', '.join(kind.formats)}."
+    run.__doc__ = f"Run a {kind.name} task ({kind.accepts}): {', '.join(kind.outputs)}."
     options: dict[str, Any] = {"gpu_fallback": True} if kind.fallback and "gpu" in kind.queues else {}
     return dramatiq.actor(run, actor_name=kind.actor, queue_name=kind.queues[0], throws=PERMANENT, **options)
 

@@ -334,6 +334,11 @@ def show_status(task: TaskDict) -> None:
     result = task.get("result") or {}
     if result.get("device"):
         out.print(f"  ran on:   {result['device']} with {result.get('model')}")
+    source = result.get("source") or {}
+    if source.get("title"):  # what a media URL's page said of it (pipeline.processors.media_urls)
+        by = f" by {source['channel']}" if source.get("channel") else ""
+        subtitles = ", ".join(source.get("subtitles") or {}) or "none"
+        out.print(f"  source:   {source['title']}{by}; subtitles: {subtitles}", markup=False)
     if result.get("language"):
         language = describe_language(
             result["language"], result.get("language_probability"), result.get("task")

@@ -16,7 +16,7 @@ from pipeline import __version__, control, hardware
 from pipeline.config import Settings, get_settings
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
-from pipeline.processors import cuda_libs
+from pipeline.processors import captions, cuda_libs
 from pipeline.task_message import job_of, task_id_of
 
 logger = get_logger(__name__)
@@ -93,6 +93,7 @@ class Heartbeat(Middleware):
         if not any(q in TASK_QUEUES for q in queues):
             return
         self._cuda = check_cuda()
+        check_caption_model()
         if self.interval <= 0:
             return
         self.session = uuid.uuid4().hex  # a fresh session for every boot, even in a forked process
@@ -206,6 +207,16 @@ class Heartbeat(Middleware):
         while not self._stop.is_set():
             self._send(control.WORKER_HEARTBEAT, "beat")
             self._stop.wait(self.interval)
+
+
+def check_caption_model(settings: Settings | None = None) -> str | None:
+    """At boot: say (an error in the log) when the configured caption model's folder cannot be one;
+    image tasks would fail with the same reason. Returns it; None when unset or plausible."""
+    folder = (settings or get_settings()).caption_model_path
+    reason = captions.problem(folder) if folder is not None else None
+    if reason is not None:
+        logger.error("the caption model cannot be loaded: image tasks will fail", extra={"reason": reason})
+    return reason
 
 
 def check_cuda(settings: Settings | None = None) -> dict[str, Any]:

@@ -10,6 +10,9 @@ bottom, and the result says so. A TIFF of several pages is read page by page.
 The metadata are Pillow's: format, size, mode, and the EXIF tags by name
 (camera, date taken, orientation, GPS…).
 
+With ``MORAG_CAPTION_MODEL_PATH`` set, a captioning model from that folder
+(``pipeline.processors.captions``) adds a caption, in the worker process.
+
 Reading runs in the worker process's document converter child, under the
 same memory and time caps as documents (``pipeline.processors.documents``):
 an image that would decompress to gigabytes is refused, not the worker's end.
@@ -27,7 +30,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.errors import BadInput
 from pipeline.kinds import Outputs
-from pipeline.processors import Progress, documents, isolation
+from pipeline.processors import Progress, captions, documents, isolation
 
 #: The first bytes of each format read.
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
@@ -225,8 +228,14 @@ def run(
     progress("reading", 0.0)
     doc = read(local, job["media"]["format"], settings, source=job["filename"])
     progress("reading", 100.0)
-    outputs: Outputs = {"md": doc.markdown, "json": json.dumps(doc.docling, ensure_ascii=False)}
     data = doc.docling or {}
+    markdown = doc.markdown
+    if settings.caption_model_path is not None:
+        progress("captioning", 0.0)
+        data = {**data, "caption": captions.caption_file(local, settings.caption_model_path)}
+        markdown = f"{markdown.rstrip()}\n\n## Caption\n\n{data['caption']}\n"
+        progress("captioning", 100.0)
+    outputs: Outputs = {"md": markdown, "json": json.dumps(data, ensure_ascii=False)}
     summary = {
         "format": doc.doc_format,
         "pages": doc.pages,
@@ -237,4 +246,6 @@ def run(
         "height": data.get("height"),
         "timings": doc.timings,
     }
+    if "caption" in data:
+        summary["caption"] = data["caption"]
     return outputs, summary

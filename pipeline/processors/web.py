@@ -13,6 +13,8 @@ title, author, date and links. When trafilatura finds no main content,
 docling's HTML converter takes the whole page. A URL that answers with
 anything else (a recording, a PDF, an image) hands the file on: the server
 takes it as the task's next input and the task goes on as its content's kind.
+A page with no main content that embeds media (a ``<video>``, an ``<audio>``, an
+HLS playlist) goes on as a media URL (``pipeline.processors.media_urls``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import httpx
 from pipeline import __version__
 from pipeline.config import Settings
 from pipeline.errors import BadInput, PipelineError, TaskCanceled
-from pipeline.kinds import CONVERT, HANDOFF, IMAGE, TRANSCRIBE, WEB, Kind, Outputs
+from pipeline.kinds import CONVERT, HANDOFF, IMAGE, MEDIA_URL, TRANSCRIBE, WEB, Kind, Outputs
 from pipeline.netsafety import safe_client
 from pipeline.processors import Progress, documents, no_progress
 
@@ -39,6 +41,8 @@ from pipeline.processors import Progress, documents, no_progress
 PAGE_TYPES = ("text/html", "application/xhtml+xml")
 USER_AGENT = f"morag-pipeline/{__version__}"
 _LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
+#: What a page that embeds media holds: a <video> or <audio> element, or a link to an HLS playlist.
+_EMBEDDED_MEDIA = re.compile(rb"<(?:video|audio)\b|\.m3u8\b", re.IGNORECASE)
 
 
 @dataclass
@@ -214,6 +218,11 @@ def extract(html: bytes, url: str) -> Page:
     )
 
 
+def embeds_media(html: bytes) -> bool:
+    """Whether a page embeds media: a ``<video>`` or ``<audio>`` element, or an HLS playlist."""
+    return _EMBEDDED_MEDIA.search(html) is not None
+
+
 def with_docling(path: Path, page: Page, url: str, settings: Settings) -> Page:
     """``page`` with the whole page's content by docling's HTML converter: the fallback when
     trafilatura finds no main content (a form, a page of widgets)."""
@@ -257,7 +266,11 @@ def run(
         return {HANDOFF: fetched.path}, {**summary, "handed_on": fetched.content_type}
     progress("extracting", 0.0)
     started = time.perf_counter()
-    page = extract(fetched.path.read_bytes(), fetched.final_url)
+    html = fetched.path.read_bytes()
+    page = extract(html, fetched.final_url)
+    if not page.markdown and embeds_media(html):
+        reason = "the page has no article but embeds media"
+        return {}, {**summary, "goes_on_as": MEDIA_URL.name, "reason": reason, "title": page.title}
     if not page.markdown:
         page = with_docling(fetched.path, page, fetched.final_url, settings)
     about = {k: v for k, v in asdict(page).items() if k != "markdown"}

@@ -13,12 +13,12 @@ import pytest
 
 from pipeline.cli.client import ApiClient
 from pipeline.config import Settings, use_settings
-from pipeline.kinds import CONVERT, IMAGE, TRANSCRIBE, WEB
+from pipeline.kinds import CONVERT, IMAGE, MEDIA_URL, TRANSCRIBE, WEB
 from pipeline.services import build_services
-from tests.conftest import SPOKEN_WORDS, TEST_SECRET, in_process_api
+from tests.conftest import SPOKEN_WORDS, TEST_SECRET, free_port, in_process_api
 from tests.processors.test_images import WORDS, render
 from tests.unit.test_cli import NO_BROKER, one_line_error, run_cli, submit
-from tests.web_pages import local_site
+from tests.web_pages import SUBTITLES, local_site
 
 FETCH = {"MORAG_FETCH_ALLOW_HOSTS": "127.0.0.1", "MORAG_FETCH_MAX_MB": "1", "MORAG_FETCH_MAX_REDIRECTS": "3"}
 
@@ -85,6 +85,49 @@ def test_run_takes_every_kind_and_says_why_each_bad_input_failed(
     assert [p.name for p in temp.iterdir() if p.name.startswith("morag-")] == []
 
 
+@pytest.mark.slow
+def test_run_downloads_media_urls_and_transcribes_them_with_their_metadata(site: str, tmp_path: Path) -> None:
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    inputs = [f"{site}/hls/speech.m3u8", f"{site}/watch/talk.html"]
+    bad = [f"{site}/hls/{name}.m3u8" for name in ("missing", "to-localhost", "long", "big")]
+    bad.append(f"http://127.0.0.1:{free_port()}/gone.m3u8")
+    limits = {"MORAG_MAX_UPLOAD_MB": "1", "MORAG_MEDIA_MAX_DURATION_S": "40"}
+    proc = run_cli(
+        "run", "--json", *inputs, *bad, timeout=300, TMPDIR=str(temp), **FETCH, **limits, **NO_BROKER
+    )
+    assert proc.returncode == 1, proc.stderr
+    playlist, page, *failed = json.loads(proc.stdout)
+
+    # An HLS playlist is a media URL: downloaded by a CPU worker, then transcribed.
+    assert (playlist["kind"], playlist["state"]) == (TRANSCRIBE.name, "done"), playlist.get("error")
+    assert [stage["kind"] for stage in playlist["input"]["stages"]] == [MEDIA_URL.name]
+    assert [e["event"] for e in playlist["events"]].count("stage done") == 1
+    source = playlist["result"]["source"]
+    assert (source["title"], source["webpage_url"], source["duration"]) == ("speech", inputs[0], 9)
+    assert all(word in playlist["text"].lower() for word in SPOKEN_WORDS)
+    # A page with no article that embeds a video goes on as a media URL, and its subtitles come too.
+    assert (page["kind"], page["state"]) == (TRANSCRIBE.name, "done"), page.get("error")
+    assert [stage["kind"] for stage in page["input"]["stages"]] == [WEB.name, MEDIA_URL.name]
+    assert page["result"]["source"]["subtitles"]["en"]["text"] == SUBTITLES.decode()
+    assert page["result"]["source"]["title"].startswith("Remote GPU workers")
+    assert all(word in page["text"].lower() for word in SPOKEN_WORDS)
+
+    assert {t["state"] for t in failed} == {"failed"}
+    errors = [t["error"] for t in failed]
+    assert all(error.startswith("media_url stage: ") for error in errors), errors
+    assert "HTTP Error 404: Not Found" in errors[0]
+    assert (
+        "localhost resolves to a private address" in errors[1]
+        and "MORAG_FETCH_ALLOW_PRIVATE=true" in errors[1]
+    )
+    assert "longer than the 40s allowed (MORAG_MEDIA_MAX_DURATION_S)" in errors[2]
+    assert "larger than the 1 MiB allowed for media URLs (MORAG_MAX_UPLOAD_MB)" in errors[3]
+    assert "cannot connect to 127.0.0.1" in errors[4]
+    # No download, no work folder, no store left behind.
+    assert [p.name for p in temp.iterdir() if p.name.startswith("morag-")] == []
+
+
 def test_run_refuses_a_private_url_before_anything_is_fetched(site: str) -> None:
     line = one_line_error(run_cli("run", f"{site}/news/gpu-farms.html", **NO_BROKER))
     assert "127.0.0.1 resolves to a private address (127.0.0.1): refused" in line
@@ -123,3 +166,13 @@ def test_submit_sends_a_url_to_be_fetched_and_the_server_refuses_a_private_one(
     assert [t["id"] for t in api_client.tasks()["tasks"]] == [queued["id"]]
     assert [p.name for p in (tmp_path / "data" / "files" / "tasks").iterdir()] == [queued["id"]]
     assert [p for p in (tmp_path / "data" / "files").rglob("*") if p.is_file()] == []
+
+
+def test_submit_sends_a_media_url_to_be_downloaded_on_a_cpu_worker(
+    api_client: ApiClient, site: str, capsys: pytest.CaptureFixture
+) -> None:
+    playlist = f"{site}/hls/speech.m3u8"
+    assert submit(api_client, "--json", "--no-wait", playlist) == 0
+    queued = json.loads(capsys.readouterr().out)
+    assert (queued["kind"], queued["state"], queued["input"]["url"]) == (MEDIA_URL.name, "queued", playlist)
+    assert queued["route"]["queue"] == "cpu" and queued["filename"] == "speech.m3u8"
