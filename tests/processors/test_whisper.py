@@ -119,7 +119,7 @@ def test_the_loaded_model_refuses_what_it_cannot_do(wav: Path) -> None:
 @pytest.mark.skipif(
     not os.environ.get("MORAG_TEST_MULTILINGUAL_MODEL"),
     reason="translation needs a multilingual Whisper model, which the package does not bundle (it "
-    "ships tiny.en) and this machine cannot download: set MORAG_TEST_MULTILINGUAL_MODEL to the folder "
+    "ships tiny.en) and the suite downloads nothing: set MORAG_TEST_MULTILINGUAL_MODEL to the folder "
     "of one in CTranslate2 format (e.g. Systran/faster-whisper-tiny) to run it. Without one, what "
     "runs here is the refusal above and the options' path into the transcript "
     "(test_word_timestamps_and_a_detected_language, test_a_prompt_sets_the_spelling)",
