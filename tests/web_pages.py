@@ -91,6 +91,7 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     pause_s: float = 0.0  # between two chunks of a chunked body: a page that trickles in
+    repeat: int = 1  # a chunked body sent this many times over, never held whole (a 1 GiB page)
 
 
 def pages(path: str, base: str) -> Reply:
@@ -101,6 +102,9 @@ def pages(path: str, base: str) -> Reply:
         return Reply(body=ARTICLE, headers=html)
     if path == "/big.html":
         return Reply(body=BIG_PAGE, headers={**html, "Transfer-Encoding": "chunked"})
+    if path == "/gigabyte.html":  # 1 GiB of page, streamed with no declared length
+        piece = b"<p>" + b"x" * (64 * 1024 - 8) + b"</p>\n"
+        return Reply(body=piece, headers={**html, "Transfer-Encoding": "chunked"}, repeat=16 * 1024)
     if path == "/loop":
         return Reply(302, headers={"Location": "/loop"})
     if path == "/to-localhost":
@@ -155,11 +159,12 @@ def local_site(answer: Callable[[str, str], Reply] = pages) -> Iterator[str]:
                     self.wfile.write(reply.body)
                     return
                 size = 1024 if reply.pause_s else 65536
-                for at in range(0, len(reply.body), size):
-                    piece = reply.body[at : at + size]
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                    self.wfile.flush()
-                    time.sleep(reply.pause_s)
+                for _ in range(reply.repeat):
+                    for at in range(0, len(reply.body), size):
+                        piece = reply.body[at : at + size]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.flush()
+                        time.sleep(reply.pause_s)
                 self.wfile.write(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client stopped reading (a page over its limit)

@@ -88,6 +88,18 @@ def test_a_bad_url_is_refused_with_its_reason(
     assert not fetched.exists() or fetched.stat().st_size <= 1024 * 1024  # stopped at the limit
 
 
+def test_a_page_of_a_gigabyte_is_dropped_at_its_limit(site: str, tmp_path: Path) -> None:
+    """1 GiB of HTML with no declared length, under the default limit (16 MiB): refused once the
+    limit is passed, with no more than the limit kept, long before the page could have arrived."""
+    default = Settings(fetch_allow_hosts=["127.0.0.1"])
+    assert default.fetch_max_mb == 16
+    refused = r"larger than the 16 MiB allowed for web pages \(MORAG_FETCH_MAX_MB\)"
+    with pytest.raises(BadInput, match=refused):
+        run(f"{site}/gigabyte.html", tmp_path, default)
+    fetched = tmp_path / "fetched"
+    assert not fetched.exists() or fetched.stat().st_size <= 16 * 1024 * 1024
+
+
 def test_a_page_must_arrive_whole_within_the_fetch_timeout(site: str, tmp_path: Path) -> None:
     quick = SETTINGS.model_copy(update={"fetch_timeout_s": 2.0})
     with pytest.raises(BadInput, match=r"did not arrive within 2s \(MORAG_FETCH_TIMEOUT_S\)"):
