@@ -187,6 +187,13 @@ class Settings(BaseSettings):
     # it opens); empty: the NVIDIA packages of the Python environment, then the system loader.
     cuda_library_path: str = ""
 
+    # Long recordings (docs/user-guide.md, "Long recordings"): media longer than split_over_s
+    # seconds is first cut on silence by a CPU worker (faster-whisper's Silero VAD), into
+    # chunks of about split_chunk_s seconds, each transcribed as its own message by whichever
+    # worker takes it; the server stitches one transcript. 0 for split_over_s turns it off.
+    split_over_s: float = Field(1200.0, ge=0)
+    split_chunk_s: float = Field(300.0, gt=0)
+
     # Cost model: seconds of processing per second of media.
     gpu_realtime_factor: float = Field(0.02, gt=0)
     cpu_realtime_factor: float = Field(0.25, gt=0)

@@ -144,8 +144,10 @@ def transcribe(
 ) -> tuple[Outputs, dict[str, Any]]:
     options = job.get("options", {})
     progress("extracting audio", 0.0)
+    found = job.get("media") or {}
+    span = found.get("slice")  # a chunk of a long recording (pipeline.chunks): its seconds alone
     audio = media.extract_audio(
-        local, folder / "audio.wav", duration=(job.get("media") or {}).get("duration")
+        local, folder / "audio.wav", duration=found.get("duration"), span=tuple(span) if span else None
     )
     transcript = whisper.transcribe(
         audio,

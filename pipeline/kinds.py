@@ -88,6 +88,8 @@ class Kind:
       hands_off: whether its outputs may include a ``HANDOFF`` file that goes on as a new stage.
       takes_url: whether its input is a URL a worker fetches, not a file (a stage may also hand
         its URL on to such a kind: a page that embeds a video goes on as a media URL).
+      chunks_as: for a stage that cuts a long input (its result's ``chunks``), the kind each
+        chunk is a task of; the server stitches their outputs into the task's (``pipeline.chunks``).
     """
 
     name: str
@@ -102,6 +104,7 @@ class Kind:
     working: str
     hands_off: bool = False
     takes_url: bool = False
+    chunks_as: str | None = None
 
     @property
     def prefers_gpu(self) -> bool:
@@ -135,6 +138,11 @@ def _per_second_of_media(found: Facts, settings: Settings) -> dict[str, float]:
         "gpu_s": round(2.0 + seconds * settings.gpu_realtime_factor, 1),
         "cpu_s": round(1.0 + seconds * settings.cpu_realtime_factor, 1),
     }
+
+
+def _per_cut_search(found: Facts, settings: Settings) -> dict[str, float]:
+    # Decoding and the VAD take about a hundredth of the media's length on a CPU.
+    return {"cpu_s": round(2.0 + (found.duration or 0.0) * 0.02, 1)}
 
 
 def _per_page(found: Facts, settings: Settings) -> dict[str, float]:
@@ -224,8 +232,29 @@ IMAGE = Kind(
     working="reading",
 )
 
+SPLIT = Kind(
+    name="split",
+    actor="split_media",
+    queues=("cpu",),
+    fallback=False,
+    estimate=_per_cut_search,
+    runner="pipeline.processors.cuts:run",
+    formats=(),  # its result says where to cut; each chunk is a transcription of its own
+    accepts="audio and video",
+    size_limit="max_upload_mb",
+    working="finding cuts",
+    chunks_as=TRANSCRIBE.name,
+)
+
 #: Every kind, by name.
-KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (TRANSCRIBE, CONVERT, WEB, MEDIA_URL, IMAGE)}
+KINDS: Mapping[str, Kind] = {kind.name: kind for kind in (TRANSCRIBE, CONVERT, WEB, MEDIA_URL, IMAGE, SPLIT)}
+
+
+def first_stage(kind: str, duration: float | None, settings: Settings) -> str:
+    """The kind a task of ``kind`` starts as: a recording longer than ``MORAG_SPLIT_OVER_S``
+    (when set) is first cut into chunks, each transcribed on its own."""
+    long = settings.split_over_s > 0 and (duration or 0.0) > settings.split_over_s
+    return SPLIT.name if long and kind == SPLIT.chunks_as else kind
 
 
 def kind_of(name: str) -> Kind:

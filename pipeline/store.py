@@ -81,6 +81,10 @@ def new_task_id() -> str:
 
 _LIVE = (State.queued, State.running)
 
+#: What joins a task's id and a chunk's number in the id of a chunk of a long recording
+#: (``pipeline.chunks``); no task's own id holds it.
+CHUNK_SEPARATOR = "-"
+
 
 class TaskStore:
     """Tasks and their events in the server's database.
@@ -336,6 +340,37 @@ class TaskStore:
                 _add_event(db, task_id, now, "stage done", detail)
         return bool(changed)
 
+    def await_chunks(
+        self,
+        task_id: str,
+        kind: str,
+        task_input: dict[str, Any],
+        detail: dict[str, Any],
+        nonce: str | None = None,
+    ) -> bool:
+        """The task was cut into chunks, each a task of its own (``pipeline.chunks``): it becomes a
+        running task of ``kind`` with ``task_input`` (which names its chunks) and no message of its
+        own, a ``split`` event with ``detail`` added. False (nothing written) when it already ended."""
+        now = time.time()
+        with self.db.transaction() as db:
+            if not self._claim(db, nonce):
+                return False
+            changed = db.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state.in_(_LIVE))
+                .values(
+                    kind=kind,
+                    state=State.running,
+                    input=json.dumps(task_input),
+                    updated_at=now,
+                    started_at=func.coalesce(tasks.c.started_at, now),
+                    progress=json.dumps({"stage": "chunks queued", "percent": 0.0}),
+                )
+            ).rowcount
+            if changed:
+                _add_event(db, task_id, now, "cut into chunks", detail)
+        return bool(changed)
+
     def reroute(self, moves: Iterable[tuple[str, str, str, str]], by: str, nonce: str | None = None) -> int:
         """Record tasks whose message moved to another queue: (task id, from, to, reason) each.
 
@@ -529,10 +564,16 @@ class TaskStore:
                 ]
         return task
 
-    def list(self, *, state: State | None = None, limit: int = 50, offset: int = 0) -> list[Task]:
+    def list(
+        self, *, state: State | None = None, limit: int = 50, offset: int = 0, chunks: bool = False
+    ) -> list[Task]:
+        """The newest tasks first; the chunks of long recordings (``pipeline.chunks``) only with
+        ``chunks``: their task stands for them."""
         query = select(tasks).order_by(tasks.c.created_at.desc()).limit(limit).offset(offset)
         if state is not None:
             query = query.where(tasks.c.state == state)
+        if not chunks:
+            query = query.where(tasks.c.id.not_like(f"%{CHUNK_SEPARATOR}%"))
         with self.db.read() as db:
             return [_to_task(row) for row in db.execute(query)]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from dramatiq import Broker
 
 from pipeline.config import Settings
 from pipeline.errors import BadInput, TaskNotFound, UnsupportedType
-from pipeline.kinds import TRANSCRIBE, kind_of
+from pipeline.kinds import TRANSCRIBE, first_stage, kind_of
 from pipeline.logs import get_logger
 from pipeline.outputs import output_folder
 from pipeline.processors.speech_options import KEYS as SPEECH_KEYS
@@ -143,8 +143,9 @@ def record(
             f"only {' or '.join(kinds)} tasks are taken here"
         )
     stored = options.to_options(found.kind, services.settings)
+    found = replace(found, kind=first_stage(found.kind, found.duration, services.settings))
     task_id = new_task_id()
-    route = _route(services, found, options, gpu_workers)
+    route = route_for(services, found, options, gpu_workers)
     ref = services.files.add_input(task_id, filename, upload, sha256, size)
     name = Path(filename.replace("\\", "/")).name or "upload"
     task_input = {**ref.to_dict(), "media": found.to_dict()}
@@ -162,14 +163,14 @@ def record_url(
     for a URL that may not be fetched; nothing is recorded then."""
     found = classify_url(url, services.settings)
     stored = options.to_options(found.kind, services.settings)
-    route = _route(services, found, options, gpu_workers)
+    route = route_for(services, found, options, gpu_workers)
     task_id = new_task_id()
     services.files.task_dir(task_id).mkdir(parents=True)  # where a worker makes the output folder
     task_input = {"url": url, "media": found.to_dict()}
     return _create(services, task_id, found, url_filename(url), task_input, stored, route, callback)
 
 
-def _route(
+def route_for(
     services: Services, found: Classification, options: SubmitOptions, gpu_workers: Callable[[], WorkerView]
 ) -> Route:
     known = gpu_workers() if kind_of(found.kind).prefers_gpu and options.gpu == "prefer" else None
@@ -285,7 +286,7 @@ def submit_url(
 
 
 #: The options a task's record keeps, by name.
-_OPTION_NAMES = frozenset(f.name for f in dataclass_fields(SubmitOptions))
+OPTION_NAMES = frozenset(f.name for f in dataclass_fields(SubmitOptions))
 
 
 def hand_on(
@@ -310,11 +311,12 @@ def hand_on(
     ref = FileRef.from_dict(handed)
     try:
         found = classify(services.files.resolve_plain(ref.path), task.filename, settings)
+        found = replace(found, kind=first_stage(found.kind, found.duration, settings))
         kind = kind_of(found.kind)
         if (too_large := kind.too_large(ref.size, settings)) is not None:
             raise BadInput(f"{task.filename}: {too_large}")
-        options = SubmitOptions(**{k: v for k, v in task.options.items() if k in _OPTION_NAMES})
-        route = _route(services, found, options, services.capacity or (lambda: None))
+        options = SubmitOptions(**{k: v for k, v in task.options.items() if k in OPTION_NAMES})
+        route = route_for(services, found, options, services.capacity or (lambda: None))
     except BadInput as exc:
         if services.store.mark_failed(task.id, f"{stage} stage: {exc}", worker, nonce=nonce):
             # Nothing left behind: the download and the stage's manifest go.
@@ -358,8 +360,8 @@ def hand_on_url(
         return False
     url = task.input["url"]
     found = Classification(kind.name, "url", "text/uri-list", len(url.encode()))
-    options = SubmitOptions(**{k: v for k, v in task.options.items() if k in _OPTION_NAMES})
-    route = _route(services, found, options, services.capacity or (lambda: None))
+    options = SubmitOptions(**{k: v for k, v in task.options.items() if k in OPTION_NAMES})
+    route = route_for(services, found, options, services.capacity or (lambda: None))
     services.files.resolve_plain(manifest_path(task.id)).unlink(missing_ok=True)
     stages = [*task.input.get("stages", []), {"kind": stage, "worker": worker, "result": result}]
     task_input = {"url": url, "media": found.to_dict(), "stages": stages}

@@ -17,13 +17,16 @@ import shutil
 from typing import Any
 
 import dramatiq
+import pika
 from dramatiq.middleware import CurrentMessage
 
-from pipeline import control
+from pipeline import chunks, control
 from pipeline.brokers import current_broker
+from pipeline.brokers.cancellations import publish_cancel
+from pipeline.brokers.rabbitmq import connection_parameters
 from pipeline.errors import BadInput, ChecksumMismatch
 from pipeline.fleet.registry import BadHeartbeat, get_registry
-from pipeline.kinds import HANDOFF
+from pipeline.kinds import HANDOFF, kind_of
 from pipeline.logs import get_logger
 from pipeline.outputs import check_outputs
 from pipeline.security.audit import audit
@@ -57,7 +60,10 @@ def task_progress(
     task_id: str, stage: str, percent: float, eta_s: float | None, worker: str, ts: float, **newer: Any
 ) -> None:
     progress = {"stage": stage, "percent": percent, "eta_s": eta_s, "at": ts}
-    get_services().store.set_progress(task_id, progress, nonce=applied_nonce())
+    services = get_services()
+    services.store.set_progress(task_id, progress, nonce=applied_nonce())
+    if chunks.SEPARATOR in task_id:  # a chunk of a long recording: its task's progress too
+        chunks.chunk_progress(services, services.store.get(task_id, events=False))
 
 
 @dramatiq.actor(actor_name=control.TASK_COMPLETED, **_options)
@@ -98,6 +104,8 @@ def task_completed(
             except BadInput as exc:
                 logger.warning("outputs of a canceled task not removed", extra={**log, "error": str(exc)})
         logger.info("completion for a finished task ignored", extra={**log, "state": state})
+        if state is State.done:  # a retried report of a chunk: its task may still await it
+            chunks.chunk_ended(services, task)
         return
     if result.get("kind", task.kind) != task.kind:
         detail = {"worker": worker, "stage": result["kind"], "now": task.kind}
@@ -117,6 +125,9 @@ def task_completed(
             task_id, f"output failed verification: {exc}", worker, nonce=applied_nonce()
         )
         return
+    if kind_of(task.kind).chunks_as and "chunks" in result:
+        chunks.fan_out(services, broker, task, result, worker, nonce=applied_nonce())
+        return
     handed = [output for output in outputs if output["format"] == HANDOFF]
     if handed:
         hand_on(services, broker, task, handed[0], result, worker, nonce=applied_nonce())
@@ -127,6 +138,7 @@ def task_completed(
     result = {**carried(task), **result}
     if services.store.mark_done(task_id, outputs, result, worker, nonce=applied_nonce()):
         logger.info("task done", extra=log)
+        chunks.chunk_ended(services, task, _notify_cancel)
     else:
         logger.warning("completion for a finished task ignored", extra=log)
 
@@ -143,8 +155,19 @@ def task_retrying(task_id: str, reason: str, attempts: int, worker: str, ts: flo
 
 @dramatiq.actor(actor_name=control.TASK_FAILED, **_options)
 def task_failed(task_id: str, reason: str, attempts: int, worker: str, ts: float, **newer: Any) -> None:
-    if get_services().store.mark_failed(task_id, reason, worker, nonce=applied_nonce()):
+    services = get_services()
+    if services.store.mark_failed(task_id, reason, worker, nonce=applied_nonce()):
         logger.warning("task failed", extra={"task_id": task_id, "worker": worker, "reason": reason})
+        if chunks.SEPARATOR in task_id:  # a chunk of a long recording fails its task
+            chunks.chunk_ended(services, services.store.get(task_id, events=False), _notify_cancel)
+
+
+def _notify_cancel(task_id: str, reason: str) -> None:
+    """Tell the workers that ``task_id`` (a chunk) was canceled; a notice not sent is logged."""
+    try:
+        publish_cancel(connection_parameters(get_services().settings), task_id, reason)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        logger.warning("cancellation notice not sent", extra={"task_id": task_id, "error": str(exc)})
 
 
 @dramatiq.actor(actor_name=control.TASK_NOTE, **_options)

@@ -13,6 +13,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from pipeline import chunks
 from pipeline.api.auth import Access, acting_name
 from pipeline.api.uploads import DailyQuota, Limits, is_form, receive_form, receive_upload
 from pipeline.brokers import PRIORITIES
@@ -334,13 +335,22 @@ def tasks_router(
             raise HTTPException(404, f"no task {task_id}") from None
         audit("task.cancel", by=acting_name(http), task=task_id, reason=reason)
         notified = True
-        try:
-            publish_cancel(connection_parameters(settings), task_id, reason)
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            # The task stays canceled: a worker that runs it anyway has its completion ignored.
-            notified = False
-            logger.warning("cancellation notice not sent", extra={"task_id": task_id, "error": str(exc)})
-            store.add_event(task_id, "cancel notice not sent", {"error": str(exc)})
+
+        def notify(canceled: str, why: str) -> None:
+            nonlocal notified
+            try:
+                publish_cancel(connection_parameters(settings), canceled, why)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                # The task stays canceled: a worker that runs it anyway has its completion ignored.
+                notified = False
+                logger.warning("cancellation notice not sent", extra={"task_id": canceled, "error": str(exc)})
+                store.add_event(canceled, "cancel notice not sent", {"error": str(exc)})
+
+        notify(task_id, reason)
+        # A long recording cut into chunks: every chunk is canceled with it.
+        chunks.cancel_chunks(
+            services, store.get(task_id, events=False), f"its task was canceled: {reason}", notify
+        )
         return {**shown(store.get(task_id)), "notified": notified}
 
     return router

@@ -34,6 +34,7 @@ from dramatiq import Broker
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import dq_name
 
+from pipeline import chunks
 from pipeline.brokers.management import Management
 from pipeline.fleet.registry import TASK_QUEUES, Registry, WorkerState
 from pipeline.logs import get_logger
@@ -90,7 +91,11 @@ class Reconciler:
             for task_id in process.current
         }
         for task in store.silent_running(updated_before=now - settings.task_lost_after_s):
-            if task.id not in held:
+            if chunks.chunks_of(task):
+                # A long recording waits on its chunks, each delivered again alone if lost;
+                # one whose chunks all ended while the server was away is settled here.
+                chunks.settle(self.services, task)
+            elif task.id not in held:
                 self._lost(task, now, report)
         self._vanished(now, report)
         if report.published or report.redelivered or report.failed:

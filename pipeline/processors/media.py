@@ -137,8 +137,10 @@ def extract_audio(
     *,
     duration: float | None = None,
     timeout_s: float | None = None,
+    span: tuple[float, float] | None = None,
 ) -> Path:
-    """Decode the first audio stream of ``src`` to mono 16-bit WAV at ``dest``.
+    """Decode the first audio stream of ``src`` to mono 16-bit WAV at ``dest``; with ``span``,
+    only the seconds [start, end) of it (a chunk of a long recording).
 
     ``timeout_s`` defaults to ``extract_timeout_s(duration)``; without
     ``duration`` the file is probed for it. Raises BadInput when the file has
@@ -149,8 +151,10 @@ def extract_audio(
             info = probe(src)
             duration = info.duration if info is not None else 0.0
         timeout_s = extract_timeout_s(duration)
+    # Seeking on the input while decoding is exact to the sample, and skips what comes before.
+    cut = {} if span is None else {"ss": f"{span[0]:.3f}", "t": f"{span[1] - span[0]:.3f}"}
     args = (
-        ffmpeg.input(str(src))
+        ffmpeg.input(str(src), **cut)
         .output(str(dest), ac=1, ar=sample_rate, acodec="pcm_s16le", vn=None, map="0:a:0")
         .global_args("-nostdin", "-v", "error", "-xerror")
         .overwrite_output()

@@ -11,7 +11,7 @@ probability, or given) and a translation.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.processors.speech_options import (
@@ -119,6 +119,53 @@ class Transcript:
         fields = {k: v for k, v in data.items() if k != "text"}
         fields["segments"] = [Segment.from_dict(s) for s in data["segments"]]
         return cls(**fields)
+
+
+def _shifted(segment: Segment, offset: float) -> Segment:
+    """``segment`` with its times and its words' times moved ``offset`` seconds later (to the ms)."""
+
+    def at(t: float) -> float:
+        return round(t + offset, 3)
+
+    words = None if segment.words is None else [
+        Word(at(w.start), at(w.end), w.word, w.probability) for w in segment.words
+    ]  # fmt: skip
+    return replace(segment, start=at(segment.start), end=at(segment.end), words=words)
+
+
+def stitch(parts: list[tuple[float, Transcript]], source: str = "") -> Transcript:
+    """One transcript of a recording from the transcripts of its chunks, each with the second of
+    the recording its chunk starts at, in order.
+
+    The chunks were cut in silences (``pipeline.processors.cuts``), so the
+    transcript is their segments joined, each segment and word shifted by its
+    chunk's start: no word falls on a cut. The facts of the whole are the first
+    chunk's (language, model, device), its duration the chunks' summed, its
+    timings each summed over the chunks.
+    """
+    if not parts:
+        raise ValueError("no chunks to stitch")
+    first = parts[0][1]
+    segments = [_shifted(s, offset) for offset, t in parts for s in t.segments]
+    timings: dict[str, float] = {}
+    for _, t in parts:
+        for name, seconds in t.timings.items():
+            timings[name] = round(timings.get(name, 0.0) + seconds, 3)
+    speech = [t.speech_duration for _, t in parts]
+    return Transcript(
+        segments=segments,
+        language=first.language,
+        duration=round(parts[-1][0] + parts[-1][1].duration, 3),
+        model=first.model,
+        device=", ".join(dict.fromkeys(t.device for _, t in parts)),
+        compute_type=first.compute_type,
+        timings=timings,
+        source=source or first.source,
+        language_probability=first.language_probability,
+        task=first.task,
+        speech_duration=None if None in speech else round(sum(speech), 3),  # type: ignore[arg-type]
+        options=first.options,
+    )
 
 
 def _clock(seconds: float, sep: str) -> str:
