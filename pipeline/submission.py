@@ -148,7 +148,7 @@ def record(
     route = route_for(services, found, options, gpu_workers)
     ref = services.files.add_input(task_id, filename, upload, sha256, size)
     name = Path(filename.replace("\\", "/")).name or "upload"
-    task_input = {**ref.to_dict(), "media": found.to_dict()}
+    task_input = {**ref.to_dict(), "media": media_facts(found, services.settings)}
     return _create(services, task_id, found, name, task_input, stored, route, callback)
 
 
@@ -168,6 +168,15 @@ def record_url(
     services.files.task_dir(task_id).mkdir(parents=True)  # where a worker makes the output folder
     task_input = {"url": url, "media": found.to_dict()}
     return _create(services, task_id, found, url_filename(url), task_input, stored, route, callback)
+
+
+def media_facts(found: Classification, settings: Settings) -> dict[str, Any]:
+    """What the task's record and its message say of its input; for a recording to be cut into
+    chunks, the chunk length too (the server's setting, whatever the cutting worker's is)."""
+    facts = found.to_dict()
+    if kind_of(found.kind).chunks_as:
+        facts["chunk_s"] = settings.split_chunk_s
+    return facts
 
 
 def route_for(
@@ -325,7 +334,7 @@ def hand_on(
     services.files.resolve_plain(manifest_path(task.id)).unlink(missing_ok=True)
     taken = services.files.output_as_input(task.id, ref, task.filename)
     stages = [*task.input.get("stages", []), {"kind": stage, "worker": worker, "result": result}]
-    task_input = {**taken.to_dict(), "media": found.to_dict(), "stages": stages}
+    task_input = {**taken.to_dict(), "media": media_facts(found, settings), "stages": stages}
     if "url" in task.input:
         task_input["url"] = task.input["url"]
     summary = f"{stage} done; goes on as {kind.name} ({found.format}) on {route.queue}"

@@ -114,7 +114,8 @@ def run(
         if percent - shown >= 5:  # a report per 5 %, not one per sentence
             progress("finding cuts", round(percent, 1))
             shown = percent
-    cuts = choose_cuts(speech, duration, settings.split_chunk_s)
+    chunk_s = float((job.get("media") or {}).get("chunk_s") or settings.split_chunk_s)
+    cuts = choose_cuts(speech, duration, chunk_s)
     summary = {
         "duration": round(duration, 3),
         "speech_s": round(sum(end - start for start, end in speech), 3),
