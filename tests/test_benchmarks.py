@@ -137,6 +137,16 @@ TINY: dict[str, Tiny] = {
         ),
         (pytest.mark.rabbitmq,),
     ),
+    "long_media": Tiny(
+        ("--minutes", "1", "--chunk-s", "15", "--rounds", "1"),
+        (
+            (rf"^  one worker, whole file +{NUMBER} s$", 1),
+            (rf"^  2 workers, split in \d+ chunks +{NUMBER} s   \(workers: .+\)$", 1),
+            (rf"^  ratio split/whole: {RATIO} \(speed-up {RATIO}x\)$", 1),
+            (rf"^  word error rate, split against whole: {NUMBER}% \(\d+ words; goal at most 1%\)$", 1),
+        ),
+        (pytest.mark.rabbitmq,),
+    ),
     "sweep_and_reroute": Tiny(
         ("--workers", "40", "--messages", "100", "--rounds", "1"),
         (
