@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -221,7 +222,8 @@ def _stitched(
         path = output_folder(parent.id) + output_name(parent.filename, fmt)
         final = services.files.resolve_plain(path)
         final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_name(f".{final.name}.partial")
+        # Two chunks ending at once may both stitch: each writes its own file, then renames it.
+        partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
         partial.write_bytes(content)
         os.replace(partial, final)
         outputs.append(

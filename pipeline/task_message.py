@@ -14,7 +14,9 @@ schema it does not read (``check_job``), and a job with none reads as schema 1.
 Schema 2 adds the transcription options of ``speech_options`` (word timestamps,
 ``language: auto``, translation, ...), which a schema-1 worker would ignore or
 misread; a job that asks none of them is still written in schema 1, so that
-workers of the previous release keep taking it (``job_schema``).
+workers of the previous release keep taking it (``job_schema``). Schema 3 is the
+job of a chunk of a long recording (``pipeline.chunks``), whose media's ``slice``
+says which seconds to transcribe: a schema-2 worker would transcribe them all.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pipeline.processors.speech_options import KEYS as SPEECH_KEYS
 from pipeline.store import Task
 
 #: The newest schema this release writes jobs in, and the oldest one its workers still read.
-JOB_SCHEMA = 2
+JOB_SCHEMA = 3
 OLDEST_JOB_SCHEMA = 1
 
 
@@ -42,9 +44,13 @@ def job_schema(options: dict[str, Any]) -> int:
 
 
 def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
-    """The message body a worker needs, and nothing more: with ``grant``, its transfer grant."""
+    """The message body a worker needs, and nothing more: with ``grant``, its transfer grant.
+
+    The job of a chunk of a long recording (its media names a ``slice``) is written in schema 3:
+    a worker that reads only 2 would transcribe the whole recording for each chunk.
+    """
     job = {
-        "schema": job_schema(task.options),
+        "schema": 3 if "slice" in task.input.get("media", {}) else job_schema(task.options),
         "task_id": task.id,
         "kind": task.kind,
         "filename": task.filename,

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import chunks
+from pipeline import chunks, control
 from pipeline.config import Settings
+from pipeline.errors import UnsupportedSchema
 from pipeline.fleet.reconciler import Reconciler
 from pipeline.fleet.registry import Registry
 from pipeline.kinds import SPLIT, TRANSCRIBE
 from pipeline.services import Services, build_services
 from pipeline.store import State, Task
 from pipeline.submission import SubmitOptions, record
+from pipeline.task_message import build_job, check_job
 from tests.conftest import looped_speech
 
 SLICES = [[0.0, 20.0], [20.0, 40.0], [40.0, 55.0]]
@@ -141,3 +143,17 @@ def test_a_failed_chunk_fails_its_task_and_cancels_the_others(
     assert failed.error == "chunk 1 (20.0-40.0s) failed: cannot decode audio: broken frames"
     assert store.get(third).state is State.canceled and told == [third]
     assert store.get(first).state is State.done
+
+
+def test_a_chunk_job_is_in_schema_3_which_an_older_worker_refuses(
+    services: Services, broker, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    task = _cut(services, broker, tmp_path)
+    chunk = services.store.get(chunks.chunks_of(task)[1]["id"])
+    job = build_job(chunk)
+    assert job["schema"] == 3 and job["media"]["slice"] == [20.0, 40.0]
+    check_job(job)  # this release reads it
+    # A worker that reads schema 2 at most would transcribe the whole recording: it refuses.
+    with pytest.raises(UnsupportedSchema, match=r"schema 3, newer than this release reads \(2\)"):
+        control.check_schema(job["schema"], "the task message", 2, 1, "this worker")
+    assert build_job(RECORDED[task.id])["schema"] == 1  # the cutting stage's job: any worker reads it
