@@ -146,7 +146,9 @@ def test_a_failed_chunk_fails_its_task_and_cancels_the_others(
 
 
 def test_a_chunk_job_is_in_schema_3_which_an_older_worker_refuses(
-    services: Services, broker, tmp_path: Path  # type: ignore[no-untyped-def]
+    services: Services,
+    broker,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     task = _cut(services, broker, tmp_path)
     chunk = services.store.get(chunks.chunks_of(task)[1]["id"])
