@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import Settings
+from pipeline.errors import BadInput
 from pipeline.kinds import SPLIT, TRANSCRIBE, first_stage
 from pipeline.processors import media
 from pipeline.processors.cuts import SAMPLE_RATE, choose_cuts, chunks_of, speech_spans
 from pipeline.processors.transcripts import FORMATS, Segment, Transcript, Word, stitch
+from pipeline.routing import Classification, choose_route
 from tests.conftest import looped_speech
 
 
@@ -117,3 +119,17 @@ def test_stitching_names_each_device_once() -> None:
     assert stitch(parts).device == "cuda, cpu"
     with pytest.raises(ValueError, match="no chunks"):
         stitch([])
+
+
+def test_a_three_hour_recording_fits_every_time_limit_once_cut() -> None:
+    settings = Settings()
+    hours = 3 * 3600.0
+    # Whole, on a CPU worker, it would run past MORAG_MAX_TIME_LIMIT_S: refused.
+    with pytest.raises(BadInput, match="MORAG_MAX_TIME_LIMIT_S"):
+        choose_route(Classification(TRANSCRIBE.name, "audio", "audio/mpeg", 1, hours), settings, gpu="never")
+    # Cut, its first stage and each of its chunks fit a CPU worker's limit.
+    kind = first_stage(TRANSCRIBE.name, hours, settings)
+    cutting = choose_route(Classification(kind, "audio", "audio/mpeg", 1, hours), settings, gpu="never")
+    chunk = Classification(TRANSCRIBE.name, "audio", "audio/mpeg", 1, settings.split_chunk_s * 1.5)
+    assert cutting.queue == "cpu" and cutting.time_limit_s <= settings.max_time_limit_s
+    assert choose_route(chunk, settings, gpu="never").queue == "cpu"
