@@ -29,6 +29,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from dramatiq import Broker
@@ -38,10 +39,10 @@ from pipeline.kinds import kind_of
 from pipeline.logs import get_logger
 from pipeline.outputs import output_folder, output_name
 from pipeline.processors.transcripts import FORMATS, Transcript, stitch
-from pipeline.routing import Classification
+from pipeline.routing import Capacity, Classification, as_capacity, choose_route
 from pipeline.services import Services
 from pipeline.store import CHUNK_SEPARATOR, FINAL_STATES, State, Task
-from pipeline.submission import OPTION_NAMES, SubmitOptions, deliver, route_for
+from pipeline.submission import OPTION_NAMES, SubmitOptions, deliver
 from pipeline.transfer.checksums import FileRef
 
 logger = get_logger(__name__)
@@ -86,13 +87,21 @@ def fan_out(
     source = FileRef.from_dict(task.input)
     chunks = [{"id": chunk_id(task.id, n), "start": s, "end": e} for n, (s, e) in enumerate(slices)]
     known = services.store.records(c["id"] for c in chunks)
+    # Each chunk is routed as if the ones before it were queued already: once the GPU queue
+    # holds more than its workers finish sooner than a CPU worker would, chunks go to CPU too.
+    view = Capacity()
+    if kind.prefers_gpu and options.gpu == "prefer":
+        view = as_capacity((services.capacity or (lambda: None))())
     made = []
     for number, chunk in enumerate(chunks):
         if chunk["id"] in known:
             continue
         span = chunk["end"] - chunk["start"]
         found = Classification(kind.name, task.input["media"]["format"], task.input["media"]["mime"], 0, span)
-        route = route_for(services, found, options, services.capacity or (lambda: None))
+        route = choose_route(
+            found, services.settings, priority=options.priority, gpu=options.gpu, capacity=view
+        )
+        view = _queued_on(view, route.queue)
         ref = services.files.output_as_input(chunk["id"], source, task.filename)
         media = {
             **task.input["media"],
@@ -121,12 +130,22 @@ def fan_out(
         "summary": f"cut into {len(chunks)} chunks by {worker}",
     }
     if not services.store.await_chunks(task.id, kind.name, task_input, detail, nonce=nonce):
+        for chunk_task in made:  # the task ended meanwhile (canceled): its chunks with it
+            services.store.mark_canceled(chunk_task.id, "its task had ended")
         return False
     logger.info("task cut into chunks", extra={"task_id": task.id, "chunks": len(chunks), "by": worker})
     for chunk_task in services.store.records(c["id"] for c in chunks).values():
         if chunk_task.state is State.queued and chunk_task.published_at is None:
             deliver(services, broker, chunk_task, by="cut", wait_s=0)
     return True
+
+
+def _queued_on(view: Capacity, queue: str) -> Capacity:
+    """``view`` with one more task waiting on ``queue`` (where its load is known)."""
+    load = getattr(view, queue, None)
+    if load is None:
+        return view
+    return replace(view, **{queue: replace(load, waiting=load.waiting + 1)})
 
 
 def chunk_progress(services: Services, chunk: Task) -> None:

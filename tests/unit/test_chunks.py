@@ -17,6 +17,7 @@ from pipeline.errors import UnsupportedSchema
 from pipeline.fleet.reconciler import Reconciler
 from pipeline.fleet.registry import Registry
 from pipeline.kinds import SPLIT, TRANSCRIBE
+from pipeline.routing import Capacity, QueueLoad
 from pipeline.services import Services, build_services
 from pipeline.store import State, Task
 from pipeline.submission import SubmitOptions, record
@@ -159,3 +160,18 @@ def test_a_chunk_job_is_in_schema_3_which_an_older_worker_refuses(
     with pytest.raises(UnsupportedSchema, match=r"schema 3, newer than this release reads \(2\)"):
         control.check_schema(job["schema"], "the task message", 2, 1, "this worker")
     assert build_job(RECORDED[task.id])["schema"] == 1  # the cutting stage's job: any worker reads it
+
+
+def test_chunks_go_to_cpu_workers_too_once_the_gpu_queue_is_the_slower(
+    services: Services,
+    broker,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    # One GPU worker, one CPU worker, both idle: a chunk of 20 s takes about 2.4 s on the GPU
+    # and 6 s on the CPU, so the third chunk is done sooner on the CPU than behind two on the GPU.
+    services.capacity = lambda: Capacity(gpu_workers=1, gpu=QueueLoad(1), cpu=QueueLoad(1))
+    task = _cut(services, broker, tmp_path)
+    records = services.store.records(c["id"] for c in chunks.chunks_of(task))
+    assert [records[c["id"]].route["queue"] for c in chunks.chunks_of(task)] == ["gpu", "gpu", "cpu"]
+    assert "GPU queue busy" in records[chunks.chunks_of(task)[2]["id"]].route["reasons"][0]
+    assert broker.queues["gpu"].qsize() == 2 and broker.queues["cpu"].qsize() == 1
