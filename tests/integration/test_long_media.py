@@ -102,3 +102,25 @@ def test_canceling_a_split_task_cancels_its_chunks(fleet: Stack, tmp_path: Path)
     assert {t["state"] for t in states.values()} <= {"canceled", "done"}
     stopped = [t for t in states.values() if t["state"] == "canceled"]
     assert stopped and all("its task was canceled: wrong file" in t["error"] for t in stopped)
+
+
+def test_a_gpu_worker_and_a_cpu_worker_share_the_chunks(
+    tmp_path: Path, vhost: str, request: pytest.FixtureRequest
+) -> None:
+    with open_stack(tmp_path, vhost, request, env=SPLIT) as stack:
+        stack.start_server()
+        stack.start_worker("gpu")
+        stack.start_worker("cpu")
+        stack.wait_consumers("gpu")
+        stack.wait_consumers("cpu")
+        recording = looped_speech(tmp_path / "long.mp3", LOOPS)
+        proc = stack.cli("submit", "--json", str(recording))
+        assert proc.returncode == 0, proc.stderr
+        task = json.loads(proc.stdout)
+        assert task["state"] == "done", task.get("error")
+        assert task["result"]["workers"] == ["cpu-worker", "gpu-worker"]
+        chunks = [stack.get(f"/api/v1/tasks/{c['id']}").json() for c in task["input"]["chunks"]]
+        assert {c["route"]["queue"] for c in chunks} == {"gpu", "cpu"}
+        # The first chunks go to the idle GPU worker; the rest spill to CPU by load.
+        assert chunks[0]["route"]["queue"] == "gpu"
+        assert any("GPU queue busy" in c["route"]["reasons"][0] for c in chunks), [c["route"] for c in chunks]
