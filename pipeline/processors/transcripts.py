@@ -121,11 +121,12 @@ class Transcript:
         return cls(**fields)
 
 
-def _shifted(segment: Segment, offset: float) -> Segment:
-    """``segment`` with its times and its words' times moved ``offset`` seconds later (to the ms)."""
+def _shifted(segment: Segment, offset: float, limit: float) -> Segment:
+    """``segment`` with its times and its words' times moved ``offset`` seconds later (to the ms),
+    none past ``limit``, the end of its chunk (Whisper may place an end a little beyond it)."""
 
     def at(t: float) -> float:
-        return round(t + offset, 3)
+        return round(min(t, limit) + offset, 3)
 
     words = None if segment.words is None else [
         Word(at(w.start), at(w.end), w.word, w.probability) for w in segment.words
@@ -146,7 +147,7 @@ def stitch(parts: list[tuple[float, Transcript]], source: str = "") -> Transcrip
     if not parts:
         raise ValueError("no chunks to stitch")
     first = parts[0][1]
-    segments = [_shifted(s, offset) for offset, t in parts for s in t.segments]
+    segments = [_shifted(s, offset, t.duration) for offset, t in parts for s in t.segments]
     timings: dict[str, float] = {}
     for _, t in parts:
         for name, seconds in t.timings.items():

@@ -113,6 +113,14 @@ def test_stitching_shifts_every_time_by_its_chunk_start_and_keeps_every_word_onc
     assert "00:00:10.433 --> 00:00:11.357" in FORMATS["vtt"](whole)
 
 
+def test_no_time_of_a_chunk_runs_past_its_end_into_the_next() -> None:
+    # Whisper placed the last word's end 0.3 s past the chunk's 5 s.
+    first = _chunk([(4.0, 4.6, "Late"), (4.6, 5.3, "word.")], duration=5.0)
+    whole = stitch([(0.0, first), (5.0, _chunk([(0.0, 0.4, "Next.")], duration=5.0))])
+    assert [(w.start, w.end) for w in whole.words] == [(4.0, 4.6), (4.6, 5.0), (5.0, 5.4)]
+    assert whole.segments[0].end == 5.0
+
+
 def test_stitching_names_each_device_once() -> None:
     parts = [(0.0, _chunk([(0.1, 0.2, "A.")], 5.0, "cuda")), (5.0, _chunk([(0.1, 0.2, "B.")], 5.0, "cpu"))]
     parts.append((10.0, _chunk([(0.1, 0.2, "C.")], 5.0, "cpu")))
