@@ -11,10 +11,12 @@ Builds a recording of M minutes from the speech sample (looped, as
   transcribed by whichever worker is free, the server stitches them.
 
 Each worker's model is warmed by a short submit before the timed one. Prints
-the medians, the speed-up, and the word error rate of the split transcript
-against the whole one (words lower-cased, punctuation dropped; goal at most
-1 %). On a machine with few cores the workers share them, so the speed-up is
-bounded by the cores, not by the workers.
+the medians, the speed-up, the word error rate of the split transcript against the
+whole one (words lower-cased, punctuation dropped; goal at most 1 %), and the
+word error rate of each against the text the recording speaks (the sample's
+text of ``samples/make_samples.sh``, as many times as it is looped). On a
+machine with few cores the workers share them, so the speed-up is bounded by
+the cores, not by the workers.
 
     .venv/bin/python -m bench.long_media --minutes 30 --chunk-s 300 --rounds 1
 """
@@ -34,6 +36,15 @@ from tests.conftest import SAMPLES, fresh_vhost, looped_speech, open_stack
 
 #: Seconds the speech sample lasts, about.
 SAMPLE_S = 9.17
+
+
+def spoken_words() -> list[str]:
+    """The words samples/make_samples.sh gives espeak-ng: what the sample says."""
+    script = (SAMPLES / "make_samples.sh").read_text()
+    found = re.search(r'^text="([^"]+)"$', script, re.MULTILINE)
+    if found is None:
+        raise RuntimeError("samples/make_samples.sh sets no text")
+    return words(found.group(1))
 
 
 def words(text: str) -> list[str]:
@@ -87,6 +98,7 @@ def main() -> None:
         loops = max(1, math.ceil(args.minutes * 60 / SAMPLE_S) - 1)
         recording = looped_speech(Path(tmp) / "long.mp3", loops)
         whole_s, split_s, rates, pieces = [], [], [], []
+        truth: list[tuple[float, float]] = []
         split = {"MORAG_SPLIT_OVER_S": f"{args.chunk_s:g}", "MORAG_SPLIT_CHUNK_S": f"{args.chunk_s:g}"}
         for _ in range(args.rounds):
             seconds, whole = timed_run(recording, 1, {"MORAG_SPLIT_OVER_S": "0"})
@@ -97,6 +109,10 @@ def main() -> None:
                 raise RuntimeError("the split run was not split")
             pieces.append(len(parts["input"]["chunks"]))
             rates.append(word_error_rate(words(whole["text"]), words(parts["text"])))
+            spoken = spoken_words() * (loops + 1)
+            truth.append(
+                (word_error_rate(spoken, words(whole["text"])), word_error_rate(spoken, words(parts["text"])))
+            )
         duration = whole["result"]["duration"]
         print(
             f"long media: {duration / 60:.1f} min recording (the sample looped), chunks of about "
@@ -112,6 +128,11 @@ def main() -> None:
         print(
             f"  word error rate, split against whole: {100 * statistics.median(rates):.2f}% "
             f"({len(words(whole['text']))} words; goal at most 1%)"
+        )
+        print(
+            f"  word error rate against the spoken text ({len(spoken)} words): whole "
+            f"{100 * statistics.median(t[0] for t in truth):.2f}%, split "
+            f"{100 * statistics.median(t[1] for t in truth):.2f}% ({len(words(parts['text']))} words)"
         )
 
 
