@@ -191,3 +191,27 @@ def test_the_proxy_refuses_private_addresses_and_relays_the_rest(site: str) -> N
     with checking_proxy(allow_private=True) as (proxy, state):
         answer = _ask(proxy, f"GET http://localhost:{port}/news/gpu-farms.html HTTP/1.1\r\n\r\n".encode())
         assert answer.startswith(b"HTTP/1.1 200") and state.refusals == []
+
+
+def test_the_proxy_connects_to_the_address_it_checked_not_to_a_second_dns_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS rebinding: the host answers a public address when checked, then 127.0.0.1. The proxy
+    connects to the address it checked (unreachable here), never to the listener on 127.0.0.1."""
+    from pipeline import checking_proxy as proxy_module
+    from pipeline import netsafety
+
+    answers = iter([["1.1.1.1"], ["127.0.0.1"]])
+    monkeypatch.setattr(netsafety, "resolve", lambda host, port: next(answers))
+    monkeypatch.setattr(proxy_module, "resolve", lambda host, port: next(answers))
+    monkeypatch.setattr(proxy_module, "CONNECT_TIMEOUT_S", 1.0)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        state = proxy_module.CheckingProxy(allow_private=False, allow_hosts=(), timeout_s=5)
+        with pytest.raises(OSError, match="cannot connect to rebinding.example"):
+            state.connect("http", "rebinding.example", listener.getsockname()[1]).close()
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert next(answers) == ["127.0.0.1"]  # asked once
