@@ -97,6 +97,14 @@ def test_a_sites_metadata_and_subtitles_are_what_the_result_keeps() -> None:
         "en": {"format": "vtt", "text": "WEBVTT\n\n00:00.000 --> 00:01.000\nHi\n"}
     }
     assert media_urls.metadata({"title": "x", "uploader": "Someone"})["channel"] == "Someone"
+    # A talk with fifty translations: its own language and English first, five languages at most.
+    many = {f"x{n:02d}": {"ext": "vtt", "data": "WEBVTT\n"} for n in range(50)}
+    many |= {"en": {"ext": "vtt", "data": "WEBVTT\n"}, "de-DE": {"ext": "vtt", "data": "WEBVTT\n"}}
+    kept = media_urls.subtitles({"language": "de", "requested_subtitles": many})
+    assert list(kept) == ["de-DE", "en", "x00", "x01", "x02"]
+    huge = {lang: {"ext": "vtt", "data": "a" * 600_000} for lang in ("en", "fr")}
+    texts = [s["text"] for s in media_urls.subtitles({"requested_subtitles": huge}).values()]
+    assert sum(map(len, texts)) == media_urls.MAX_SUBTITLE_CHARS
 
 
 def test_what_the_metadata_says_is_too_much_is_refused_before_any_download() -> None:
