@@ -75,7 +75,7 @@ def breakdown(task: dict, began: float, ended: float) -> dict[str, float]:
     parts["queued"] = started - task["created_at"]
     found = timings.stages((task.get("result") or {}).get("timings") or {})
     parts.update((f"worker: {name}", seconds) for name, seconds in found)
-    parts["worker: rest (completion, verify)"] = task["finished_at"] - started - sum(s for _, s in found)
+    parts["worker: rest (manifest, completion)"] = task["finished_at"] - started - sum(s for _, s in found)
     parts["result download, CLI exit"] = ended - task["finished_at"]
     return parts
 

@@ -1,16 +1,16 @@
 """The wall time of each stage of a job, as a task's ``result["timings"]`` reports it.
 
 A worker times every stage of a task it runs with one ``Stopwatch``: the
-download of the input, the reports it sends while it runs, the uploads of the
-outputs and of the manifest. The runner of the task's kind reports its own
+download of the input, the reports it sends between stages, the uploads of
+the outputs, the checks for a finished manifest. The runner of the task's kind reports its own
 stages (``probe_s``, ``decode_s``, ``load_s``, ``transcribe_s``, ``render_s``
 for a transcription); both land in the same ``timings``, one key per stage,
 in seconds, named ``<stage>_s``.
 
 ``describe`` writes them as the one line ``morag-pipeline status`` shows:
 the stages in the order they run, then their sum against the task's running
-time (the rest is what no stage accounts for: the completion report and its
-verification by the server, the grant, the queue between attempts).
+time (the rest is what no stage accounts for: the grant, the manifest's
+upload, the completion report and its verification by the server).
 """
 
 from __future__ import annotations
