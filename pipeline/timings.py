@@ -21,9 +21,13 @@ from contextlib import contextmanager
 from typing import Any
 
 #: The stages in the order a worker runs them; a stage not listed comes after, in its own order.
-ORDER = (
-    "download", "fetch", "probe", "decode", "load", "transcribe", "convert", "extract",
-    "render", "upload", "manifest", "report",
+#: (Named by their keys: a stage is not a kind, even where it shares a kind's name.)
+ORDER = tuple(
+    key.removesuffix("_s")
+    for key in (
+        "download_s", "fetch_s", "probe_s", "decode_s", "load_s", "transcribe_s", "convert_s",
+        "extract_s", "render_s", "upload_s", "manifest_s", "report_s",
+    )
 )  # fmt: skip
 
 
