@@ -59,9 +59,9 @@ class CheckingProxy:
         url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}/"
         with self._lock:
             self.requests.append(f"{host}:{port}")
-        check_url(url, allow_private=self.allow_private, allow_hosts=self.allow_hosts)
+        checked = check_url(url, allow_private=self.allow_private, allow_hosts=self.allow_hosts)
         last: OSError | None = None
-        for address in resolve(host, port):  # the addresses just checked, not a second answer
+        for address in checked or resolve(host, port):  # the addresses checked, not a second answer
             try:
                 return socket.create_connection((address, port), timeout=CONNECT_TIMEOUT_S)
             except OSError as exc:

@@ -12,6 +12,12 @@ message whose first run got that far), nothing runs again and the manifest's
 outputs are returned. ``should_stop`` cancels: it is polled between stages
 and between transcript segments, and a canceled job raises ``TaskCanceled``
 before it uploads anything.
+
+Every stage is timed (``pipeline.timings``): ``download_s``, ``upload_s``
+(the outputs), ``manifest_s`` (looking for a finished manifest, before and
+after the run) and ``report_s`` (the reports sent between stages) join the
+runner's own stages in the result's ``timings``. The manifest's own upload
+cannot be in the result it holds: it is part of the run's rest.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pipeline.outputs import output_folder, output_name
 from pipeline.processors import Progress, documents, media, whisper
 from pipeline.processors.speech_options import SpeechOptions
 from pipeline.processors.transcripts import FORMATS
+from pipeline.timings import Stopwatch
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.manifest import Manifest, read_manifest, write_manifest
 from pipeline.transfer.transport import Transport
@@ -67,23 +74,35 @@ def run_job(
     transport: Transport,
     events: Events,
     should_stop: Callable[[], bool] = lambda: False,
+    watch: Stopwatch | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Process one job; returns (output references, result summary).
 
     When the outputs are already complete the summary has ``reused: True``.
+    ``watch`` times the stages (a new one unless the caller already timed some,
+    such as the report that the task started); the summary's ``timings`` hold
+    them with the runner's own.
     """
     task_id = job["task_id"]
     kind = kind_of(job["kind"])
     ref = FileRef.from_dict(job["input"]) if "path" in job["input"] else None
+    watch = watch if watch is not None else Stopwatch()
 
     def progress(stage: str, percent: float) -> None:
+        """A report sent by the runner: timed as part of the runner's stage it falls in."""
         events.progress(task_id, stage, percent)
+
+    def report(stage: str, percent: float) -> None:
+        """A report sent between stages: timed as the report stage."""
+        with watch.stage("report"):
+            events.progress(task_id, stage, percent)
 
     def check_stop(stage: str) -> None:
         if should_stop():
             raise TaskCanceled(f"canceled while {stage}")
 
-    done = _finished(transport, task_id, kind.name)
+    with watch.stage("manifest"):
+        done = _finished(transport, task_id, kind.name)
     if done is not None:
         return done.outputs, {**done.result, "reused": True}
     # The process id in the name lets a later worker remove what a killed one left.
@@ -92,20 +111,22 @@ def run_job(
         check_stop("waiting")
         local, download_s = None, 0.0
         if ref is not None:
-            progress("downloading", 0.0)
+            report("downloading", 0.0)
             started = time.perf_counter()
             local = transport.download(ref, folder / ("input" + Path(ref.name).suffix))
             download_s = time.perf_counter() - started
+            watch.add("download", download_s)
             check_stop("downloading")
         outputs, summary = kind.run()(job, local, folder, settings, progress, should_stop)
         summary["kind"] = kind.name  # which stage these outputs are of (pipeline.submission.hand_on)
         check_stop(kind.working)
         # Another delivery of this task may have finished meanwhile (its worker
         # lost the broker but not the store): its outputs stand, not a second set.
-        done = _finished(transport, task_id, kind.name)
+        with watch.stage("manifest"):
+            done = _finished(transport, task_id, kind.name)
         if done is not None:
             return done.outputs, {**done.result, "reused": True}
-        progress("uploading", 0.0)
+        report("uploading", 0.0)
         started = time.perf_counter()
         refs = []
         for fmt, content in outputs.items():
@@ -117,12 +138,16 @@ def run_job(
             name = output_name(job["filename"], fmt)  # the server refuses any other name
             uploaded = transport.upload(path, output_folder(task_id) + name)
             refs.append({**uploaded.to_dict(), "format": fmt})
+        upload_s = time.perf_counter() - started
+        watch.add("upload", upload_s)
         summary["transfer"] = {  # what the server's metrics count (pipeline.metrics)
             "download_s": round(download_s, 3),
             "download_bytes": ref.size if ref is not None else 0,
-            "upload_s": round(time.perf_counter() - started, 3),
+            "upload_s": round(upload_s, 3),
             "upload_bytes": sum(r["size"] for r in refs),
         }
+        # The manifest holds the result as reported: its own upload is in the run's rest.
+        summary["timings"] = {**summary.get("timings", {}), **watch.timings()}
         write_manifest(transport, task_id, Manifest(refs, summary), folder)
     return refs, summary
 
@@ -142,13 +167,25 @@ def transcribe(
     progress: Progress,
     should_stop: Callable[[], bool],
 ) -> tuple[Outputs, dict[str, Any]]:
+    """The runner of transcriptions: audio decoded to WAV, transcribed, rendered in every format.
+
+    Its timings: ``probe_s`` (only when the job carries no duration from the server's
+    probe), ``decode_s``, the model's ``load_s`` and ``transcribe_s``, and ``render_s``.
+    """
     options = job.get("options", {})
+    watch = Stopwatch()
     progress("extracting audio", 0.0)
     found = job.get("media") or {}
     span = found.get("slice")  # a chunk of a long recording (pipeline.chunks): its seconds alone
-    audio = media.extract_audio(
-        local, folder / "audio.wav", duration=found.get("duration"), span=tuple(span) if span else None
-    )
+    duration = found.get("duration")
+    if duration is None:  # the server's probe found none: ffprobe here, once, for the decode's time bound
+        with watch.stage("probe"):
+            info = media.probe(local)
+        duration = info.duration if info is not None else 0.0
+    with watch.stage("decode"):
+        audio = media.extract_audio(
+            local, folder / "audio.wav", duration=duration, span=tuple(span) if span else None
+        )
     transcript = whisper.transcribe(
         audio,
         model=options.get("model") or settings.whisper_model,
@@ -162,7 +199,9 @@ def transcribe(
         source=job["filename"],
         max_loaded=settings.whisper_max_loaded_models,
     )
-    outputs: Outputs = {fmt: render(transcript) for fmt, render in FORMATS.items()}
+    transcript.timings.update(watch.timings())  # the JSON transcript holds them too
+    with watch.stage("render"):
+        outputs: Outputs = {fmt: render(transcript) for fmt, render in FORMATS.items()}
     summary = {
         "language": transcript.language,
         "language_probability": transcript.language_probability,
@@ -171,7 +210,7 @@ def transcribe(
         "model": transcript.model,
         "device": transcript.device,
         "compute_type": transcript.compute_type,
-        "timings": transcript.timings,
+        "timings": {**transcript.timings, **watch.timings()},
         "segments": len(transcript.segments),
         "words": len(transcript.words),
     }

@@ -45,8 +45,10 @@ def resolve(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def check_url(url: str, *, allow_private: bool = False, allow_hosts: tuple[str, ...] = ()) -> None:
+def check_url(url: str, *, allow_private: bool = False, allow_hosts: tuple[str, ...] = ()) -> list[str]:
     """Refuse ``url`` unless it is http(s) and, unless allowed, every address of its host is public.
+    Returns the addresses it checked (empty when the host is allowed unchecked), for a caller
+    that connects itself to connect to those and not to a second DNS answer.
 
     Parameters:
       allow_private: Allow every private address.
@@ -62,13 +64,15 @@ def check_url(url: str, *, allow_private: bool = False, allow_hosts: tuple[str, 
     if not parts.hostname:
         raise UnsafeURL(f"{url!r}: no host in the URL")
     if allow_private or parts.hostname.lower() in {h.lower() for h in allow_hosts}:
-        return
-    private = [a for a in resolve(parts.hostname, port) if not is_public(a)]
+        return []
+    addresses = resolve(parts.hostname, port)
+    private = [a for a in addresses if not is_public(a)]
     if private:
         raise UnsafeURL(
             f"{parts.hostname} resolves to a private address ({', '.join(private)}): refused;"
             " set MORAG_FETCH_ALLOW_PRIVATE=true to allow private addresses"
         )
+    return addresses
 
 
 def safe_client(

@@ -71,6 +71,8 @@ TINY: dict[str, Tiny] = {
             (rf"^  ratio submit / direct warm: {RATIO}; overhead {NUMBER} s$", 1),
             (rf"^  client submit\+wait\+result, (stream|polling) +{NUMBER} s  \(overhead -?{NUMBER} s\)$", 2),
             (rf"^  ratio stream / polling: {RATIO}; overhead change [+-]{NUMBER} s per task$", 1),
+            # where the seconds go: each stage the worker timed, among the others
+            (rf"^  worker: (download|decode|load|transcribe|render|upload|manifest|report) +{NUMBER} s$", 8),
         ),
     ),
     "dashboard_cost": Tiny(

@@ -18,6 +18,7 @@ from pipeline.logs import get_logger
 from pipeline.middleware.cancellations import is_canceled
 from pipeline.reporting import reporter_for
 from pipeline.task_message import check_job
+from pipeline.timings import Stopwatch
 from pipeline.transfer.transport import Transport, open_transport
 
 logger = get_logger(__name__)
@@ -61,13 +62,16 @@ def perform(job: dict[str, Any]) -> None:
         authorize_job(transport, job)
         check_job(job)  # then a job in a schema this worker does not read fails, with the reason
         logger.info("task started", extra=log)
-        reporter.started(task_id, attempt)
+        watch = Stopwatch()  # each stage's wall time, into the result's timings (pipeline.timings)
+        with watch.stage("report"):
+            reporter.started(task_id, attempt)
         outputs, result = run_job(
             job,
             settings=get_settings(),
             transport=transport,
             events=reporter,
             should_stop=lambda: is_canceled(task_id),
+            watch=watch,
         )
     except TaskCanceled as exc:
         # Acknowledged, not retried: the server already holds the task as canceled.

@@ -23,18 +23,19 @@ TASK_COLUMNS = (
     tasks.c.outputs, tasks.c.result, tasks.c.error, tasks.c.worker, tasks.c.attempts, tasks.c.created_at,
     tasks.c.updated_at, tasks.c.started_at, tasks.c.finished_at, tasks.c.deliveries,
 )  # fmt: skip
-#: Timings a worker reports for moving files rather than processing them.
-TRANSFER_TIMINGS = frozenset({"download_s", "upload_s", "transfer_s"})
+#: Timings a worker reports for moving files and reports rather than processing them.
+TRANSFER_TIMINGS = frozenset({"download_s", "upload_s", "transfer_s", "manifest_s", "report_s"})
 
 
 def task_times(task: dict[str, Any], now: float) -> dict[str, float | None]:
     """A task's wait, transfer and processing seconds, and its whole time until now or its end.
 
     ``wait_s``: from submit to the first start (until now while queued).
-    ``processing_s``: the processor's own timings (model load and transcription,
-    or conversion). ``transfer_s``: the worker's transfer timings where it
-    reports them; otherwise the rest of its last run (download, audio
-    extraction, upload and reports). The last run starts at the last
+    ``processing_s``: the stages that work on the content (probe, audio
+    decoding, model load, transcription, rendering; or conversion).
+    ``transfer_s``: the worker's transfer stages (download, upload, manifest,
+    reports, ``TRANSFER_TIMINGS``) where it reports them; otherwise the rest
+    of its last run. The last run starts at the last
     ``started`` event where the task's events are given, else at its first
     start (a retried task's rest then includes the time between its runs).
     """

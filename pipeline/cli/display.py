@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline import timings
 from pipeline.errors import PipelineError
 from pipeline.outputs import UnsafeOutput, check_outputs
 from pipeline.processors.transcripts import describe_language
@@ -307,6 +308,13 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def _running_s(task: TaskDict) -> float | None:
+    """Seconds from the task's last start to its end, as the server recorded them; None while it runs."""
+    starts = [e["ts"] for e in task.get("events") or [] if e.get("event") == "started"]
+    finished = task.get("finished_at")
+    return finished - starts[-1] if starts and finished else None
+
+
 def show_status(task: TaskDict) -> None:
     """A task's state, route and the reasons for it, progress, and events."""
     route = task["route"]
@@ -334,6 +342,8 @@ def show_status(task: TaskDict) -> None:
     result = task.get("result") or {}
     if result.get("device"):
         out.print(f"  ran on:   {result['device']} with {result.get('model')}")
+    if stages := timings.describe(result.get("timings") or {}, _running_s(task)):
+        out.print(f"  timings:  {stages}", markup=False)
     source = result.get("source") or {}
     if source.get("title"):  # what a media URL's page said of it (pipeline.processors.media_urls)
         by = f" by {source['channel']}" if source.get("channel") else ""

@@ -12,16 +12,18 @@ import os
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from pipeline.cli.display import console
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
-from pipeline.security.apikeys import ROLES
 from pipeline.security.audit import audit, open_audit_log
-from pipeline.security.tokens import CAPABILITIES
-from pipeline.services import Services, build_services
+from pipeline.security.roles import CAPABILITIES, ROLES
+
+if TYPE_CHECKING:
+    from pipeline.services import Services
 
 out = console()
 err = console(stderr=True)
@@ -81,6 +83,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _services(settings: Settings) -> Services:
+    from pipeline.services import build_services  # the store and broker: imported when a command needs them
+
     services = build_services(settings)
     open_audit_log(settings.data_dir / "audit.log", settings.audit_max_bytes, settings.audit_backups)
     return services

@@ -60,7 +60,8 @@ MEDIA_HOSTS = (
 )
 #: Paths that are media whatever their host: HLS and DASH playlists.
 MEDIA_PATHS = (".m3u8", ".mpd")
-#: The subtitles kept of each language, at most (their text goes into the task's result).
+#: The subtitles kept, at most: languages, and characters in all (their text goes into the task's result).
+MAX_SUBTITLE_LANGUAGES = 5
 MAX_SUBTITLE_CHARS = 1_000_000
 #: What the result keeps of yt-dlp's metadata.
 METADATA = (
@@ -113,15 +114,23 @@ def metadata(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def subtitles(info: dict[str, Any]) -> dict[str, dict[str, str]]:
-    """The subtitles yt-dlp wrote, by language: their format and text."""
-    found = {}
-    for language, sub in (info.get("requested_subtitles") or {}).items():
+    """The subtitles yt-dlp wrote, by language: their format and text. The media's own language
+    and English come first; at most ``MAX_SUBTITLE_LANGUAGES`` languages and
+    ``MAX_SUBTITLE_CHARS`` characters in all are kept (a talk may have fifty translations)."""
+    requested = info.get("requested_subtitles") or {}
+    first = [str(info.get("language") or ""), "en"]
+    order = sorted(requested, key=lambda lang: (lang.split("-")[0] not in first, lang))
+    found: dict[str, dict[str, str]] = {}
+    room = MAX_SUBTITLE_CHARS
+    for language in order[:MAX_SUBTITLE_LANGUAGES]:
+        sub = requested[language]
         path = sub.get("filepath")
         text = sub.get("data")
         if text is None and path and Path(path).is_file():
             text = Path(path).read_text(encoding="utf-8", errors="replace")
-        if text:
-            found[language] = {"format": sub.get("ext", ""), "text": text[:MAX_SUBTITLE_CHARS]}
+        if text and room > 0:
+            found[language] = {"format": sub.get("ext", ""), "text": text[:room]}
+            room -= len(found[language]["text"])
     return found
 
 

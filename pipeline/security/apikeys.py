@@ -18,9 +18,9 @@ from sqlalchemy import select, update
 from pipeline.config import Settings
 from pipeline.db import Database
 from pipeline.schema import api_keys
+from pipeline.security.roles import ROLES
 from pipeline.security.tokens import AuthError
 
-ROLES = ("readonly", "client", "admin")
 PREFIX = "mpk_"
 
 

@@ -24,9 +24,9 @@ from pipeline.db import Database
 from pipeline.errors import PipelineError
 from pipeline.schema import worker_tokens
 from pipeline.security.keys import derive
+from pipeline.security.roles import CAPABILITIES
 
 ISSUER = "morag-pipeline"
-CAPABILITIES = ("gpu", "cpu")
 
 
 class AuthError(PipelineError):

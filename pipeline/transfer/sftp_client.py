@@ -33,8 +33,10 @@ from typing import Any, TypeVar
 
 import paramiko
 from paramiko.sftp import (
+    CMD_ATTRS,
     CMD_CLOSE,
     CMD_EXTENDED,
+    CMD_FSTAT,
     CMD_HANDLE,
     CMD_OPEN,
     CMD_READ,
@@ -215,6 +217,8 @@ class SftpSession:
         self._replies: dict[int, tuple[int, paramiko.Message]] = {}
         #: Whether the server takes transfer grants (OpenSSH's does not: it confines by chroot).
         self.takes_grants = True
+        #: Folders this channel saw or made: the outputs of a task share one, asked about once.
+        self._folders: set[str] = set()
 
     @property
     def active(self) -> bool:
@@ -341,9 +345,15 @@ class SftpSession:
 
     def sha256(self, handle: bytes, offset: int = 0, length: int = 0) -> str:
         """SHA-256 of a range of the remote file, computed by the server (``check-file``)."""
-        _, msg = self.reply(
-            self.send(CMD_EXTENDED, "check-file", handle, "sha256", int64(offset), int64(length), 0)
-        )
+        return self.sha256_reply(self.send_sha256(handle, offset, length))
+
+    def send_sha256(self, handle: bytes, offset: int = 0, length: int = 0) -> int:
+        """Ask for ``sha256`` without waiting; ``sha256_reply`` reads the answer."""
+        return self.send(CMD_EXTENDED, "check-file", handle, "sha256", int64(offset), int64(length), 0)
+
+    def sha256_reply(self, num: int) -> str:
+        """The hash asked for by request ``num``; ``_Unsupported`` when the server cannot hash."""
+        _, msg = self.reply(num)
         msg.get_text()
         if msg.get_text() != "sha256":
             raise _Unsupported("check-file answered with another hash")
@@ -372,16 +382,26 @@ class SftpSession:
         except _Unsupported:
             self.takes_grants = False
 
+    def fstat_size(self, num: int) -> int:
+        """The size in the answer to an ``FSTAT`` request ``num`` (``send(CMD_FSTAT, handle)``)."""
+        t, msg = self.reply(num)
+        if t != CMD_ATTRS:
+            raise paramiko.SSHException(f"SFTP server answered fstat with message type {t}")
+        return int(paramiko.SFTPAttributes._from_msg(msg).st_size or 0)
+
     def mkdirs(self, folder: str) -> None:
-        """Create ``folder`` and its parents where missing."""
-        if folder in ("", "/", ".") or self.size(folder) is not None:
+        """Create ``folder`` and its parents where missing (asked of the server once per channel:
+        a folder removed since makes the next open fail, and the retry takes a new channel)."""
+        if folder in ("", "/", ".") or folder in self._folders:
             return
-        self.mkdirs(posixpath.dirname(folder))
-        try:
-            self.sftp.mkdir(folder)
-        except OSError:
-            if self.size(folder) is None:
-                raise
+        if self.size(folder) is None:
+            self.mkdirs(posixpath.dirname(folder))
+            try:
+                self.sftp.mkdir(folder)
+            except OSError:
+                if self.size(folder) is None:
+                    raise
+        self._folders.add(folder)
 
 
 def _raise_status(msg: paramiko.Message) -> None:
@@ -930,8 +950,8 @@ class SftpTransport:
         try:
             while True:
                 try:
-                    sha256, held = self._put(src, temp, resume)
-                    self._verify(temp, size, sha256, held, store_path)
+                    sha256, held, held_size = self._put(src, temp, resume)
+                    self._verify(temp, size, sha256, held, held_size, store_path)
                     self.session().sftp.posix_rename(temp, final)
                     return FileRef(store_path, sha256, size)
                 except _Denied:
@@ -959,11 +979,12 @@ class SftpTransport:
             self._remove_quietly(temp)
             raise
 
-    def _put(self, src: Path, temp: str, resume: bool) -> tuple[str, str | None]:
+    def _put(self, src: Path, temp: str, resume: bool) -> tuple[str, str | None, int]:
         """Send ``src`` to ``temp``, from where a previous attempt stopped if ``resume``.
 
-        Returns the SHA-256 of what was sent and the one the server computed of
-        what it holds (None if it cannot hash).
+        Returns the SHA-256 of what was sent, the one the server computed of
+        what it holds (None if it cannot hash) and the size it holds, both
+        asked for at once on the open file (one round trip).
         """
         session = self.session()
         session.mkdirs(posixpath.dirname(temp))
@@ -977,11 +998,13 @@ class SftpTransport:
             if offset:
                 logger.info("sftp upload resumed", extra=self._log(temp, offset=offset))
             session.write(handle, offset, _local_chunks(src, offset, digest))
+            asked_size, asked_hash = session.send(CMD_FSTAT, handle), session.send_sha256(handle)
+            held_size = session.fstat_size(asked_size)
             try:
-                held = session.sha256(handle)
+                held = session.sha256_reply(asked_hash)
             except _Unsupported:
                 held = None
-        return digest.hexdigest(), held
+        return digest.hexdigest(), held, held_size
 
     def _same_prefix(self, session: SftpSession, handle: bytes, sha256: str, length: int) -> bool:
         """Whether the server's first ``length`` bytes hash to ``sha256``; True if it cannot say."""
@@ -990,11 +1013,13 @@ class SftpTransport:
         except _Unsupported:
             return True  # the final verification catches a bad prefix
 
-    def _verify(self, temp: str, size: int, sha256: str, held: str | None, store_path: str) -> None:
-        """Compare the server's copy with what was sent: its size as the server reports it, and
-        its SHA-256 as the server computed it (``held``) or, if it cannot, as read back."""
+    def _verify(
+        self, temp: str, size: int, sha256: str, held: str | None, held_size: int, store_path: str
+    ) -> None:
+        """Compare the server's copy with what was sent: its size as the server reported it
+        (``held_size``), and its SHA-256 as the server computed it (``held``) or, if it cannot,
+        as read back."""
         session = self.session()
-        held_size = session.size(temp)
         if held is None:
             digest = hashlib.sha256()
             with session.opened(temp, READ) as handle:

@@ -19,8 +19,8 @@ def summary(task: Task, delivery_id: str, settings: Settings) -> dict[str, Any]:
 
     Each output is named by its format, with its API path and its URL under
     the first of ``MORAG_SERVER_URL`` (fetch it with an API key, as any result),
-    its SHA-256 and size. ``timings`` are the processor's own (seconds), where
-    the worker reported them.
+    its SHA-256 and size. ``timings`` are the seconds of each stage of the
+    task's run (``pipeline.timings``), where the worker reported them.
     """
     base = settings.server_urls[0]
     outputs = [

@@ -88,6 +88,21 @@ def test_output_dir_gets_every_format_and_status_shows_route(
     for event in ("submitted", "published", "started", "done"):
         assert event in status.stdout
 
+    # Every stage of the run is timed, and the stages fit in the task's running time.
+    task = running.get(f"/api/v1/tasks/{task_id}").json()
+    timings = task["result"]["timings"]
+    stages = ("download", "decode", "load", "transcribe", "render", "upload", "manifest", "report")
+    assert {f"{stage}_s" for stage in stages} <= set(timings), timings
+    assert "probe_s" not in timings  # the server's probe gave the duration: ffprobe ran once
+    assert all(seconds >= 0 for seconds in timings.values())
+    started = [e["ts"] for e in task["events"] if e["event"] == "started"][-1]
+    assert sum(timings.values()) <= task["finished_at"] - started
+    line = next(line for line in status.stdout.splitlines() if line.strip().startswith("timings:"))
+    for stage in stages:
+        assert f"{stage} {timings[stage + '_s']:.2f} s" in line, line
+    assert line.index("download") < line.index("decode") < line.index("transcribe") < line.index("upload")
+    assert f"of {task['finished_at'] - started:.2f} s running" in line
+
 
 def test_content_decides_not_the_name(running: Stack, samples: Path, tmp_path: Path) -> None:
     disguised = tmp_path / "notes.txt"

@@ -97,6 +97,14 @@ def test_a_sites_metadata_and_subtitles_are_what_the_result_keeps() -> None:
         "en": {"format": "vtt", "text": "WEBVTT\n\n00:00.000 --> 00:01.000\nHi\n"}
     }
     assert media_urls.metadata({"title": "x", "uploader": "Someone"})["channel"] == "Someone"
+    # A talk with fifty translations: its own language and English first, five languages at most.
+    many = {f"x{n:02d}": {"ext": "vtt", "data": "WEBVTT\n"} for n in range(50)}
+    many |= {"en": {"ext": "vtt", "data": "WEBVTT\n"}, "de-DE": {"ext": "vtt", "data": "WEBVTT\n"}}
+    kept = media_urls.subtitles({"language": "de", "requested_subtitles": many})
+    assert list(kept) == ["de-DE", "en", "x00", "x01", "x02"]
+    huge = {lang: {"ext": "vtt", "data": "a" * 600_000} for lang in ("en", "fr")}
+    texts = [s["text"] for s in media_urls.subtitles({"requested_subtitles": huge}).values()]
+    assert sum(map(len, texts)) == media_urls.MAX_SUBTITLE_CHARS
 
 
 def test_what_the_metadata_says_is_too_much_is_refused_before_any_download() -> None:
@@ -191,3 +199,27 @@ def test_the_proxy_refuses_private_addresses_and_relays_the_rest(site: str) -> N
     with checking_proxy(allow_private=True) as (proxy, state):
         answer = _ask(proxy, f"GET http://localhost:{port}/news/gpu-farms.html HTTP/1.1\r\n\r\n".encode())
         assert answer.startswith(b"HTTP/1.1 200") and state.refusals == []
+
+
+def test_the_proxy_connects_to_the_address_it_checked_not_to_a_second_dns_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS rebinding: the host answers a public address when checked, then 127.0.0.1. The proxy
+    connects to the address it checked (unreachable here), never to the listener on 127.0.0.1."""
+    from pipeline import checking_proxy as proxy_module
+    from pipeline import netsafety
+
+    answers = iter([["1.1.1.1"], ["127.0.0.1"]])
+    monkeypatch.setattr(netsafety, "resolve", lambda host, port: next(answers))
+    monkeypatch.setattr(proxy_module, "resolve", lambda host, port: next(answers))
+    monkeypatch.setattr(proxy_module, "CONNECT_TIMEOUT_S", 1.0)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        state = proxy_module.CheckingProxy(allow_private=False, allow_hosts=(), timeout_s=5)
+        with pytest.raises(OSError, match="cannot connect to rebinding.example"):
+            state.connect("http", "rebinding.example", listener.getsockname()[1]).close()
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert next(answers) == ["127.0.0.1"]  # asked once

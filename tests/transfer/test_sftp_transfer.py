@@ -155,3 +155,43 @@ def test_public_key_login(
                 SftpTransport(worker_settings(tmp_path, server.port, **pin, **wrong)).download(
                     ref, tmp_path / "x"
                 )
+
+
+def test_a_task_s_outputs_ask_about_their_folder_once_and_verify_in_one_round_trip(
+    settings: Settings, store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six outputs into one folder: the folder is looked for (and made) at the first only, and each
+    file's size comes with its hash (FSTAT beside check-file) instead of a stat of its own; a folder
+    removed meanwhile is made again and the upload still lands, verified."""
+    sent: list[int] = []
+    request = paramiko.SFTPClient._async_request
+
+    def counted(self: paramiko.SFTPClient, fileobj: object, t: int, *args: object) -> int:
+        sent.append(t)
+        return request(self, fileobj, t, *args)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "_async_request", counted)
+    transport = SftpTransport(settings)
+    try:
+        refs, firsts = [], 0
+        for fmt in ("json", "srt", "vtt", "txt", "md", "morag.md"):
+            local = tmp_path / f"talk.{fmt}"
+            local.write_text(f"the {fmt} output\n")
+            refs.append(transport.upload(local, f"tasks/t9/output/talk.{fmt}"))
+            firsts = firsts or len(sent)
+        assert paramiko.sftp.CMD_STAT in sent[:firsts]  # the first looked for the folder
+        assert paramiko.sftp.CMD_STAT not in sent[firsts:]  # the next five did not, nor stat their file
+        assert sent.count(paramiko.sftp.CMD_FSTAT) == 6
+        # open, write, fstat + check-file (sent together: one round trip), close, rename
+        assert len(sent[firsts:]) == 5 * 6
+        for ref in refs:
+            store.check(ref)
+
+        for path in store.resolve("tasks/t9/output").iterdir():
+            path.unlink()
+        store.resolve("tasks/t9/output").rmdir()
+        again = transport.upload(tmp_path / "talk.json", "tasks/t9/output/talk.json")
+    finally:
+        transport.close()
+    store.check(again)
+    assert [p.name for p in store.resolve("tasks/t9/output").iterdir()] == ["talk.json"]

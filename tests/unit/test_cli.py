@@ -18,7 +18,7 @@ from pipeline.cli.main import build_parser
 from pipeline.cli.waiting import Fleet, why_waiting
 from pipeline.config import Settings, use_settings
 from pipeline.services import build_services
-from tests.conftest import SPOKEN_WORDS, TEST_SECRET, free_port, in_process_api
+from tests.conftest import ROOT, SPOKEN_WORDS, TEST_SECRET, free_port, in_process_api
 
 CLI = [str(Path(sys.executable).parent / "morag-pipeline")]
 
@@ -260,3 +260,14 @@ def test_why_a_task_waits() -> None:
     assert why_waiting(running, gone) == (
         "its worker cpu-1 is dead (last heartbeat 95s ago); last event: retrying (database is locked)"
     )
+
+
+def test_the_cli_starts_without_the_database_layer() -> None:
+    """Every command pays the CLI's imports: those of the store (SQLAlchemy) and of the server's
+    services wait for the commands that use them."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.cli.main; print(sorted(m for m in sys.modules))"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout  # fmt: skip
+    for heavy in ("'sqlalchemy'", "'pipeline.services'", "'pipeline.store'", "'paramiko'"):
+        assert heavy not in loaded, f"{heavy} is imported at the CLI's start"
