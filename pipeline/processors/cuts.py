@@ -33,6 +33,8 @@ SAMPLE_RATE = 16_000
 WINDOW_S = 600.0
 #: The shortest silence between two spans of speech that may hold a cut.
 MIN_GAP_S = 0.2
+#: How far from speech a cut in a longer silence stays (a shorter one is cut in its middle).
+EDGE_S = 0.5
 
 Span = tuple[float, float]
 
@@ -63,24 +65,31 @@ def speech_spans(
 
 
 def choose_cuts(speech: list[Span], duration: float, chunk_s: float) -> list[float]:
-    """Cut points for ``duration`` seconds of media with ``speech`` (spans in order): each the
-    middle of a silence between two spans of speech, the one nearest ``chunk_s`` after the
-    previous cut; none leaves a chunk shorter than half of ``chunk_s`` (the last one included).
+    """Cut points for ``duration`` seconds of media with ``speech`` (spans in order): each in a
+    silence (between two spans of speech, before the first or after the last; the whole media
+    when nothing is spoken), the point nearest ``chunk_s`` after the previous cut that keeps
+    ``EDGE_S`` from speech (the middle of a shorter silence); none leaves a chunk shorter than half
+    of ``chunk_s`` (the last one included).
 
     No cut when the media is not much longer than a chunk, or has no silence to cut in.
     """
-    gaps = [
-        (end + start) / 2
-        for (_, end), (start, _) in zip(speech, speech[1:], strict=False)
-        if start - end >= MIN_GAP_S
+    edges = [0.0, *(t for span in speech for t in span), duration]
+    silences = [
+        (start, end) for start, end in zip(edges[::2], edges[1::2], strict=False) if end - start >= MIN_GAP_S
     ]
     cuts: list[float] = []
     last = 0.0
     while duration - last > 1.5 * chunk_s:
-        fitting = [g for g in gaps if last + chunk_s / 2 <= g <= duration - chunk_s / 2]
+        low, high, wanted = last + chunk_s / 2, duration - chunk_s / 2, last + chunk_s
+        fitting = []
+        for start, end in silences:
+            pad = min(EDGE_S, (end - start) / 2)
+            point = min(max(wanted, start + pad), end - pad)
+            if low <= point <= high:
+                fitting.append(point)
         if not fitting:
             break
-        last = min(fitting, key=lambda g: abs(g - (last + chunk_s)))
+        last = min(fitting, key=lambda point: abs(point - wanted))
         cuts.append(round(last, 3))
     return cuts
 

@@ -141,3 +141,11 @@ def test_a_three_hour_recording_fits_every_time_limit_once_cut() -> None:
     chunk = Classification(TRANSCRIBE.name, "audio", "audio/mpeg", 1, settings.split_chunk_s * 1.5)
     assert cutting.queue == "cpu" and cutting.time_limit_s <= settings.max_time_limit_s
     assert choose_route(chunk, settings, gpu="never").queue == "cpu"
+
+
+def test_silence_is_cut_wherever_the_chunks_want_it_and_keeps_clear_of_speech() -> None:
+    # Nothing spoken in three hours: cut at every chunk length, not left whole.
+    assert choose_cuts([], 10_800.0, 300.0) == [300.0 * n for n in range(1, 36)]
+    # A long silence before the first word and after the last holds cuts too, half a second
+    # from the speech; a short silence between two words is cut in its middle.
+    assert choose_cuts([(700.0, 905.0), (905.4, 1000.0)], 1400.0, 300.0) == [300.0, 600.0, 905.2, 1205.2]
