@@ -1,7 +1,6 @@
 """One long recording, transcribed whole by one worker, then cut and spread over two workers.
 
-Builds a recording of M minutes from the speech sample (looped, as
-``tests/conftest.py::looped_speech`` does), then, in each round, times
+Builds a recording of M minutes, then, in each round, times
 ``morag-pipeline submit`` of it on two stacks on fresh vhosts:
 
 - the baseline: splitting off (``MORAG_SPLIT_OVER_S=0``) and one CPU worker,
@@ -10,11 +9,21 @@ Builds a recording of M minutes from the speech sample (looped, as
   length, and W CPU workers: a worker finds the cuts, the chunks are
   transcribed by whichever worker is free, the server stitches them.
 
+The recording is one of two materials (``--material``):
+
+- ``prose`` (the default): espeak-ng, the voice of the samples, reads the
+  prose of this project's README and docs (code, tables and headings left
+  out) for M minutes. It never says the same sentence twice, as a real talk
+  does not.
+- ``sample``: the speech sample looped (as ``tests/conftest.py::looped_speech``
+  does). Whisper conditions each window on the text before it and drops many
+  of the repeats, differently in each run, so the word error rate between
+  the two runs measures which repeats were dropped, not the cuts.
+
 Each worker's model is warmed by a short submit before the timed one. Prints
 the medians, the speed-up, the word error rate of the split transcript against the
 whole one (words lower-cased, punctuation dropped; goal at most 1 %), and the
-word error rate of each against the text the recording speaks (the sample's
-text of ``samples/make_samples.sh``, as many times as it is looped). On a
+word error rate of each against the text the recording speaks. On a
 machine with few cores the workers share them, so the speed-up is bounded by
 the cores, not by the workers.
 
@@ -28,6 +37,7 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +46,9 @@ from tests.conftest import SAMPLES, fresh_vhost, looped_speech, open_stack
 
 #: Seconds the speech sample lasts, about.
 SAMPLE_S = 9.17
+#: Words a minute espeak-ng reads at (as samples/make_samples.sh has it speak).
+WORDS_PER_MINUTE = 145
+ROOT = SAMPLES.parent
 
 
 def spoken_words() -> list[str]:
@@ -45,6 +58,50 @@ def spoken_words() -> list[str]:
     if found is None:
         raise RuntimeError("samples/make_samples.sh sets no text")
     return words(found.group(1))
+
+
+def prose(count: int) -> str:
+    """About ``count`` words of the README's and docs' prose: paragraphs of plain sentences,
+    without code blocks, tables, headings, lists of commands or inline code."""
+    sentences: list[str] = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "\n\n", doc.read_text(encoding="utf-8"), flags=re.DOTALL)
+        text = re.sub(r"^\s*(?:[-*>]|\d+\.)\s+", "\n\n", text, flags=re.MULTILINE)  # list items apart
+        for block in re.split(r"\n\s*\n", text):
+            if block.lstrip().startswith(("#", "|", "<")) or block.startswith("    "):
+                continue
+            block = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", " ".join(block.split())).replace("*", "")
+            for sentence in re.split(r"(?<=[.!?])\s+", block):
+                plain = "`" not in sentence and "://" not in sentence
+                if plain and len(words(sentence)) >= 6 and re.fullmatch(r"[A-Za-z0-9 ,.;:'()%/-]+", sentence):
+                    sentences.append(sentence)
+    chosen, total = [], 0
+    for sentence in dict.fromkeys(sentences):  # each once, in order
+        if total >= count:
+            break
+        chosen.append(sentence.rstrip(":.") + ".")
+        total += len(words(sentence))
+    if total < count:
+        raise RuntimeError(f"the docs hold {total} words of prose, fewer than the {count} asked")
+    return "\n\n".join(chosen)
+
+
+def spoken_prose(path: Path, minutes: float) -> tuple[Path, list[str]]:
+    """A recording of espeak-ng reading ``minutes`` of the docs' prose, and the words it says."""
+    text = prose(int(minutes * WORDS_PER_MINUTE))
+    wav = path.with_suffix(".wav")
+    subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", str(WORDS_PER_MINUTE), "-w", str(wav)],
+        input=text.encode(),
+        check=True,
+    )
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(wav), "-ac", "1", "-ar", "16000", "-c:a", "libmp3lame",
+         "-b:a", "32k", "-y", str(path)],
+        check=True,
+    )  # fmt: skip
+    wav.unlink()
+    return path, words(text)
 
 
 def words(text: str) -> list[str]:
@@ -86,17 +143,26 @@ def timed_run(recording: Path, workers: int, settings: dict[str, str]) -> tuple[
         return elapsed, json.loads(proc.stdout)
 
 
+MATERIALS = {"prose": "the docs' prose, read by espeak-ng", "sample": "the sample looped"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the recording")
     parser.add_argument("--chunk-s", type=float, default=300.0, help="MORAG_SPLIT_CHUNK_S of the split run")
     parser.add_argument("--workers", type=int, default=2, help="CPU workers of the split run")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--material", choices=("prose", "sample"), default="prose", help="what the recording says (see above)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        loops = max(1, math.ceil(args.minutes * 60 / SAMPLE_S) - 1)
-        recording = looped_speech(Path(tmp) / "long.mp3", loops)
+        if args.material == "prose":
+            recording, spoken = spoken_prose(Path(tmp) / "long.mp3", args.minutes)
+        else:
+            loops = max(1, math.ceil(args.minutes * 60 / SAMPLE_S) - 1)
+            recording, spoken = looped_speech(Path(tmp) / "long.mp3", loops), spoken_words() * (loops + 1)
         whole_s, split_s, rates, pieces = [], [], [], []
         truth: list[tuple[float, float]] = []
         split = {"MORAG_SPLIT_OVER_S": f"{args.chunk_s:g}", "MORAG_SPLIT_CHUNK_S": f"{args.chunk_s:g}"}
@@ -109,13 +175,12 @@ def main() -> None:
                 raise RuntimeError("the split run was not split")
             pieces.append(len(parts["input"]["chunks"]))
             rates.append(word_error_rate(words(whole["text"]), words(parts["text"])))
-            spoken = spoken_words() * (loops + 1)
             truth.append(
                 (word_error_rate(spoken, words(whole["text"])), word_error_rate(spoken, words(parts["text"])))
             )
         duration = whole["result"]["duration"]
         print(
-            f"long media: {duration / 60:.1f} min recording (the sample looped), chunks of about "
+            f"long media: {duration / 60:.1f} min recording ({MATERIALS[args.material]}), chunks of about "
             f"{args.chunk_s:g} s, median of {args.rounds} rounds"
         )
         print(f"  one worker, whole file          {statistics.median(whole_s):8.1f} s")
