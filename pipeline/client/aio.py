@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from pipeline.client import policy
+from pipeline.client import base, policy
+from pipeline.client.base import POLL_S, STREAM_S, Call, Handle, Progress, Servers
 from pipeline.client.board import FINAL, Board, TaskDict
 from pipeline.client.errors import ClientError, WaitTimeout
 from pipeline.client.policy import RetryPolicy
 from pipeline.client.sse import Event, EventParser
-from pipeline.client.sync import POLL_S, STREAM_S, Progress, _options, upload_form
 from pipeline.config import Settings
 
 
@@ -38,11 +36,9 @@ class AsyncClient:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.base_urls = [url.strip().rstrip("/") for url in base_url.split(",") if url.strip()]
-        self._index = 0
-        self._options = _options(api_key, ca_file, timeout)
+        self.servers = Servers(base_url, api_key, ca_file, timeout)
         self.retry = retry or RetryPolicy()
-        self.http = httpx.AsyncClient(base_url=self.base_url, **self._options)
+        self.http = httpx.AsyncClient(base_url=self.base_url, **self.servers.options)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AsyncClient:
@@ -51,7 +47,7 @@ class AsyncClient:
 
     @property
     def base_url(self) -> str:
-        return self.base_urls[self._index]
+        return self.servers.current
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -62,23 +58,17 @@ class AsyncClient:
     async def __aexit__(self, *_: object) -> None:
         await self.aclose()
 
-    async def _next_server(self) -> None:
-        self._index = (self._index + 1) % len(self.base_urls)
-        await self.http.aclose()
-        self.http = httpx.AsyncClient(base_url=self.base_url, **self._options)
-
-    async def _send(self, method: str, url: str, rewind: Callable[[], None], **kwargs: Any) -> httpx.Response:
-        for turn in range(len(self.base_urls)):
+    async def _send(self, call: Call, rewind: Callable[[], None]) -> httpx.Response:
+        for turn in range(len(self.servers.urls)):
             try:
-                return await self.http.request(method, url, **kwargs)
+                return await self.http.request(call.method, call.url, **call.kwargs)
             except httpx.ConnectError as exc:
-                if policy.is_tls(exc):
-                    raise policy.tls_failed(self.base_url, exc) from None
-                if turn < len(self.base_urls) - 1:
-                    await self._next_server()
-                    rewind()
-                    continue
-                raise policy.unreachable(self.base_urls) from None
+                error = self.servers.connect_failed(exc, turn)
+                if error is not None:
+                    raise error from None
+                await self.http.aclose()
+                self.http = httpx.AsyncClient(base_url=self.servers.next(), **self.servers.options)
+                rewind()
             except httpx.HTTPError as exc:
                 raise policy.failed(self.base_url, exc) from None
         raise AssertionError("unreachable")
@@ -87,17 +77,16 @@ class AsyncClient:
         self, method: str, url: str, *, safe: bool | None = None, **kwargs: Any
     ) -> httpx.Response:
         """``Client.request``, awaited."""
-        safe = method == "GET" if safe is None else safe
-        files = kwargs.get("files") or {}
+        return await self.send(Call(method, url, kwargs, safe))
 
-        def rewind() -> None:
-            for _, upload in files.values():
-                upload.seek(0)
-
+    async def send(self, call: Call) -> httpx.Response:
+        """``Client.send``, awaited."""
+        safe = call.method == "GET" if call.safe is None else call.safe
+        rewind = base.rewinder(call.kwargs)
         attempt = 0
         while True:
             try:
-                response = await self._send(method, url, rewind, **kwargs)
+                response = await self._send(call, rewind)
             except ClientError as exc:
                 wait = self.retry.after_error(exc, attempt, safe)
                 if wait is None:
@@ -116,46 +105,29 @@ class AsyncClient:
         self, path_or_url: str | Path, *, idempotency_key: str | None = None, **options: Any
     ) -> AsyncTask:
         """``Client.submit``, awaited."""
-        data, path = upload_form(path_or_url, options)
-        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
-        timeout = httpx.Timeout(30.0, write=None, read=600.0)
-        with ExitStack() as files:
-            upload = {"file": (path.name, files.enter_context(path.open("rb")))} if path else None
-            response = await self.request(
-                "POST", "/api/v1/tasks", safe=True, files=upload, data=data, headers=headers, timeout=timeout
-            )
+        with base.submit(path_or_url, idempotency_key, options) as call:
+            response = await self.send(call)
         return AsyncTask(self, response.json())
 
     async def task(self, task_id: str) -> TaskDict:
-        return (await self.request("GET", f"/api/v1/tasks/{task_id}")).json()
+        return (await self.send(base.task(task_id))).json()
 
     async def get(self, task_id: str) -> AsyncTask:
         return AsyncTask(self, await self.task(task_id))
 
     async def result(self, task_id: str, fmt: str | None = None) -> bytes:
-        params = {"format": fmt} if fmt else {}
-        return (await self.request("GET", f"/api/v1/tasks/{task_id}/result", params=params)).content
+        return (await self.send(base.result(task_id, fmt))).content
 
     async def cancel(self, task_id: str, reason: str | None = None) -> TaskDict:
-        body = {"reason": reason} if reason else None
-        return (await self.request("POST", f"/api/v1/tasks/{task_id}/cancel", json=body)).json()
+        return (await self.send(base.cancel(task_id, reason))).json()
 
     async def events(
         self, task_ids: list[str] | None = None, last_event_id: str | None = None, timeout: float = STREAM_S
     ) -> AsyncIterator[Event]:
         """``Client.events``, as an async iterator."""
-        params: dict[str, Any] = {"timeout": f"{timeout:.3f}"}
-        if task_ids is not None:
-            params["task"] = task_ids
-        headers = {
-            "Accept": "text/event-stream",
-            **({"Last-Event-ID": last_event_id} if last_event_id else {}),
-        }
-        read = httpx.Timeout(30.0, read=timeout + 30.0)
+        call = base.events(task_ids, last_event_id, timeout)
         try:
-            async with self.http.stream(
-                "GET", "/api/v1/events", params=params, headers=headers, timeout=read
-            ) as r:
+            async with self.http.stream(call.method, call.url, **call.kwargs) as r:
                 if r.status_code >= 400:
                     await r.aread()
                     raise policy.refusal(r)
@@ -164,14 +136,8 @@ class AsyncClient:
                     event = parser.feed(line)
                     if event is not None:
                         yield event
-        except httpx.ConnectError as exc:
-            raise (
-                policy.tls_failed(self.base_url, exc)
-                if policy.is_tls(exc)
-                else policy.unreachable([self.base_url])
-            ) from None
         except httpx.HTTPError as exc:
-            raise policy.failed(self.base_url, exc) from None
+            raise self.servers.stream_failed(exc) from None
 
     async def follow(
         self, records: dict[str, TaskDict], timeout: float | None = None, on_update: Progress | None = None
@@ -196,7 +162,7 @@ class AsyncClient:
                         break
                 continue
             except ClientError as exc:
-                if exc.status is not None and exc.status not in (404, 405, 502, 503, 504):
+                if not base.stream_ended(exc.status):
                     raise
             for tid in board.pending:  # the stream is cut: read, then try it again
                 try:
@@ -209,20 +175,10 @@ class AsyncClient:
         return board.records
 
 
-class AsyncTask:
+class AsyncTask(Handle):
     """``Task`` for asyncio code."""
 
-    def __init__(self, client: AsyncClient, record: TaskDict) -> None:
-        self.client = client
-        self.record = record
-
-    @property
-    def id(self) -> str:
-        return str(self.record["id"])
-
-    @property
-    def state(self) -> str:
-        return str(self.record["state"])
+    client: AsyncClient
 
     async def status(self) -> TaskDict:
         self.record = await self.client.task(self.id)

@@ -2,44 +2,21 @@
 
 from __future__ import annotations
 
-import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from pipeline.client import policy
+from pipeline.client import base, policy
+from pipeline.client.base import POLL_S, STREAM_S, Call, Handle, Progress, Servers
 from pipeline.client.board import FINAL, Board, TaskDict
 from pipeline.client.errors import ClientError, WaitTimeout
 from pipeline.client.policy import RetryPolicy
 from pipeline.client.sse import Event, EventParser
 from pipeline.config import Settings
-
-#: Seconds one event stream stays open before the client opens the next (the server closes it then).
-STREAM_S = 300.0
-#: Seconds between reads of a task while its event stream cannot be opened.
-POLL_S = 1.0
-Progress = Callable[[TaskDict], None]
-
-
-def upload_form(path_or_url: str | Path, options: dict[str, Any]) -> tuple[dict[str, str], Path | None]:
-    """The form fields of a submit and the file to send (None for a URL)."""
-    data = {k: str(v) for k, v in options.items() if v is not None}
-    text = str(path_or_url)
-    if isinstance(path_or_url, str) and text.startswith(("http://", "https://")):
-        return {**data, "url": text}, None
-    return data, Path(path_or_url)
-
-
-def _options(api_key: str | None, ca_file: Path | None, timeout: float) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
-    return {"timeout": timeout, "headers": headers, "verify": verify}
 
 
 class Client:
@@ -69,12 +46,10 @@ class Client:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.base_urls = [url.strip().rstrip("/") for url in base_url.split(",") if url.strip()]
-        self._index = 0
-        self._options = _options(api_key, ca_file, timeout)
+        self.servers = Servers(base_url, api_key, ca_file, timeout)
         self.retry = retry or RetryPolicy()
         self.sleep: Callable[[float], None] = time.sleep
-        self.http = httpx.Client(base_url=self.base_url, **self._options)
+        self.http = httpx.Client(base_url=self.base_url, **self.servers.options)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Client:
@@ -85,7 +60,7 @@ class Client:
     @property
     def base_url(self) -> str:
         """The URL requests go to now."""
-        return self.base_urls[self._index]
+        return self.servers.current
 
     def close(self) -> None:
         self.http.close()
@@ -96,24 +71,18 @@ class Client:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _next_server(self) -> None:
-        self._index = (self._index + 1) % len(self.base_urls)
-        self.http.close()
-        self.http = httpx.Client(base_url=self.base_url, **self._options)
-
-    def _send(self, method: str, url: str, rewind: Callable[[], None], **kwargs: Any) -> httpx.Response:
+    def _send(self, call: Call, rewind: Callable[[], None]) -> httpx.Response:
         """One try at each server in turn until one can be connected to."""
-        for turn in range(len(self.base_urls)):
+        for turn in range(len(self.servers.urls)):
             try:
-                return self.http.request(method, url, **kwargs)
+                return self.http.request(call.method, call.url, **call.kwargs)
             except httpx.ConnectError as exc:
-                if policy.is_tls(exc):
-                    raise policy.tls_failed(self.base_url, exc) from None
-                if turn < len(self.base_urls) - 1:
-                    self._next_server()
-                    rewind()
-                    continue
-                raise policy.unreachable(self.base_urls) from None
+                error = self.servers.connect_failed(exc, turn)
+                if error is not None:
+                    raise error from None
+                self.http.close()
+                self.http = httpx.Client(base_url=self.servers.next(), **self.servers.options)
+                rewind()
             except httpx.HTTPError as exc:
                 raise policy.failed(self.base_url, exc) from None
         raise AssertionError("unreachable")
@@ -123,17 +92,16 @@ class Client:
 
         ``safe``: whether the request may be repeated after a timeout (default: GET only).
         """
-        safe = method == "GET" if safe is None else safe
-        files = kwargs.get("files") or {}
+        return self.send(Call(method, url, kwargs, safe))
 
-        def rewind() -> None:
-            for _, upload in files.values():
-                upload.seek(0)
-
+    def send(self, call: Call) -> httpx.Response:
+        """``request`` of a ``Call``."""
+        safe = call.method == "GET" if call.safe is None else call.safe
+        rewind = base.rewinder(call.kwargs)
         attempt = 0
         while True:
             try:
-                response = self._send(method, url, rewind, **kwargs)
+                response = self._send(call, rewind)
             except ClientError as exc:
                 wait = self.retry.after_error(exc, attempt, safe)
                 if wait is None:
@@ -167,19 +135,13 @@ class Client:
         self, path_or_url: str | Path, *, idempotency_key: str | None = None, **options: Any
     ) -> TaskDict:
         """``submit``, returning the task's record as the server answered."""
-        data, path = upload_form(path_or_url, options)
-        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
-        timeout = httpx.Timeout(30.0, write=None, read=600.0)
-        with ExitStack() as files:
-            upload = {"file": (path.name, files.enter_context(path.open("rb")))} if path else None
-            response = self.request(
-                "POST", "/api/v1/tasks", safe=True, files=upload, data=data, headers=headers, timeout=timeout
-            )
+        with base.submit(path_or_url, idempotency_key, options) as call:
+            response = self.send(call)
         return response.json()
 
     def task(self, task_id: str) -> TaskDict:
         """The task's record: state, route and reasons, progress, outputs, events."""
-        return self.request("GET", f"/api/v1/tasks/{task_id}").json()
+        return self.send(base.task(task_id)).json()
 
     def get(self, task_id: str) -> Task:
         """The handle of a task submitted earlier."""
@@ -193,28 +155,19 @@ class Client:
 
     def result(self, task_id: str, fmt: str | None = None) -> bytes:
         """One output of a done task (by default the transcript text or the Markdown)."""
-        params = {"format": fmt} if fmt else {}
-        return self.request("GET", f"/api/v1/tasks/{task_id}/result", params=params).content
+        return self.send(base.result(task_id, fmt)).content
 
     def cancel(self, task_id: str, reason: str | None = None) -> TaskDict:
-        body = {"reason": reason} if reason else None
-        return self.request("POST", f"/api/v1/tasks/{task_id}/cancel", json=body).json()
+        return self.send(base.cancel(task_id, reason)).json()
 
     def events(
         self, task_ids: list[str] | None = None, last_event_id: str | None = None, timeout: float = STREAM_S
     ) -> Iterator[Event]:
         """The events of ``task_ids`` (from their first; all: the API key's tasks, from now) until
         the server closes the stream; ``last_event_id`` resumes after an event."""
-        params: dict[str, Any] = {"timeout": f"{timeout:.3f}"}
-        if task_ids is not None:
-            params["task"] = task_ids
-        headers = {
-            "Accept": "text/event-stream",
-            **({"Last-Event-ID": last_event_id} if last_event_id else {}),
-        }
-        read = httpx.Timeout(30.0, read=timeout + 30.0)
+        call = base.events(task_ids, last_event_id, timeout)
         try:
-            with self.http.stream("GET", "/api/v1/events", params=params, headers=headers, timeout=read) as r:
+            with self.http.stream(call.method, call.url, **call.kwargs) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise policy.refusal(r)
@@ -223,14 +176,8 @@ class Client:
                     event = parser.feed(line)
                     if event is not None:
                         yield event
-        except httpx.ConnectError as exc:
-            raise (
-                policy.tls_failed(self.base_url, exc)
-                if policy.is_tls(exc)
-                else policy.unreachable([self.base_url])
-            ) from None
         except httpx.HTTPError as exc:
-            raise policy.failed(self.base_url, exc) from None
+            raise self.servers.stream_failed(exc) from None
 
     def watch(self, records: dict[str, TaskDict], on_update: Progress | None = None) -> Watch:
         """A ``Watch`` of tasks whose first records are ``records`` (by id)."""
@@ -328,7 +275,7 @@ class Watch:
                         break
                 continue  # the server closed the stream on time: open the next
             except ClientError as exc:
-                if exc.status is not None and exc.status not in (404, 405, 502, 503, 504):
+                if not base.stream_ended(exc.status):
                     raise
                 self.cuts += 1
             finally:
@@ -369,7 +316,7 @@ class Watch:
             self.changed.wait(seconds)
 
 
-class Task:
+class Task(Handle):
     """One submitted task: its id and latest record, and what can be done with it.
 
     Parameters:
@@ -377,17 +324,7 @@ class Task:
       record: the task's record as the server last gave it.
     """
 
-    def __init__(self, client: Client, record: TaskDict) -> None:
-        self.client = client
-        self.record = record
-
-    @property
-    def id(self) -> str:
-        return str(self.record["id"])
-
-    @property
-    def state(self) -> str:
-        return str(self.record["state"])
+    client: Client
 
     def status(self) -> TaskDict:
         """Read the task's record now."""
