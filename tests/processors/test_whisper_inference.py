@@ -80,8 +80,9 @@ def test_cpu_threads_are_the_cores_shared_by_the_transcriptions_at_once(speech: 
     assert one.inference == {"batched": False, "batch_size": None, "cpu_threads": 1}
     assert "graphics card" in one.text.lower()
     # A model loaded with other threads is loaded again with the asked ones, not reused.
-    assert whisper.load_model(whisper.BUNDLED_MODEL, "cpu", "int8", cpu_threads=1)[0] is not (
-        whisper.load_model(whisper.BUNDLED_MODEL, "cpu", "int8", cpu_threads=2)[0]
+    assert (
+        whisper.load_model(whisper.BUNDLED_MODEL, "cpu", "int8", cpu_threads=1)[0]
+        is not (whisper.load_model(whisper.BUNDLED_MODEL, "cpu", "int8", cpu_threads=2)[0])
     )
 
 
