@@ -1,8 +1,10 @@
 """The same recordings with the same model on CUDA and on the CPU, in one run: real-time factors
 and the GPU's speed-up.
 
-Decodes each file to 16 kHz WAV once (``samples/speech.mp3`` looped to about a minute, and
-``samples/talk.mp4``, by default), then, in each round, transcribes every file with
+Decodes each file to 16 kHz WAV once (``samples/speech.mp3`` and ``samples/talk.mp4`` by
+default; ``--loops N`` plays speech.mp3 N more times, but Whisper unbatched drops or
+re-decodes the repeats of a looped recording, so its words and time are not those of
+N + 1 different sentences), then, in each round, transcribes every file with
 ``pipeline.processors.whisper.transcribe`` as a worker does, the model loaded before the
 timing starts:
 
@@ -19,7 +21,7 @@ rounds; below 1 is faster than real time); each line gives its speed-up over the
 least one). On a machine where CUDA cannot run, the CUDA lines say that they were not
 measured and why (``pipeline.hardware.cuda_status``), and the CPU half still runs.
 
-    .venv/bin/python -m bench.gpu_vs_cpu --rounds 3 --max-seconds 300
+    .venv/bin/python -m bench.gpu_vs_cpu --rounds 5 --max-seconds 300
 """
 
 from __future__ import annotations
@@ -81,8 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=whisper.BUNDLED_MODEL)
     parser.add_argument("--files", nargs="+", default=["speech.mp3", "talk.mp4"])
-    parser.add_argument("--loops", type=int, default=6, help="extra plays of speech.mp3 (about 9 s each)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--loops", type=int, default=0, help="extra plays of speech.mp3 (about 9 s each)")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=300.0)
     args = parser.parse_args()
     started = time.monotonic()
