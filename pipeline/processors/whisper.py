@@ -247,12 +247,20 @@ def check_allowed(name: str, allowed: Sequence[str]) -> None:
 
 
 def model_size_mb(name: str) -> float | None:
-    """The size of the model's weights (model.bin) in MiB; None when it is not a local folder
-    (a name faster-whisper downloads: its size is known only once fetched)."""
+    """The size of the model's weights (model.bin) in MiB: of its folder, or of the copy in
+    faster-whisper's cache for a hub name; None when there is none yet (not downloaded)."""
     try:
-        weights = Path(resolve_model(name)) / "model.bin"
+        source = Path(resolve_model(name))
     except ModelNotFound:
         return None
+    if not source.is_dir():
+        try:
+            from faster_whisper.utils import download_model
+
+            source = Path(download_model(name, local_files_only=True))
+        except Exception:  # not in the cache (or not a hub name): known once downloaded
+            return None
+    weights = source / "model.bin"
     return weights.stat().st_size / 2**20 if weights.is_file() else None
 
 

@@ -95,6 +95,10 @@ def test_batch_size_follows_the_free_vram() -> None:
     assert whisper.batch_size_for(70_000, 75.0) == whisper.MAX_BATCH_SIZE  # tiny on an H100
     assert whisper.batch_size_for(None, large_v2) == whisper.DEFAULT_BATCH_SIZE  # unknown VRAM
     assert whisper.batch_size_for(8000, None) == whisper.DEFAULT_BATCH_SIZE  # unknown size
+    # The size is the model.bin of its folder: the bundled tiny.en's 72 MiB; none for a name
+    # not in faster-whisper's cache (nothing is fetched to find out).
+    assert 60 < (whisper.model_size_mb(whisper.BUNDLED_MODEL) or 0) < 80
+    assert whisper.model_size_mb("large-v3-not-downloaded") is None
 
 
 def test_a_model_outside_the_allowlist_is_refused_as_bad_input(speech: Path) -> None:
