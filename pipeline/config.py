@@ -31,6 +31,21 @@ class Device(StrEnum):
     cpu = "cpu"
 
 
+class Batching(StrEnum):
+    """Whether transcriptions decode in batches (faster-whisper's BatchedInferencePipeline)."""
+
+    auto = "auto"  # batched on CUDA, one chunk after the other on the CPU
+    on = "on"
+    off = "off"
+
+
+#: CTranslate2's compute types (``auto``: float16 on CUDA, int8 on the CPU).
+COMPUTE_TYPES = (
+    "auto", "default", "int8", "int8_float16", "int8_bfloat16", "int8_float32", "int16", "float16",
+    "bfloat16", "float32",
+)  # fmt: skip
+
+
 class QueueType(StrEnum):
     """The kind of RabbitMQ queue the task queues are declared as."""
 
@@ -180,8 +195,23 @@ class Settings(BaseSettings):
     # Transcription.
     whisper_model: str = "tiny.en"
     whisper_device: Device = Device.auto
+    # auto: float16 on CUDA, int8 on the CPU; int8_float16 halves a model's VRAM on CUDA
+    # (int8 weights, float16 compute); any CTranslate2 compute type (docs/worker-sizing.md).
     whisper_compute_type: str = "auto"
     whisper_beam_size: int = Field(5, ge=1, le=20)
+    # Batched decoding (faster-whisper's BatchedInferencePipeline: the speech cut on VAD, chunks
+    # decoded together): auto, on CUDA only; on; off. whisper_batch_size chunks at once; 0
+    # chooses from the free VRAM with the model loaded (8 where it cannot be read, and on the CPU).
+    whisper_batched: Batching = Batching.auto
+    whisper_batch_size: int = Field(0, ge=0, le=256)
+    # Transcriptions a worker process runs at once; 0: from the free VRAM on CUDA, 1 on CPU
+    whisper_concurrency: int = Field(0, ge=0)
+    # CTranslate2's threads per transcription on the CPU; 0: the cores this process may use
+    # divided by whisper_concurrency (0 counting as 1).
+    whisper_cpu_threads: int = Field(0, ge=0)
+    # A GPU worker that does not hold the model a task asks for, while a live worker does,
+    # puts the task back once, this many seconds later, for a holder to take; 0: never.
+    whisper_affinity_delay_s: float = Field(3.0, ge=0, le=60)
     whisper_language: str | None = None
     # Folders, separated by ':', to load CTranslate2's CUDA libraries from (cuBLAS 12 and what
     # it opens); empty: the NVIDIA packages of the Python environment, then the system loader.
@@ -302,6 +332,13 @@ class Settings(BaseSettings):
     # Logging.
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("whisper_compute_type")
+    @classmethod
+    def _compute_type(cls, value: str) -> str:
+        if value not in COMPUTE_TYPES:
+            raise ValueError(f"must be one of {', '.join(COMPUTE_TYPES)}")
+        return value
 
     @field_validator("log_level")
     @classmethod

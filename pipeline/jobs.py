@@ -198,6 +198,11 @@ def transcribe(
         should_stop=should_stop,
         source=job["filename"],
         max_loaded=settings.whisper_max_loaded_models,
+        batched=settings.whisper_batched.value,
+        batch_size=settings.whisper_batch_size,
+        cpu_threads=settings.whisper_cpu_threads,
+        concurrency=settings.whisper_concurrency,
+        allowed=settings.whisper_allowed_models,
     )
     transcript.timings.update(watch.timings())  # the JSON transcript holds them too
     with watch.stage("render"):
@@ -210,6 +215,7 @@ def transcribe(
         "model": transcript.model,
         "device": transcript.device,
         "compute_type": transcript.compute_type,
+        "inference": transcript.inference,
         "timings": {**transcript.timings, **watch.timings()},
         "segments": len(transcript.segments),
         "words": len(transcript.words),

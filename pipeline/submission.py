@@ -48,7 +48,7 @@ from pipeline.security.audit import audit
 from pipeline.security.grants import DEFAULT_CAPABILITY, issue_grant
 from pipeline.services import Services
 from pipeline.store import State, Task, new_task_id
-from pipeline.task_message import build_job
+from pipeline.task_message import build_job, model_affinity
 from pipeline.transfer.checksums import FileRef
 from pipeline.transfer.manifest import manifest_path
 from pipeline.webhooks.deliveries import Callback
@@ -107,7 +107,7 @@ def publish(broker: Broker, task: Task, settings: Settings, grant: str | None = 
     routed queue before it is published.
     """
     actor = broker.get_actor(kind_of(task.kind).actor)
-    job = build_job(task, grant)
+    job = build_job(task, grant, affinity_for(task, settings))
     # The limit on the queue the task is on now: the route may have moved since submit.
     limit = fit_job(job, task.route["queue"], settings).time_limit_s
     message = actor.message_with_options(
@@ -115,6 +115,29 @@ def publish(broker: Broker, task: Task, settings: Settings, grant: str | None = 
     ).copy(queue_name=task.route["queue"])
     broker.enqueue(message)
     return message.message_id
+
+
+def affinity_for(task: Task, settings: Settings) -> dict[str, Any] | None:
+    """The live workers of the task's queue that hold the Whisper model it asks for, from their
+    heartbeats (``pipeline.fleet.registry``); None for other kinds, or when none holds it.
+
+    A registry that cannot be read gives no affinity: the task goes to whichever worker takes it.
+    """
+    if task.kind != TRANSCRIBE.name:
+        return None
+    from pipeline.fleet.registry import get_registry
+
+    model = task.options.get("model") or settings.whisper_model
+    queue = task.route["queue"]
+    try:
+        live = get_registry(settings).live(queue)
+    except Exception as exc:
+        logger.warning(
+            "model affinity skipped: registry unreadable", extra={"task_id": task.id, "error": str(exc)}
+        )
+        return None
+    holders = [w.id for w in live if any(m.rpartition("@")[0] == model for m in w.models)]
+    return model_affinity(model, queue, holders)
 
 
 def record(

@@ -17,6 +17,11 @@ misread; a job that asks none of them is still written in schema 1, so that
 workers of the previous release keep taking it (``job_schema``). Schema 3 is the
 job of a chunk of a long recording (``pipeline.chunks``), whose media's ``slice``
 says which seconds to transcribe: a schema-2 worker would transcribe them all.
+
+A transcription's job may name the live workers that hold its model loaded (``affinity``:
+the model, the queue they were seen on, their ids): a worker of that queue that holds it not
+puts the task back once for one of them to take (``pipeline.middleware.model_affinity``).
+Workers of earlier releases ignore it, so the schema stays.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ def job_schema(options: dict[str, Any]) -> int:
     return 1 if language_only and options.get("language") != AUTO else 2
 
 
-def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
-    """The message body a worker needs, and nothing more: with ``grant``, its transfer grant.
+def build_job(task: Task, grant: str | None = None, affinity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The message body a worker needs, and nothing more: with ``grant``, its transfer grant;
+    with ``affinity``, the workers that hold its model (``model_affinity``).
 
     The job of a chunk of a long recording (its media names a ``slice``) is written in schema 3:
     a worker that reads only 2 would transcribe the whole recording for each chunk.
@@ -61,7 +67,20 @@ def build_job(task: Task, grant: str | None = None) -> dict[str, Any]:
     }
     if grant is not None:
         job["grant"] = grant
+    if affinity:
+        job["affinity"] = affinity
     return job
+
+
+def model_affinity(model: str, queue: str, holders: list[str]) -> dict[str, Any] | None:
+    """A job's ``affinity``: the workers of ``queue`` that hold ``model``; None when none does."""
+    return {"model": model, "queue": queue, "workers": sorted(holders)} if holders else None
+
+
+def affinity_of(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's ``affinity`` (empty when it names none)."""
+    found = job.get("affinity")
+    return found if isinstance(found, dict) and isinstance(found.get("workers"), list) else {}
 
 
 def job_of(message: dramatiq.Message) -> dict[str, Any] | None:

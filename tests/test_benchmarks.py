@@ -29,6 +29,9 @@ TIMEOUT = 240
 NUMBER = r"-?\d+(?:\.\d+)?"
 RATIO = r"\d+\.\d\d"
 
+#: The seconds and real-time factor of one line of bench/gpu_vs_cpu.py.
+GPU_VS_CPU_TIMES = rf"{NUMBER} s   RTF {NUMBER}  "
+
 #: Configurations bench/sftp_tuning.py compares, one ratio line each per server.
 SFTP_TUNINGS = [
     "tuned",
@@ -153,6 +156,16 @@ TINY: dict[str, Tiny] = {
             ),
         ),
         (pytest.mark.rabbitmq,),
+    ),
+    "gpu_vs_cpu": Tiny(
+        ("--rounds", "1", "--loops", "0", "--files", "speech.mp3", "--max-seconds", "60"),
+        (
+            (rf"^gpu_vs_cpu: model tiny\.en, 1 files, {NUMBER} s of audio, 1 rounds$", 1),
+            (rf"^  cpu int8 +{GPU_VS_CPU_TIMES} speed-up 1\.00x   \(cpu_threads \d+; \d+ words\)$", 1),
+            (rf"^  cpu int8 batched +{GPU_VS_CPU_TIMES} speed-up {RATIO}x   \(batched True, batch_size 8", 1),
+            # Where CUDA runs, its two lines; elsewhere, the line that says why they are missing.
+            (rf"^  (cuda float16 batched +{GPU_VS_CPU_TIMES} speed-up {RATIO}x|cuda: not measured: .+)", 1),
+        ),
     ),
     "sweep_and_reroute": Tiny(
         ("--workers", "40", "--messages", "100", "--rounds", "1"),

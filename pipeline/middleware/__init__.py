@@ -22,6 +22,7 @@ from pipeline.middleware.delivery_count import DeliveryCount
 from pipeline.middleware.gpu_fallback import GpuFallback
 from pipeline.middleware.heartbeat import Heartbeat
 from pipeline.middleware.message_signing import MessageSigning
+from pipeline.middleware.model_affinity import ModelAffinity
 from pipeline.middleware.structured_logs import StructuredLogs
 from pipeline.middleware.task_events import TaskEvents
 from pipeline.middleware.temp_cleanup import TempCleanup
@@ -50,6 +51,8 @@ def pipeline_middleware(settings: Settings) -> list[Middleware]:
         # Before a task runs: skip it if canceled, count its redeliveries.
         Cancellations(),
         DeliveryCount(settings.max_deliveries),
+        # A transcription whose model another live worker holds is put back once for it.
+        ModelAffinity(settings.whisper_affinity_delay_s),
         # Before Retries: their after_process_message hooks run after Retries
         # decided, DeadLetters last (it may turn the rejection into an ack).
         DeadLetters(),

@@ -72,7 +72,8 @@ class Transcript:
     ``language_probability`` is set when the language was detected (None when it was
     given); ``task`` is transcribe or translate; ``speech_duration`` is the seconds
     of speech the VAD kept (None without VAD); ``options`` are the transcription
-    options as the task asked them (``SpeechOptions.to_options``).
+    options as the task asked them (``SpeechOptions.to_options``); ``inference`` is how it
+    decoded: ``batched``, ``batch_size`` and ``cpu_threads`` (``whisper.Inference``).
     """
 
     segments: list[Segment]
@@ -87,6 +88,7 @@ class Transcript:
     task: str = TRANSCRIBE_TASK
     speech_duration: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -109,6 +111,7 @@ class Transcript:
             "device": self.device,
             "compute_type": self.compute_type,
             "options": self.options,
+            "inference": self.inference,
             "timings": self.timings,
             "text": self.text,
             "segments": [s.to_dict() for s in self.segments],
@@ -166,6 +169,7 @@ def stitch(parts: list[tuple[float, Transcript]], source: str = "") -> Transcrip
         task=first.task,
         speech_duration=None if None in speech else round(sum(speech), 3),  # type: ignore[arg-type]
         options=first.options,
+        inference=first.inference,
     )
 
 
