@@ -257,6 +257,7 @@ def _stitched(
         "model": transcript.model,
         "device": transcript.device,
         "compute_type": transcript.compute_type,
+        "inference": transcript.inference,
         "timings": transcript.timings,
         "segments": len(transcript.segments),
         "words": len(transcript.words),

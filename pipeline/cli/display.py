@@ -308,6 +308,17 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def _inference(result: dict[str, Any]) -> str:
+    """' (float16, batched by 16)' or ' (int8, 2 CPU threads)': how the transcription decoded."""
+    how = result.get("inference") or {}
+    parts = [result["compute_type"]] if result.get("compute_type") else []
+    if how.get("batched"):
+        parts.append(f"batched by {how.get('batch_size')}")
+    if how.get("cpu_threads"):
+        parts.append(f"{how['cpu_threads']} CPU thread{'s' if how['cpu_threads'] != 1 else ''}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _running_s(task: TaskDict) -> float | None:
     """Seconds from the task's last start to its end, as the server recorded them; None while it runs."""
     starts = [e["ts"] for e in task.get("events") or [] if e.get("event") == "started"]
@@ -341,7 +352,7 @@ def show_status(task: TaskDict) -> None:
         out.print(f"  [red]error[/]:    {task['error']}")
     result = task.get("result") or {}
     if result.get("device"):
-        out.print(f"  ran on:   {result['device']} with {result.get('model')}")
+        out.print(f"  ran on:   {result['device']} with {result.get('model')}{_inference(result)}")
     if stages := timings.describe(result.get("timings") or {}, _running_s(task)):
         out.print(f"  timings:  {stages}", markup=False)
     source = result.get("source") or {}

@@ -11,6 +11,8 @@ to ``cpu``.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,8 @@ def test_an_enrolled_gpu_worker_transcribes_on_cuda(stack: Stack, samples: Path)
     task, status, record = transcribe_on_enrolled_gpu_worker(stack, samples)  # device auto
     assert task["state"] == "done" and task["worker"] == GPU_WORKER
     assert task["result"]["device"] == "cuda"
-    assert "ran on:   cuda with tiny.en" in status
+    # batched on CUDA by default, its batch size chosen from the free VRAM
+    assert re.search(r"ran on:   cuda with tiny\.en \(float16, batched by \d+\)", status), status
     heard_the_words(task)
     cuda = record["hardware"]["cuda"]
     assert (cuda["wanted"], cuda["usable"], cuda["problems"]) == (True, True, [])
@@ -79,7 +82,10 @@ def test_an_enrolled_gpu_worker_on_the_cpu_says_it_ran_on_cpu(stack: Stack, samp
     assert task["state"] == "done" and task["worker"] == GPU_WORKER
     assert task["route"]["queue"] == "gpu"
     assert task["result"]["device"] == "cpu"
-    assert "ran on:   cpu with tiny.en" in status
+    # int8, with as many CPU threads as the machine has cores for its one transcription at a time
+    cores = os.cpu_count() or 1
+    threads = f"{cores} CPU thread{'s' if cores != 1 else ''}"
+    assert f"ran on:   cpu with tiny.en (int8, {threads})" in status, status
     heard_the_words(task)
     assert record["capability"] == "gpu"
     assert record["hardware"]["cuda"]["wanted"] is False  # told to use the CPU: nothing to report
