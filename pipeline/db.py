@@ -5,11 +5,14 @@ busy timeout) unless ``Settings.database_url`` names a PostgreSQL database.
 ``Database`` is what the stores hold: reads on a pooled connection, writes in
 one transaction each (on SQLite taken at once, ``BEGIN IMMEDIATE``, so writers
 queue instead of failing). Opening a database brings its schema to the newest
-Alembic revision (``pipeline.migrations``).
+Alembic revision (``pipeline.migrations``). Each committed write wakes the
+readers of this process that wait for one (``Changes``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -139,6 +142,43 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+class Changes:
+    """Wakes what waits in this process for the database to change, as soon as a write commits.
+
+    An event stream (``pipeline.api.events``) reads the store again and again; between
+    two reads it waits on its ``Changes.watch()`` event, which a write committed by
+    this process sets at once. Writes by other processes (another server replica)
+    wake nobody: the stream finds them at its next read, as it would without this.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watchers: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}
+
+    def notify(self) -> None:
+        """Set every watcher's event (from any thread)."""
+        with self._lock:
+            watchers = list(self._watchers.items())
+        for changed, loop in watchers:
+            with contextlib.suppress(RuntimeError):  # its loop closed; it is forgotten when its watch ends
+                loop.call_soon_threadsafe(changed.set)
+
+    @contextmanager
+    def watch(self) -> Iterator[asyncio.Event]:
+        """An event of the running loop, set by each write committed while the block runs."""
+        event = asyncio.Event()
+        with self._lock:
+            self._watchers[event] = asyncio.get_running_loop()
+        try:
+            yield event
+        finally:
+            with self._lock:
+                self._watchers.pop(event, None)
+
+
+_changes: dict[int, Changes] = {}
+
+
 class Database:
     """The server's database as the stores use it.
 
@@ -149,6 +189,8 @@ class Database:
     def __init__(self, target: str | Path | Settings) -> None:
         self.engine = engine_for(target)
         self.dialect = self.engine.dialect.name
+        with _engines_lock:  # one per engine: every store of this process on it wakes the same watchers
+            self.changes = _changes.setdefault(id(self.engine), Changes())
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -163,6 +205,7 @@ class Database:
             connection.execution_options(immediate=True)
             with connection.begin():
                 yield connection
+        self.changes.notify()
 
     def insert(self, table: Table) -> PgInsert | SqliteInsert:
         """An INSERT with this dialect's ``on_conflict_do_update`` / ``on_conflict_do_nothing``."""

@@ -18,6 +18,7 @@ task's stream, once the task has ended and its last event is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -33,8 +34,10 @@ from pipeline.errors import TaskNotFound
 from pipeline.services import Services
 from pipeline.store import FINAL_STATES, Task, TaskStore
 
-#: Seconds between two reads of the database for one stream.
+#: Seconds between two reads of the database for one stream, when this process writes nothing.
 READ_EVERY_S = 0.2
+#: Seconds a stream waits at least between two reads (a write of this process wakes it sooner).
+MIN_READ_S = 0.02
 #: Seconds between two comment lines that keep an idle stream open through proxies.
 KEEPALIVE_S = 15.0
 #: Progress written up to this long before the cursor is read again (and sent again at most once):
@@ -146,18 +149,24 @@ async def stream(request: Request, reader: EventReader, timeout: float) -> Async
     deadline = time.monotonic() + timeout
     quiet_since = time.monotonic()
     yield f"retry: 1000\n: cursor {reader.cursor}\n\n"
-    while time.monotonic() < deadline and not await request.is_disconnected():
-        messages = await run_in_threadpool(reader.read)
-        for text in messages:
-            yield text
-        if messages:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= KEEPALIVE_S:
-            quiet_since = time.monotonic()
-            yield ": keep-alive\n\n"
-        if not messages and await run_in_threadpool(reader.ended):
-            return
-        await asyncio.sleep(READ_EVERY_S)
+    with reader.store.db.changes.watch() as changed:
+        while time.monotonic() < deadline and not await request.is_disconnected():
+            changed.clear()  # a write committed from here on wakes the wait below
+            messages = await run_in_threadpool(reader.read)
+            for text in messages:
+                yield text
+            if messages:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            if not messages and await run_in_threadpool(reader.ended):
+                return
+            # The next read: when this process commits a write, else after READ_EVERY_S (another
+            # replica's writes). A burst of writes is read together, at most every MIN_READ_S.
+            await asyncio.sleep(MIN_READ_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), READ_EVERY_S - MIN_READ_S)
 
 
 def events_router(services: Services, access: Access) -> APIRouter:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +112,30 @@ def test_an_old_database_opens_with_its_tasks_published(tmp_path: Path) -> None:
     store = TaskStore(path)
     assert store.unpublished(created_before=time.time()) == []
     assert store.get("t1").published_at == 1.0
+
+
+def test_a_committed_write_wakes_the_event_streams_of_this_process(store: TaskStore) -> None:
+    """An event stream waits on ``db.changes`` between its reads: a task's outcome, written by the
+    server's control consumer in another thread, wakes it at once; nothing else does."""
+    other = TaskStore(store.db.engine.url.render_as_string(hide_password=False))  # another store, one engine
+    task = make(store)
+
+    async def follow() -> tuple[bool, bool]:
+        with other.db.changes.watch() as changed:
+            quiet = not await _woken(changed, 0.3)  # nothing written: no wake-up
+            writer = threading.Thread(target=store.mark_running, args=(task.id, "w1", 1))
+            writer.start()
+            woken = await _woken(changed, 10.0)
+            writer.join()
+            return quiet, woken
+
+    assert asyncio.run(follow()) == (True, True)
+    assert store.get(task.id).state == State.running
+
+
+async def _woken(changed: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(changed.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
