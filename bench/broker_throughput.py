@@ -218,7 +218,8 @@ def whole(args: argparse.Namespace) -> None:
     medians = {s: statistics.median(runs) for s, runs in results.items()}
     for system, runs in results.items():
         shown = ", ".join(f"{r:.0f}" for r in runs)
-        print(f"  {system:<6} drain {medians[system]:8.0f} msg/s   (rounds: {shown})")
+        seconds = args.messages / medians[system]
+        print(f"  {system:<6} drain {medians[system]:8.0f} msg/s  {seconds:6.2f} s  (rounds: {shown} msg/s)")
     if missing:
         print(f"  celery drain not measured: {missing}")
     print(f"  ratio ours/bare (whole worker): {medians['ours'] / medians['bare']:.2f}")
