@@ -86,7 +86,8 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing morag-pipeline with its extras (torch and docling are large: several minutes)"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[server,worker,documents,dev]'
+  # bench: the baselines the benchmarks compare with (Celery, for bench/broker_throughput.py).
+  .venv/bin/pip install -q -e '.[server,worker,documents,dev,bench]'
   echo "$want" > "$stamp"
 fi
 log "ready: $(.venv/bin/morag-pipeline --version)"

@@ -66,7 +66,11 @@ class Tiny:
 TINY: dict[str, Tiny] = {
     "broker_throughput": Tiny(
         ("--messages", "50", "--threads", "2", "--rounds", "1"),
-        ((rf"^  ratio ours/bare: publish {RATIO}, consume {RATIO}$", 1),),
+        (
+            (rf"^  ratio ours/bare: publish {RATIO}, consume {RATIO}$", 1),
+            (rf"^  ratio ours/bare \(whole worker\): {RATIO}$", 1),
+            (rf"^  ratio ours/celery \(whole worker\): (?:{RATIO}|not measured \(.+\))$", 1),
+        ),
     ),
     "submit_overhead": Tiny(
         ("--rounds", "1"),

@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import pika
 import pika.exceptions
-from dramatiq import Consumer, Message
+from dramatiq import Consumer, Message, Middleware
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import current_millis, dq_name, q_name, xq_name
 from dramatiq.errors import ConnectionClosed
+from dramatiq.middleware import MiddlewareError
 
 from pipeline.brokers import QUEUES
 from pipeline.brokers.queue_types import (
@@ -76,6 +78,8 @@ class PipelineRabbitmqBroker(RabbitmqBroker):
     def __init__(
         self, *, bind: bool = True, queue_type: QueueType = QueueType.classic, **kwargs: Any
     ) -> None:
+        # signal -> (the middleware list it was computed for, the hooks that do something)
+        self._hooks: dict[str, tuple[list[Middleware], list[Callable[..., Any]]]] = {}
         super().__init__(**kwargs)
         self.bind = bind
         self.queue_type = queue_type
@@ -95,6 +99,39 @@ class PipelineRabbitmqBroker(RabbitmqBroker):
             logger.error(str(exc), extra={"queue": queue_name, "worker": worker_id()})
             logging.shutdown()  # flush the line before the process ends
             os._exit(EXIT_QUEUES_REFUSED)
+
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        """Dramatiq's ``emit_before``, calling only the middleware that implement the hook."""
+        signal = "before_" + signal
+        for hook in self._hooks_of(signal):
+            try:
+                hook(self, *args, **kwargs)
+            except MiddlewareError:
+                raise
+            except Exception:
+                self.logger.critical("Unexpected failure in %s of %r.", signal, hook.__self__, exc_info=True)
+
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        """Dramatiq's ``emit_after`` (middleware in reverse order), calling only those that implement
+        the hook."""
+        signal = "after_" + signal
+        for hook in self._hooks_of(signal):
+            try:
+                hook(self, *args, **kwargs)
+            except Exception:
+                self.logger.critical("Unexpected failure in %s of %r.", signal, hook.__self__, exc_info=True)
+
+    def _hooks_of(self, signal: str) -> list[Callable[..., Any]]:
+        """The middleware's bound ``signal`` hooks, in the order Dramatiq calls them, leaving out
+        Middleware's own no-ops: a message passes some 40 hooks, half of which do nothing.
+        Computed once per middleware list."""
+        known = self._hooks.get(signal)
+        if known is not None and known[0] == self.middleware:
+            return known[1]
+        order = reversed(self.middleware) if signal.startswith("after_") else self.middleware
+        hooks = [getattr(m, signal) for m in order if _implements(m, signal)]
+        self._hooks[signal] = (list(self.middleware), hooks)
+        return hooks
 
     def _bind(self, queue_name: str) -> None:
         if self.bind:
@@ -157,6 +194,14 @@ class PipelineRabbitmqBroker(RabbitmqBroker):
                 if attempt == PUBLISH_ATTEMPTS:
                     raise ConnectionClosed(exc) from None
         raise AssertionError("unreachable")
+
+
+def _implements(middleware: Middleware, hook: str) -> bool:
+    """Whether ``middleware`` does something on ``hook`` (an unknown hook counts, so that calling it
+    fails as it does in Dramatiq)."""
+    if hook in vars(middleware) or not hasattr(Middleware, hook):
+        return True
+    return getattr(type(middleware), hook, None) is not getattr(Middleware, hook)
 
 
 def build_rabbitmq_broker(settings: Settings) -> RabbitmqBroker:
