@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import httpx
-
 from pipeline.errors import BadInput
+
+if TYPE_CHECKING:  # httpx is loaded by whoever fetches: routing checks URLs without it
+    import httpx
 
 ALLOWED_SCHEMES = ("http", "https")
 
@@ -84,6 +86,7 @@ def safe_client(
     **kwargs: object,
 ) -> httpx.Client:
     """An ``httpx.Client`` that checks every request it sends with :func:`check_url`, redirects included."""
+    import httpx
 
     def _check(request: httpx.Request) -> None:
         check_url(str(request.url), allow_private=allow_private, allow_hosts=allow_hosts)

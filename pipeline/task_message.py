@@ -27,7 +27,7 @@ Workers of earlier releases ignore it, so the schema stays.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 from dramatiq.common import dq_name
@@ -35,7 +35,9 @@ from dramatiq.common import dq_name
 from pipeline import control
 from pipeline.processors.speech_options import AUTO
 from pipeline.processors.speech_options import KEYS as SPEECH_KEYS
-from pipeline.store import Task
+
+if TYPE_CHECKING:  # workers read jobs without the server's store (and its database layer)
+    from pipeline.store import Task
 
 #: The newest schema this release writes jobs in, and the oldest one its workers still read.
 JOB_SCHEMA = 3

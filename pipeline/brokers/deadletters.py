@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import pika
@@ -41,8 +41,10 @@ from pipeline.errors import TaskNotFound
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
 from pipeline.security import signatures
-from pipeline.store import State, TaskStore
 from pipeline.task_message import job_of, with_grant
+
+if TYPE_CHECKING:  # workers dead-letter without the server's store (and its database layer)
+    from pipeline.store import TaskStore
 
 logger = get_logger(__name__)
 
@@ -307,7 +309,7 @@ def _requeue_task(store: TaskStore, letter: DeadLetter) -> str | None:
         task = store.get(letter.task_id, events=False)
     except TaskNotFound:
         return None  # a task the store does not know: the message still runs
-    if task.state in (State.done, State.canceled):
+    if task.state in ("done", "canceled"):  # State, a StrEnum
         return f"task is {task.state}; purge the letter instead"
     detail = {"from": xq_name(letter.queue), "message_id": letter.message_id, "reason": letter.reason}
     store.requeue(letter.task_id, detail)

@@ -13,13 +13,11 @@ from dramatiq.middleware import SkipMessage
 from pipeline import control
 from pipeline.config import Settings
 from pipeline.errors import PipelineError, TaskNotFound, UnsupportedSchema
-from pipeline.fleet.registry import get_registry
 from pipeline.logs import get_logger
 from pipeline.security import signatures
 from pipeline.security.audit import audit
 from pipeline.security.keys import differs_from_server, server_secret
-from pipeline.security.tokens import AuthError
-from pipeline.store import FINAL_STATES
+from pipeline.security.roles import AuthError
 
 logger = get_logger(__name__)
 
@@ -244,6 +242,10 @@ class _Verifier:
         logger.warning(
             "control message rejected", extra={"task_id": task_id, "worker": worker, "reason": reason}
         )
+        # The server's registry and store: a worker process, which only signs, never loads them.
+        from pipeline.fleet.registry import get_registry
+        from pipeline.store import FINAL_STATES
+
         get_registry(self.settings).refused(str(worker or "(unnamed)"), reason, message.actor_name)
         if not isinstance(task_id, str) or message.actor_name not in control.OUTCOMES:
             return

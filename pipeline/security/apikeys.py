@@ -18,8 +18,7 @@ from sqlalchemy import select, update
 from pipeline.config import Settings
 from pipeline.db import Database
 from pipeline.schema import api_keys
-from pipeline.security.roles import ROLES
-from pipeline.security.tokens import AuthError
+from pipeline.security.roles import ROLES, AuthError
 
 PREFIX = "mpk_"
 

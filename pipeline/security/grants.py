@@ -34,7 +34,7 @@ from typing import Any
 import jwt
 
 from pipeline.logs import get_logger
-from pipeline.security.tokens import CAPABILITIES, ISSUER, AuthError
+from pipeline.security.roles import CAPABILITIES, ISSUER, AuthError
 
 logger = get_logger(__name__)
 

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from pipeline.security.keys import derive
-from pipeline.security.tokens import AuthError
+from pipeline.security.roles import AuthError
 
 OPTION = "morag_auth"
 #: The signer id of messages signed with the server's own secret (a worker on the server's host).

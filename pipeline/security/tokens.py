@@ -21,16 +21,9 @@ from sqlalchemy import select, update
 
 from pipeline.config import Settings
 from pipeline.db import Database
-from pipeline.errors import PipelineError
 from pipeline.schema import worker_tokens
 from pipeline.security.keys import derive
-from pipeline.security.roles import CAPABILITIES
-
-ISSUER = "morag-pipeline"
-
-
-class AuthError(PipelineError):
-    """A credential was refused; the message says why."""
+from pipeline.security.roles import CAPABILITIES, ISSUER, AuthError
 
 
 @dataclass

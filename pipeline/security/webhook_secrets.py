@@ -18,7 +18,7 @@ from pipeline.config import Settings
 from pipeline.db import Database
 from pipeline.schema import api_keys, webhook_secret_versions
 from pipeline.security.keys import derive
-from pipeline.security.tokens import AuthError
+from pipeline.security.roles import AuthError
 
 PREFIX = "whsec_"
 #: The key id of requests without an API key (development mode).

@@ -27,7 +27,7 @@ from pipeline.errors import AccessRefused, BadInput, PipelineError, TaskEnded, T
 from pipeline.logs import get_logger
 from pipeline.security.audit import audit
 from pipeline.security.grants import ENDED, GrantCheck, GrantRefused, SessionGrants, TaskGrant, verify_grant
-from pipeline.security.tokens import CAPABILITIES
+from pipeline.security.roles import CAPABILITIES
 from pipeline.transfer.checksums import FileRef, copy_file_hashed, sha256_file, verify
 
 logger = get_logger(__name__)
