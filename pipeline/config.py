@@ -183,6 +183,14 @@ class Settings(BaseSettings):
     whisper_compute_type: str = "auto"
     whisper_beam_size: int = Field(5, ge=1, le=20)
     whisper_language: str | None = None
+    # Transcriptions a GPU-queue worker process runs at once on its model (its slots; the
+    # process holds one message more, decoding the next while the model works). 0 decides at
+    # boot: on CUDA from the free VRAM and the model's size, on CPU one; never more than the
+    # worker's threads - 1. A CUDA out-of-memory error lowers it by one (docs/worker-sizing.md).
+    whisper_concurrency: int = Field(0, ge=0, le=64)
+    # Load the default model at a GPU-queue worker's boot and transcribe one second of
+    # silence, so the first task finds it ready.
+    whisper_warmup: bool = True
     # Folders, separated by ':', to load CTranslate2's CUDA libraries from (cuBLAS 12 and what
     # it opens); empty: the NVIDIA packages of the Python environment, then the system loader.
     cuda_library_path: str = ""
