@@ -154,6 +154,18 @@ TINY: dict[str, Tiny] = {
         ),
         (pytest.mark.rabbitmq,),
     ),
+    "stream": Tiny(
+        ("--clips", "2", "--rounds", "1"),
+        (
+            (
+                rf"^  stack, worker (2 threads \(streaming\)|1 thread \(one at a time\)) +{NUMBER} s   "
+                rf"ratio stack/direct {RATIO}   busy \d+%   CPU ratio {RATIO}$",
+                2,
+            ),
+            (rf"^  ratio stack/direct: {RATIO} \(goal at most 1\.10\); transcriber busy \d+%$", 1),
+        ),
+        (pytest.mark.rabbitmq,),
+    ),
     "sweep_and_reroute": Tiny(
         ("--workers", "40", "--messages", "100", "--rounds", "1"),
         (
