@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline.client import Client
-from tests.conftest import Stack, queue_depth, wait_for
+from tests.conftest import ROOT, Stack, queue_depth, wait_for
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -111,4 +111,7 @@ def test_out_of_memory_with_two_slots_retries_on_gpu_with_one_and_the_worker_kee
     assert logged(stack, "gpu-worker", "GPU out of memory: one transcription slot fewer")[0]["slots"] == 1
     assert worker["state"] == "alive" and worker["failed"] == 1  # the attempt that ran out of memory
     assert stack.processes["gpu-worker"].poll() is None
+    shown = stack.cli("workers", "gpu-worker", PYTHONPATH=str(ROOT))  # this checkout's CLI
+    assert shown.returncode == 0, shown.stderr
+    assert "slots:     1 transcription(s) at once, 0 running" in shown.stdout, shown.stdout
     assert time.time() - worker["last_seen"] < 30
