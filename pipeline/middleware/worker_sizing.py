@@ -25,7 +25,7 @@ class WorkerSizing(Middleware):
     slot, so the model never waits on I/O and only one message is held
     beyond what runs. That needs ``S + 1`` threads; a worker with fewer
     (``--threads 1``) takes one message per thread, and says so in its log.
-    Any other worker takes one message per thread.
+    Any other worker takes one message per thread, and has a slot per thread.
 
     Parameters:
       settings: the Whisper settings (default: the process's settings).
@@ -44,7 +44,8 @@ class WorkerSizing(Middleware):
         queues = worker.consumer_whitelist or broker.get_declared_queues()
         record_queues(queues)
         threads = worker.worker_threads
-        if "gpu" not in queues:
+        if "gpu" not in queues:  # every thread runs its own task, transcription included
+            slots.slots.resize(max(1, threads))
             worker.queue_prefetch = threads
             return
         decision = self.decide(threads)

@@ -79,6 +79,7 @@ def test_a_gpu_worker_takes_one_message_more_than_its_slots(tmp_path: Path) -> N
         cpu = worker({"cpu"}, threads=4)
         sizing.before_worker_boot(None, cpu)  # type: ignore[arg-type]
         assert cpu.queue_prefetch == 4  # one per thread, as before
+        assert slots_module.slots.size == 4  # and each thread transcribes its own task
     finally:
         slots_module.slots.resize(1)
 
