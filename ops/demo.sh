@@ -41,7 +41,7 @@ curl -sf "$url/healthz" >/dev/null || { echo "server did not start; see $run/ser
 # The enrolled worker reads morag.env in its working directory, and knows no server secret.
 cp "$run/gpu-worker.env" "$run/gpu-worker/morag.env"
 MORAG_DATA_DIR="$here/gpu-worker" start gpu-worker env -C "$run/gpu-worker" -u MORAG_SECRET_KEY \
-  -u MORAG_API_KEY "$PWD/.venv/bin/dramatiq" pipeline.actors.gpu --queues gpu --processes 1 --threads 1
+  -u MORAG_API_KEY "$PWD/.venv/bin/dramatiq" pipeline.actors.gpu --queues gpu --processes 1 --threads 2
 MORAG_FILE_ACCESS=shared MORAG_WORKER_NAME=demo-cpu \
   start cpu-worker .venv/bin/dramatiq pipeline.actors.cpu --queues cpu --processes 1 --threads 2
 

@@ -204,8 +204,6 @@ class Settings(BaseSettings):
     # chooses from the free VRAM with the model loaded (8 where it cannot be read, and on the CPU).
     whisper_batched: Batching = Batching.auto
     whisper_batch_size: int = Field(0, ge=0, le=256)
-    # Transcriptions a worker process runs at once; 0: from the free VRAM on CUDA, 1 on CPU
-    whisper_concurrency: int = Field(0, ge=0)
     # CTranslate2's threads per transcription on the CPU; 0: the cores this process may use
     # divided by whisper_concurrency (0 counting as 1).
     whisper_cpu_threads: int = Field(0, ge=0)
@@ -213,6 +211,14 @@ class Settings(BaseSettings):
     # puts the task back once, this many seconds later, for a holder to take; 0: never.
     whisper_affinity_delay_s: float = Field(3.0, ge=0, le=60)
     whisper_language: str | None = None
+    # Transcriptions a GPU-queue worker process runs at once on its model (its slots; the
+    # process holds one message more, decoding the next while the model works). 0 decides at
+    # boot: on CUDA from the free VRAM and the model's size, on CPU one; never more than the
+    # worker's threads - 1. A CUDA out-of-memory error lowers it by one (docs/worker-sizing.md).
+    whisper_concurrency: int = Field(0, ge=0, le=64)
+    # Load the default model at a GPU-queue worker's boot and transcribe one second of
+    # silence, so the first task finds it ready.
+    whisper_warmup: bool = True
     # Folders, separated by ':', to load CTranslate2's CUDA libraries from (cuBLAS 12 and what
     # it opens); empty: the NVIDIA packages of the Python environment, then the system loader.
     cuda_library_path: str = ""

@@ -34,7 +34,7 @@ from pipeline.config import Settings
 from pipeline.errors import AccessRefused, TaskCanceled, UnprovenMessage
 from pipeline.kinds import Outputs, kind_of
 from pipeline.outputs import output_folder, output_name
-from pipeline.processors import Progress, documents, media, whisper
+from pipeline.processors import Progress, documents, media, slots, whisper
 from pipeline.processors.speech_options import SpeechOptions
 from pipeline.processors.transcripts import FORMATS
 from pipeline.timings import Stopwatch
@@ -170,7 +170,13 @@ def transcribe(
     """The runner of transcriptions: audio decoded to WAV, transcribed, rendered in every format.
 
     Its timings: ``probe_s`` (only when the job carries no duration from the server's
-    probe), ``decode_s``, the model's ``load_s`` and ``transcribe_s``, and ``render_s``.
+    probe), ``decode_s``, ``slot_s`` (waiting for a transcription slot: another task held the
+    model), the model's ``load_s`` and ``transcribe_s``, and ``render_s``.
+
+    Only the model's work holds a slot (``pipeline.processors.slots``): on a GPU-queue worker
+    this task's download and decode run while another transcribes, its render and upload after
+    its slot is given back. The summary's ``clock`` says when (Unix time) the decode and the
+    model's work began and ended, to see that overlap.
     """
     options = job.get("options", {})
     watch = Stopwatch()
@@ -182,28 +188,37 @@ def transcribe(
         with watch.stage("probe"):
             info = media.probe(local)
         duration = info.duration if info is not None else 0.0
+    clock: dict[str, float] = {"decode_started": time.time()}
     with watch.stage("decode"):
         audio = media.extract_audio(
             local, folder / "audio.wav", duration=duration, span=tuple(span) if span else None
         )
-    transcript = whisper.transcribe(
-        audio,
-        model=options.get("model") or settings.whisper_model,
-        device=settings.whisper_device.value,
-        compute_type=settings.whisper_compute_type,
-        language=settings.whisper_language,
-        beam_size=settings.whisper_beam_size,
-        options=SpeechOptions.parse(options),
-        progress=progress,
-        should_stop=should_stop,
-        source=job["filename"],
-        max_loaded=settings.whisper_max_loaded_models,
-        batched=settings.whisper_batched.value,
-        batch_size=settings.whisper_batch_size,
-        cpu_threads=settings.whisper_cpu_threads,
-        concurrency=settings.whisper_concurrency,
-        allowed=settings.whisper_allowed_models,
-    )
+    clock["decode_ended"] = time.time()
+    with watch.stage("slot"):
+        slots.slots.take()
+    try:
+        clock["model_started"] = time.time()
+        transcript = whisper.transcribe(
+            audio,
+            model=options.get("model") or settings.whisper_model,
+            device=settings.whisper_device.value,
+            compute_type=settings.whisper_compute_type,
+            language=settings.whisper_language,
+            beam_size=settings.whisper_beam_size,
+            options=SpeechOptions.parse(options),
+            progress=progress,
+            should_stop=should_stop,
+            source=job["filename"],
+            max_loaded=settings.whisper_max_loaded_models,
+            batched=settings.whisper_batched.value,
+            batch_size=settings.whisper_batch_size,
+            cpu_threads=settings.whisper_cpu_threads,
+            concurrency=slots.slots.size,  # the transcriptions this process runs at once
+            allowed=settings.whisper_allowed_models,
+        )
+    finally:
+        slots.slots.give()
+        clock["model_ended"] = time.time()
     transcript.timings.update(watch.timings())  # the JSON transcript holds them too
     with watch.stage("render"):
         outputs: Outputs = {fmt: render(transcript) for fmt, render in FORMATS.items()}
@@ -219,6 +234,7 @@ def transcribe(
         "timings": {**transcript.timings, **watch.timings()},
         "segments": len(transcript.segments),
         "words": len(transcript.words),
+        "clock": {name: round(at, 3) for name, at in clock.items()},
     }
     return outputs, summary
 

@@ -171,6 +171,18 @@ TINY: dict[str, Tiny] = {
             (rf"^  (cuda float16 batched +{GPU_VS_CPU_TIMES} speed-up {RATIO}x|cuda: not measured: .+)", 1),
         ),
     ),
+    "stream": Tiny(
+        ("--clips", "2", "--rounds", "1"),
+        (
+            (
+                rf"^  stack, worker (2 threads \(streaming\)|1 thread \(one at a time\)) +{NUMBER} s   "
+                rf"ratio stack/direct {RATIO}   busy \d+%   CPU ratio {RATIO}$",
+                2,
+            ),
+            (rf"^  ratio stack/direct: {RATIO} \(goal at most 1\.10\); transcriber busy \d+%$", 1),
+        ),
+        (pytest.mark.rabbitmq,),
+    ),
     "sweep_and_reroute": Tiny(
         ("--workers", "40", "--messages", "100", "--rounds", "1"),
         (

@@ -131,6 +131,12 @@ def show_worker(worker: dict[str, Any]) -> None:
     for gpu in hardware.get("gpus") or []:
         if gpu.get("driver") or gpu.get("cuda"):
             out.print(f"             driver {gpu.get('driver', '?')}, CUDA {gpu.get('cuda', '?')}")
+        if gpu.get("vram_used_mb") is not None:
+            out.print(f"             VRAM {gpu['vram_used_mb']} MiB used, {gpu.get('vram_free_mb')} MiB free")
+    if isinstance(hardware.get("slots"), dict):
+        held = hardware["slots"]
+        running = held.get("in_use", 0)
+        out.print(f"  slots:     {held.get('slots')} transcription(s) at once, {running} running")
     for problem in (hardware.get("cuda") or {}).get("problems") or []:
         out.print(f"  cuda:      {problem}", markup=False)
     out.print(f"  models:    {', '.join(worker.get('models') or []) or '-'}")

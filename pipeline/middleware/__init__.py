@@ -26,6 +26,7 @@ from pipeline.middleware.model_affinity import ModelAffinity
 from pipeline.middleware.structured_logs import StructuredLogs
 from pipeline.middleware.task_events import TaskEvents
 from pipeline.middleware.temp_cleanup import TempCleanup
+from pipeline.middleware.whisper_warmup import WhisperWarmup
 from pipeline.middleware.worker_sizing import WorkerSizing
 
 
@@ -41,7 +42,9 @@ def pipeline_middleware(settings: Settings) -> list[Middleware]:
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        WorkerSizing(gpu_prefetch=1),
+        # A gpu worker: its transcription slots, one message more than them, the model warmed up.
+        WorkerSizing(settings),
+        WhisperWarmup(settings),
         # Sees every task start and end, even those skipped by what follows.
         Heartbeat(settings.heartbeat_interval),
         # Guards actors declared with gpu_fallback=True: a GpuError moves the task to cpu.

@@ -14,11 +14,17 @@ from pipeline.config import Settings, get_settings
 from pipeline.errors import GpuError
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
+from pipeline.processors import slots
 from pipeline.reporting import reporter_for
 from pipeline.routing import fit_job
 from pipeline.task_message import gpu_preference, job_of, moved
 
 logger = get_logger(__name__)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether the GPU ran out of memory (CUDA's and CTranslate2's words for it)."""
+    return "out of memory" in str(error).lower()
 
 
 class GpuFallback(Middleware):
@@ -37,6 +43,11 @@ class GpuFallback(Middleware):
     ``after_process_message`` runs (Retries then retries or fails the
     message, whatever the hooks before it did), so the guard is a wrapper
     around the actor's function, installed when the actor is declared.
+
+    A CUDA out-of-memory error while the process ran more than one
+    transcription at once (its slots, ``pipeline.processors.slots``) moves
+    nothing: the process runs one fewer from then on and the task is retried
+    on ``gpu`` as usual (Retries). At one slot the task moves as above.
 
     Not moved: tasks that require the GPU (``--gpu require``: retried on the
     GPU as usual), tasks too long for a CPU worker (``routing.fit_job``: retried
@@ -73,6 +84,8 @@ class GpuFallback(Middleware):
                 message = CurrentMessage.get_current_message()
                 if message is None:
                     raise
+                if self.fewer_slots(message, exc):
+                    raise  # Retries tries it again on gpu, with one transcription fewer beside it
                 if self.hand_over(broker, message, exc):
                     raise SkipMessage(f"moved to cpu: {exc}") from None
                 if stays := self.stays_on_gpu(message):
@@ -80,6 +93,18 @@ class GpuFallback(Middleware):
                 raise
 
         return guarded
+
+    def fewer_slots(self, message: MessageProxy, error: GpuError) -> bool:
+        """A CUDA out-of-memory error on ``gpu`` while the process ran more than one transcription:
+        one slot fewer (``slots.Slots.out_of_memory``), and True, the task to be tried again there."""
+        if message.queue_name != "gpu" or not is_out_of_memory(error) or not slots.slots.out_of_memory():
+            return False
+        logger.warning(
+            "GPU out of memory: the task is tried again on gpu with one transcription slot fewer",
+            extra={"task_id": (job_of(message) or {}).get("task_id"), "worker": worker_id(),
+                   "message_id": message.message_id, "slots": slots.slots.size, "error": str(error)},
+        )  # fmt: skip
+        return True
 
     def hand_over(self, broker: Broker, message: MessageProxy, error: GpuError) -> bool:
         """Publish the message's copy to ``cpu``; False when it is not eligible or not published."""

@@ -164,6 +164,7 @@ class Heartbeat(Middleware):
     # The heartbeat itself.
     def beat(self) -> dict[str, Any]:
         """What this worker reports now."""
+        from pipeline.processors.slots import slots
         from pipeline.processors.whisper import loaded_models
 
         if not self._hardware or self._smi:
@@ -171,6 +172,11 @@ class Heartbeat(Middleware):
             self._smi = any("vram_free_mb" in gpu and "driver" in gpu for gpu in self._hardware["gpus"])
         else:
             self._hardware.update(hardware.cpu_info())
+        for gpu in self._hardware.get("gpus") or []:
+            if gpu.get("vram_total_mb") is not None and gpu.get("vram_free_mb") is not None:
+                gpu["vram_used_mb"] = gpu["vram_total_mb"] - gpu["vram_free_mb"]
+        if "gpu" in self._queues:  # its transcription slots (pipeline.processors.slots)
+            self._hardware["slots"] = slots.describe()
         with self._lock:
             self._seq += 1
             return {

@@ -1,31 +1,82 @@
-"""How many messages a worker takes from RabbitMQ at once."""
+"""How many messages a worker takes from RabbitMQ at once, and how many it transcribes at once."""
 
 from __future__ import annotations
 
 from dramatiq import Broker, Middleware, Worker
 
-from pipeline.identity import record_queues
+from pipeline import hardware
+from pipeline.config import Settings, get_settings
+from pipeline.identity import record_queues, worker_id
+from pipeline.logs import get_logger
+from pipeline.processors import slots, whisper
+
+logger = get_logger(__name__)
 
 
 class WorkerSizing(Middleware):
-    """Sets a worker's prefetch so RabbitMQ priorities hold.
+    """Sets a worker's prefetch so RabbitMQ priorities hold, and a GPU worker's transcription slots.
 
     Dramatiq prefetches twice as many messages as threads; messages held
     unacked in a worker cannot be overtaken by a later, more urgent one. A
-    worker consuming ``gpu`` takes ``gpu_prefetch`` messages (one: a GPU runs
-    one transcription at a time), any other worker one per thread.
+    worker consuming ``gpu`` runs ``S`` transcriptions at once (its slots,
+    ``pipeline.processors.slots``: ``MORAG_WHISPER_CONCURRENCY``, or decided
+    from the device and its free VRAM) and takes ``S + 1`` messages: the one
+    more is downloaded and decoded while the model works, and waits for a
+    slot, so the model never waits on I/O and only one message is held
+    beyond what runs. That needs ``S + 1`` threads; a worker with fewer
+    (``--threads 1``) takes one message per thread, and says so in its log.
+    Any other worker takes one message per thread, and has a slot per thread.
 
     Parameters:
-      gpu_prefetch: messages a GPU worker process holds at once.
+      settings: the Whisper settings (default: the process's settings).
+      gpus: the GPUs to read the free VRAM of (default: ``hardware.gpu_info()`` at boot).
     """
 
-    def __init__(self, gpu_prefetch: int = 1) -> None:
-        self.gpu_prefetch = gpu_prefetch
+    def __init__(self, settings: Settings | None = None, gpus: list[dict] | None = None) -> None:
+        self._settings = settings
+        self._gpus = gpus
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings or get_settings()
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         queues = worker.consumer_whitelist or broker.get_declared_queues()
         record_queues(queues)
-        if "gpu" in queues:
-            worker.queue_prefetch = self.gpu_prefetch
-        else:
-            worker.queue_prefetch = worker.worker_threads
+        threads = worker.worker_threads
+        if "gpu" not in queues:  # every thread runs its own task, transcription included
+            slots.slots.resize(max(1, threads))
+            worker.queue_prefetch = threads
+            return
+        decision = self.decide(threads)
+        slots.slots.resize(decision.slots)
+        prefetch = decision.slots + 1
+        log = {"worker": worker_id(), "slots": decision.slots, "reason": decision.reason, "threads": threads}
+        if threads < prefetch:
+            prefetch = threads
+            logger.warning(
+                f"GPU worker with {threads} thread(s): it cannot decode the next task while one "
+                f"transcribes; start it with --threads {decision.slots + 1}",
+                extra={**log, "prefetch": prefetch},
+            )
+        worker.queue_prefetch = prefetch
+        logger.info("transcription slots", extra={**log, "prefetch": prefetch})
+
+    def decide(self, threads: int) -> slots.Decision:
+        """This process's slots: the setting, or from the device and its free VRAM."""
+        settings = self.settings
+        free = None
+        try:
+            device, _ = whisper.pick_device(settings.whisper_device.value)
+        except Exception:  # no CTranslate2 here: a worker that cannot transcribe runs one at a time
+            device = "cpu"
+        if device == "cuda" and settings.whisper_concurrency == 0:
+            gpus = self._gpus if self._gpus is not None else hardware.gpu_info()
+            free = next((g.get("vram_free_mb") for g in gpus if g.get("vram_free_mb") is not None), None)
+        return slots.decide(
+            configured=settings.whisper_concurrency,
+            device=device,
+            threads=threads,
+            model=settings.whisper_model,
+            free_vram_mb=free,
+        )

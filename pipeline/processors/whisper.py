@@ -531,3 +531,48 @@ def _segment(piece: Any) -> Segment:
 def _round(value: Any, digits: int) -> float:
     """A plain float (faster-whisper gives numpy ones too), rounded."""
     return round(float(value), digits)
+
+
+#: Samples of audio faster-whisper decodes per second; ``warm`` transcribes one second of silence.
+SAMPLE_RATE = 16000
+
+
+def warm(
+    model: str = BUNDLED_MODEL,
+    device: str = "auto",
+    compute_type: str = "auto",
+    *,
+    max_loaded: int = 1,
+) -> dict[str, Any]:
+    """Load ``model`` (``load_model``) and transcribe one second of silence with it, so that the
+    first task finds the model loaded and its kernels ready.
+
+    Returns ``model``, ``device``, ``compute_type``, ``load_s`` and ``transcribe_s``. A task
+    asking for the model meanwhile waits for the load (one load at a time) instead of loading
+    it again. GpuError when the GPU fails it, as ``transcribe`` raises.
+    """
+    import numpy as np
+
+    started = time.perf_counter()
+    whisper, used_device, used_compute = load_model(model, device, compute_type, max_loaded=max_loaded)
+    loaded = time.perf_counter()
+    try:
+        pieces, _ = whisper.transcribe(
+            np.zeros(SAMPLE_RATE, dtype=np.float32),
+            beam_size=1,
+            language=None if whisper.model.is_multilingual else "en",
+            vad_filter=False,
+        )
+        list(pieces)
+    except Exception as exc:
+        if used_device == "cuda" and is_gpu_fault(exc):
+            raise GpuError(f"warm-up failed on the GPU: {exc}") from exc
+        raise
+    done = time.perf_counter()
+    return {
+        "model": model,
+        "device": used_device,
+        "compute_type": used_compute,
+        "load_s": round(loaded - started, 3),
+        "transcribe_s": round(done - loaded, 3),
+    }

@@ -206,7 +206,7 @@ class Shape:
         shutil.copy(env_file, self.box_dir / "morag.env")
 
     def start_box(self) -> None:
-        """``dramatiq pipeline.actors.gpu --queues gpu --processes 2 --threads 1`` in the box's folder,
+        """``dramatiq pipeline.actors.gpu --queues gpu --processes 2 --threads 2`` in the box's folder,
         in its namespace, restarted whenever it exits (``Restart=always``)."""
         self.enroll_box()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_")}
@@ -215,7 +215,7 @@ class Shape:
             'while :; do "$0" "$@"; echo "supervisor: dramatiq exited ($?), restarting"; sleep 1; done'
         )
         dramatiq = [str(BIN / "dramatiq"), "pipeline.actors.gpu", "--queues", "gpu"]
-        dramatiq += ["--processes", "2", "--threads", "1"]
+        dramatiq += ["--processes", "2", "--threads", "2"]
         log = (self.stack.logs / "box.log").open("ab")
         self.stack.processes["box"] = subprocess.Popen(
             self.network.command(["bash", "-c", supervisor, *dramatiq]),
