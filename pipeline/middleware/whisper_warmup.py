@@ -56,6 +56,8 @@ class WhisperWarmup(Middleware):
                 settings.whisper_device.value,
                 settings.whisper_compute_type,
                 max_loaded=settings.whisper_max_loaded_models,
+                cpu_threads=settings.whisper_cpu_threads,
+                concurrency=slots.slots.size,
             )
         except Exception as exc:
             logger.error(

@@ -543,10 +543,14 @@ def warm(
     compute_type: str = "auto",
     *,
     max_loaded: int = 1,
+    cpu_threads: int = 0,
+    concurrency: int = 0,
 ) -> dict[str, Any]:
     """Load ``model`` (``load_model``) and transcribe one second of silence with it, so that the
     first task finds the model loaded and its kernels ready.
 
+    ``cpu_threads`` and ``concurrency`` are the worker's, as ``transcribe`` takes them: the model
+    is loaded with the CPU threads its tasks will ask for, so that they find it.
     Returns ``model``, ``device``, ``compute_type``, ``load_s`` and ``transcribe_s``. A task
     asking for the model meanwhile waits for the load (one load at a time) instead of loading
     it again. GpuError when the GPU fails it, as ``transcribe`` raises.
@@ -554,7 +558,10 @@ def warm(
     import numpy as np
 
     started = time.perf_counter()
-    whisper, used_device, used_compute = load_model(model, device, compute_type, max_loaded=max_loaded)
+    threads = cpu_threads or cpu_threads_for(available_cores(), concurrency)
+    whisper, used_device, used_compute = load_model(
+        model, device, compute_type, max_loaded=max_loaded, cpu_threads=threads
+    )
     loaded = time.perf_counter()
     try:
         pieces, _ = whisper.transcribe(
