@@ -8,7 +8,9 @@ while one transcribes) and with 1 thread (one message at a time, as workers ran
 before). Each waits for its warm-up, then N clips are submitted from this
 process with ``pipeline.client`` and followed until every task ended. The
 baseline, measured in the same round on the same cores, is faster-whisper
-transcribing the same clip N times in a loop with its model loaded.
+transcribing the same clip N times in a loop with its model loaded, with the
+worker's CPU threads (its cores, for one transcription at a time); the same
+loop with CTranslate2's default thread count is printed beside it.
 
 Prints medians over the rounds: each way's wall time (first submit to last
 task ended; the loop's own for the baseline), the ratio stack / direct, and the
@@ -38,12 +40,14 @@ STAGES = ("download", "decode", "slot", "load", "transcribe", "render", "upload"
 WAYS = (("2 threads (streaming)", 2), ("1 thread (one at a time)", 1))
 
 
-def direct(path: Path, clips: int) -> dict[str, float]:
+def direct(path: Path, clips: int, cpu_threads: int = 0) -> dict[str, float]:
     """Wall and CPU seconds of faster-whisper transcribing ``path`` ``clips`` times, model loaded
-    (and warmed, as the worker's is)."""
+    (and warmed, as the worker's is), with ``cpu_threads`` CTranslate2 threads (0: its default)."""
     from faster_whisper import WhisperModel
 
-    model = WhisperModel(whisper.resolve_model("tiny.en"), device="cpu", compute_type="int8")
+    model = WhisperModel(
+        whisper.resolve_model("tiny.en"), device="cpu", compute_type="int8", cpu_threads=cpu_threads
+    )
     list(model.transcribe(str(path), beam_size=5)[0])
     started, cpu = time.perf_counter(), time.process_time()
     for _ in range(clips):
@@ -123,10 +127,14 @@ def main() -> None:
     args = parser.parse_args()
     direct_s: list[dict[str, float]] = []
     ways: dict[str, list[dict[str, float]]] = {label: [] for label, _ in WAYS}
+    # The baseline runs with the worker's CPU threads (one transcription at a time: every core),
+    # so that the ratio is the stack's alone; the library's default threads are shown beside it.
+    threads, default_s = whisper.cpu_threads_for(whisper.available_cores(), 1), []
     with fresh_vhost() as url, tempfile.TemporaryDirectory() as tmp, open_stack(Path(tmp), url) as stack:
         stack.start_server()
         for round_ in range(args.rounds):
-            direct_s.append(direct(args.file, args.clips))
+            direct_s.append(direct(args.file, args.clips, threads))
+            default_s.append(direct(args.file, args.clips))
             for label, threads in WAYS:
                 name = f"gpu-{threads}t-{round_}"
                 ways[label].append(through_stack(stack, args.file, args.clips, threads, name))
@@ -135,7 +143,10 @@ def main() -> None:
     print(f"{args.clips} x {args.file.name}, tiny.en int8 beam 5 on the CPU, median of {args.rounds} rounds")
     per_clip = d / args.clips
     print(f"  faster-whisper direct loop, one process  {d:7.2f} s   ({per_clip:.2f} s per clip,"
-          f" CPU {d_cpu:.1f} s)")  # fmt: skip
+          f" CPU {d_cpu:.1f} s; {threads} CPU threads, as the worker)")  # fmt: skip
+    default = statistics.median(r["wall"] for r in default_s)
+    print(f"  the same loop, CTranslate2's own threads {default:7.2f} s   ({default / args.clips:.2f} s"
+          " per clip)")  # fmt: skip
     for label, _ in WAYS:
         runs = ways[label]
         wall = statistics.median(r["wall"] for r in runs)

@@ -195,6 +195,7 @@ def load_model(
     max_loaded: int = 1,
     cpu_threads: int = 0,
     allowed: Sequence[str] = (),
+    workers: int = 1,
 ) -> tuple[Any, str, str]:
     """The model for (name, device, compute type), loaded once and kept while among the
     ``max_loaded`` most recently used of this process (``MORAG_WHISPER_MAX_LOADED_MODELS``).
@@ -205,7 +206,10 @@ def load_model(
     GpuError when it still does not). ``allowed``, when not empty, is the only models this
     worker loads (``MORAG_WHISPER_ALLOWED_MODELS``): any other is refused, ModelNotAllowed.
     ``cpu_threads`` is CTranslate2's thread count on the CPU (0: its default, or whatever the
-    loaded model has); a model loaded with another count is loaded again.
+    loaded model has); a model loaded with another count is loaded again. ``workers`` is how
+    many transcriptions may run the model at once on CUDA (the process's slots,
+    ``pipeline.processors.slots``): CTranslate2 keeps that many replicas on the device, so
+    that they run side by side instead of taking turns; on the CPU the model has one.
     """
     if max_loaded < 1:
         raise ValueError(f"max_loaded must be at least 1, not {max_loaded} (MORAG_WHISPER_MAX_LOADED_MODELS)")
@@ -222,7 +226,7 @@ def load_model(
                 _cache.shrink(max_loaded - 1)
                 if device == "cuda":
                     make_room(_cache, name, model_size_mb(name), free_vram_mb)
-                model = _open(name, device, compute_type, threads)
+                model = _open(name, device, compute_type, threads, max(1, workers) if device == "cuda" else 1)
                 _cache.add(key, model, threads)
     _cache.shrink(max_loaded)
     return model, device, compute_type
@@ -350,7 +354,7 @@ def wants_batched(batched: str, device: str) -> bool:
     return device == "cuda" if batched == "auto" else batched == "on"
 
 
-def _open(name: str, device: str, compute_type: str, cpu_threads: int = 0) -> Any:
+def _open(name: str, device: str, compute_type: str, cpu_threads: int = 0, workers: int = 1) -> Any:
     """Load a WhisperModel; GpuError for a GPU at fault (its CUDA libraries missing too), else
     ModelNotFound. On CUDA, the libraries CTranslate2 opens are loaded first (``cuda_libs``)."""
     from faster_whisper import WhisperModel
@@ -364,7 +368,9 @@ def _open(name: str, device: str, compute_type: str, cpu_threads: int = 0) -> An
         if not libraries.ok:
             raise GpuError(f"cannot load {name} on the GPU: {libraries.problem}")
     try:
-        return WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+        return WhisperModel(
+            source, device=device, compute_type=compute_type, cpu_threads=cpu_threads, num_workers=workers
+        )
     except Exception as exc:
         if device == "cuda" and is_gpu_fault(exc):
             raise GpuError(f"cannot load {name} on the GPU: {exc}") from exc
@@ -428,8 +434,9 @@ def transcribe(
     progress("loading model", 0.0)
     threads = cpu_threads or cpu_threads_for(available_cores(), concurrency)
     whisper, used_device, used_compute = load_model(
-        model, device, compute_type, max_loaded=max_loaded, cpu_threads=threads, allowed=allowed
-    )
+        model, device, compute_type, max_loaded=max_loaded, cpu_threads=threads, allowed=allowed,
+        workers=max(1, concurrency),
+    )  # fmt: skip
     loaded = time.perf_counter()
     asked = options.language_for(language)
     replace(options, language=asked).check_model(model, english=not whisper.model.is_multilingual)
@@ -560,7 +567,7 @@ def warm(
     started = time.perf_counter()
     threads = cpu_threads or cpu_threads_for(available_cores(), concurrency)
     whisper, used_device, used_compute = load_model(
-        model, device, compute_type, max_loaded=max_loaded, cpu_threads=threads
+        model, device, compute_type, max_loaded=max_loaded, cpu_threads=threads, workers=max(1, concurrency)
     )
     loaded = time.perf_counter()
     try:
