@@ -129,11 +129,11 @@ def main() -> None:
     ways: dict[str, list[dict[str, float]]] = {label: [] for label, _ in WAYS}
     # The baseline runs with the worker's CPU threads (one transcription at a time: every core),
     # so that the ratio is the stack's alone; the library's default threads are shown beside it.
-    threads, default_s = whisper.cpu_threads_for(whisper.available_cores(), 1), []
+    cpu_threads, default_s = whisper.cpu_threads_for(whisper.available_cores(), 1), []
     with fresh_vhost() as url, tempfile.TemporaryDirectory() as tmp, open_stack(Path(tmp), url) as stack:
         stack.start_server()
         for round_ in range(args.rounds):
-            direct_s.append(direct(args.file, args.clips, threads))
+            direct_s.append(direct(args.file, args.clips, cpu_threads))
             default_s.append(direct(args.file, args.clips))
             for label, threads in WAYS:
                 name = f"gpu-{threads}t-{round_}"
@@ -143,7 +143,7 @@ def main() -> None:
     print(f"{args.clips} x {args.file.name}, tiny.en int8 beam 5 on the CPU, median of {args.rounds} rounds")
     per_clip = d / args.clips
     print(f"  faster-whisper direct loop, one process  {d:7.2f} s   ({per_clip:.2f} s per clip,"
-          f" CPU {d_cpu:.1f} s; {threads} CPU threads, as the worker)")  # fmt: skip
+          f" CPU {d_cpu:.1f} s; {cpu_threads} CPU threads, as the worker)")  # fmt: skip
     default = statistics.median(r["wall"] for r in default_s)
     print(f"  the same loop, CTranslate2's own threads {default:7.2f} s   ({default / args.clips:.2f} s"
           " per clip)")  # fmt: skip
