@@ -11,7 +11,6 @@ from dramatiq.middleware import (
     Pipelines,
     Retries,
     ShutdownNotifications,
-    TimeLimit,
 )
 from periodiq import PeriodiqMiddleware
 
@@ -26,6 +25,7 @@ from pipeline.middleware.model_affinity import ModelAffinity
 from pipeline.middleware.structured_logs import StructuredLogs
 from pipeline.middleware.task_events import TaskEvents
 from pipeline.middleware.temp_cleanup import TempCleanup
+from pipeline.middleware.time_limit import SlotAwareTimeLimit
 from pipeline.middleware.whisper_warmup import WhisperWarmup
 from pipeline.middleware.worker_sizing import WorkerSizing
 
@@ -38,7 +38,8 @@ def pipeline_middleware(settings: Settings) -> list[Middleware]:
         # It signs actor and arguments only, so later changes to options are fine.
         MessageSigning(settings),
         AgeLimit(),
-        TimeLimit(time_limit=settings.max_time_limit_s * 1000),
+        # Stopped while a task waits for a transcription slot (the one a GPU worker prepares).
+        SlotAwareTimeLimit(time_limit=settings.max_time_limit_s * 1000),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),

@@ -9,6 +9,7 @@ from dramatiq import Broker, Middleware, Worker
 from pipeline.config import Settings, get_settings
 from pipeline.identity import worker_id
 from pipeline.logs import get_logger
+from pipeline.middleware.worker_sizing import dedicated_to_gpu
 from pipeline.processors import slots, whisper
 
 logger = get_logger(__name__)
@@ -23,7 +24,8 @@ class WhisperWarmup(Middleware):
     that task go on meanwhile. A failure (a GPU fault, a model that cannot be
     loaded) is logged and never stops the worker: its tasks meet the same error and
     are handled as usual (``GpuFallback``). Runs after ``WorkerSizing``, which sizes
-    the slots. Workers that do not consume ``gpu`` do nothing.
+    the slots. Workers that do not consume ``gpu``, or consume ``cpu`` too (the embedded
+    ``run``, which loads the model when its first file needs it), do nothing.
 
     Parameters:
       settings: the model and whether to warm up (``MORAG_WHISPER_WARMUP``; default: the
@@ -40,7 +42,7 @@ class WhisperWarmup(Middleware):
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
         queues = worker.consumer_whitelist or broker.get_declared_queues()
-        if "gpu" not in queues or not self.settings.whisper_warmup:
+        if not dedicated_to_gpu(queues) or not self.settings.whisper_warmup:
             return
         slots.slots.take()  # here, before any consumer starts: the first task waits for the warm-up
         self.thread = threading.Thread(target=self.warm, name="morag-whisper-warmup", daemon=True)

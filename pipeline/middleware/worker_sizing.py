@@ -25,7 +25,9 @@ class WorkerSizing(Middleware):
     slot, so the model never waits on I/O and only one message is held
     beyond what runs. That needs ``S + 1`` threads; a worker with fewer
     (``--threads 1``) takes one message per thread, and says so in its log.
-    Any other worker takes one message per thread, and has a slot per thread.
+    Any other worker takes one message per thread, and has a slot per thread;
+    so does a worker of both ``gpu`` and ``cpu`` (the embedded ``run``), whose
+    threads take every kind of task.
 
     Parameters:
       settings: the Whisper settings (default: the process's settings).
@@ -44,7 +46,7 @@ class WorkerSizing(Middleware):
         queues = worker.consumer_whitelist or broker.get_declared_queues()
         record_queues(queues)
         threads = worker.worker_threads
-        if "gpu" not in queues:  # every thread runs its own task, transcription included
+        if not dedicated_to_gpu(queues):  # every thread runs its own task, transcription included
             slots.slots.resize(max(1, threads))
             worker.queue_prefetch = threads
             return
@@ -80,3 +82,8 @@ class WorkerSizing(Middleware):
             model=settings.whisper_model,
             free_vram_mb=free,
         )
+
+
+def dedicated_to_gpu(queues: object) -> bool:
+    """Whether a worker of ``queues`` is a GPU worker: it consumes ``gpu`` and not ``cpu``."""
+    return "gpu" in queues and "cpu" not in queues  # type: ignore[operator]

@@ -19,8 +19,8 @@ takes a slot around ``whisper.transcribe``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 from pipeline.identity import worker_id
@@ -125,6 +125,9 @@ class Slots:
         self._used = 0
         self._changed = threading.Condition()
         self._local = threading.local()
+        #: What a thread waiting for a slot is inside of (a worker stops its task's time limit:
+        #: ``pipeline.middleware.time_limit``); by default nothing.
+        self.waiting: Callable[[], AbstractContextManager[None]] = nullcontext
 
     @property
     def size(self) -> int:
@@ -143,9 +146,11 @@ class Slots:
             self._changed.notify_all()
 
     def take(self) -> None:
-        """Wait for a free slot and take it."""
+        """Wait for a free slot (inside ``waiting``) and take it."""
         with self._changed:
-            self._changed.wait_for(lambda: self._used < self._size)
+            if self._used >= self._size:
+                with self.waiting():
+                    self._changed.wait_for(lambda: self._used < self._size)
             self._used += 1
             self._local.size = self._size
 

@@ -207,9 +207,9 @@ def load_model(
     worker loads (``MORAG_WHISPER_ALLOWED_MODELS``): any other is refused, ModelNotAllowed.
     ``cpu_threads`` is CTranslate2's thread count on the CPU (0: its default, or whatever the
     loaded model has); a model loaded with another count is loaded again. ``workers`` is how
-    many transcriptions may run the model at once on CUDA (the process's slots,
-    ``pipeline.processors.slots``): CTranslate2 keeps that many replicas on the device, so
-    that they run side by side instead of taking turns; on the CPU the model has one.
+    many transcriptions may run the model at once (the process's slots,
+    ``pipeline.processors.slots``): CTranslate2 runs that many workers, sharing the model's
+    weights, so that they run side by side instead of taking turns.
     """
     if max_loaded < 1:
         raise ValueError(f"max_loaded must be at least 1, not {max_loaded} (MORAG_WHISPER_MAX_LOADED_MODELS)")
@@ -226,7 +226,7 @@ def load_model(
                 _cache.shrink(max_loaded - 1)
                 if device == "cuda":
                     make_room(_cache, name, model_size_mb(name), free_vram_mb)
-                model = _open(name, device, compute_type, threads, max(1, workers) if device == "cuda" else 1)
+                model = _open(name, device, compute_type, threads, max(1, workers))
                 _cache.add(key, model, threads)
     _cache.shrink(max_loaded)
     return model, device, compute_type

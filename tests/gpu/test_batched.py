@@ -43,7 +43,7 @@ def test_int8_float16_loads_and_hears_the_words(samples: Path, tmp_path: Path) -
 
 def test_two_slots_run_the_model_side_by_side(samples: Path, tmp_path: Path) -> None:
     """A process with two slots loads its model with two CTranslate2 workers on CUDA, so that two
-    transcriptions run at once instead of taking turns (on the CPU the model keeps one:
+    transcriptions run at once instead of taking turns (on the CPU too:
     tests/processors/test_whisper_inference.py)."""
     whisper.drop_models()
     loaded, device, _ = whisper.load_model("tiny.en", "cuda", "float16", workers=2)

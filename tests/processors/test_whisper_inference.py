@@ -76,10 +76,11 @@ def test_cpu_threads_are_the_cores_shared_by_the_transcriptions_at_once(speech: 
     assert whisper.cpu_threads_for(cores=2, concurrency=4) == 1  # never none
     shared = whisper.transcribe(speech, device="cpu", concurrency=2)
     assert shared.inference["cpu_threads"] == max(1, whisper.available_cores() // 2)
-    # On the CPU the slots share the cores, not model replicas (on CUDA: tests/gpu/test_batched.py).
+    # Two slots: two CTranslate2 workers share the cores (and the weights), so that two
+    # transcriptions run side by side instead of taking turns (on CUDA: tests/gpu/test_batched.py).
     threads = shared.inference["cpu_threads"]
     used = whisper.load_model(whisper.BUNDLED_MODEL, "cpu", "int8", cpu_threads=threads, workers=2)[0]
-    assert used.model.num_workers == 1
+    assert used.model.num_workers == 2
     one = whisper.transcribe(speech, device="cpu", cpu_threads=1)
     assert one.inference == {"batched": False, "batch_size": None, "cpu_threads": 1}
     assert "graphics card" in one.text.lower()

@@ -18,6 +18,7 @@ from dramatiq.middleware import CurrentMessage
 from pipeline.brokers.stub import build_stub_broker
 from pipeline.config import Settings
 from pipeline.errors import GpuError
+from pipeline.middleware.time_limit import SlotAwareTimeLimit
 from pipeline.middleware.worker_sizing import WorkerSizing
 from pipeline.processors import slots as slots_module
 from pipeline.processors.slots import Slots, decide, model_vram_mb
@@ -176,16 +177,50 @@ def test_an_out_of_memory_error_is_retried_on_gpu_with_one_slot_fewer_then_moved
             if queue == "gpu":
                 raise GpuError("transcription failed on the GPU: CUDA failed with error out of memory")
 
-    w = Worker(broker, queues={"gpu", "cpu"}, worker_threads=3, worker_timeout=20)
-    w.start()
+    # A CPU worker, then a GPU worker (the process's slots are the last booted's: the GPU one's).
+    sizes = (("cpu", 1), ("gpu", 3))
+    workers = [Worker(broker, queues={queue}, worker_threads=n, worker_timeout=20) for queue, n in sizes]
+    for w in workers:
+        w.start()
     try:
         assert slots_module.slots.size == 2
         transcribe_like.send(job={"task_id": "t-oom", "route": {"queue": "gpu", "gpu": "prefer"}})
         wait_for("the task on cpu", lambda: calls and calls[-1][0] == "cpu", 10, interval=0.02)
     finally:
-        w.stop()
+        for w in workers:
+            w.stop()
     # At two slots: tried again on gpu with one; at one: moved to cpu, where it ran.
     assert calls == [("gpu", 2), ("gpu", 1), ("cpu", 1)]
     names = control(broker)
     assert names.count("task_retrying") == 1 and names.count("task_rerouted") == 1
     assert "task_failed" not in names
+
+
+def test_a_task_waiting_for_a_slot_keeps_its_time_limit_for_its_own_work() -> None:
+    """The prepared task of a GPU worker waits for the model longer than its own time limit: the
+    limit's clock stops while it waits (``SlotAwareTimeLimit``), and it gets the rest of its time
+    once it has the slot; Dramatiq's monitor, running, raises nothing meanwhile."""
+    limit = SlotAwareTimeLimit(time_limit=60_000, interval=50)
+    limit.manager.start()
+    waiting = Slots(1)
+    waiting.waiting = limit.paused
+    waiting.take()  # the task before it holds the model
+    seen: dict[str, object] = {}
+
+    def prepared_task() -> None:
+        try:
+            limit.manager.add_timeout(threading.get_ident(), 500)  # its own limit: 0.5 s
+            waiting.take()
+            seen["left_s"] = limit.manager.deadlines[threading.get_ident()] - time.monotonic()
+            waiting.give()
+        except BaseException as exc:  # TimeLimitExceeded, raised in this thread by the monitor
+            seen["error"] = exc
+
+    thread = threading.Thread(target=prepared_task)
+    thread.start()
+    time.sleep(1.0)  # twice its limit, waiting for the slot
+    assert limit.manager.deadlines[thread.ident] is None  # its clock is stopped while it waits
+    waiting.give()
+    thread.join(5)
+    assert "error" not in seen, seen
+    assert 0.3 < seen["left_s"] <= 0.5  # its own half second, less the instant it took
