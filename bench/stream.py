@@ -89,7 +89,8 @@ def through_stack(stack: Stack, path: Path, clips: int, threads: int, name: str)
     """Wall seconds and busy fraction of ``clips`` tasks on a fresh worker with ``threads``."""
     from pipeline.client import Client
 
-    stack.start_worker("gpu", name=name, threads=threads, MORAG_WHISPER_DEVICE="cpu")
+    warm = {"MORAG_WHISPER_DEVICE": "cpu", "MORAG_WHISPER_WARMUP": "true"}
+    stack.start_worker("gpu", name=name, threads=threads, **warm)
     try:
         wait_for(f"{name}'s warm-up", lambda: warmed(stack, name), 120, stack=stack)
         with Client(stack.url, api_key=stack.env["MORAG_API_KEY"]) as client:

@@ -217,8 +217,10 @@ class Settings(BaseSettings):
     # worker's threads - 1. A CUDA out-of-memory error lowers it by one (docs/worker-sizing.md).
     whisper_concurrency: int = Field(0, ge=0, le=64)
     # Load the default model at a GPU-queue worker's boot and transcribe one second of
-    # silence, so the first task finds it ready.
-    whisper_warmup: bool = True
+    # silence, so the first task finds it ready. Off by default: on the CPU, a model warmed
+    # in the boot thread made a worker's first long transcription run for minutes under
+    # load (docs/worker-sizing.md); not yet measured on a GPU.
+    whisper_warmup: bool = False
     # Folders, separated by ':', to load CTranslate2's CUDA libraries from (cuBLAS 12 and what
     # it opens); empty: the NVIDIA packages of the Python environment, then the system loader.
     cuda_library_path: str = ""

@@ -42,7 +42,7 @@ def test_a_gpu_worker_holds_one_message_more_than_it_transcribes_and_decodes_the
 ) -> None:
     stack.env["MORAG_HEARTBEAT_INTERVAL"] = "0.2"
     stack.start_server()
-    stack.start_worker("gpu", threads=2, MORAG_WHISPER_DEVICE="cpu")
+    stack.start_worker("gpu", threads=2, MORAG_WHISPER_DEVICE="cpu", MORAG_WHISPER_WARMUP="true")
     stack.wait_consumers("gpu")
     [warmed] = wait_for("the warm-up", lambda: logged(stack, "gpu-worker", "whisper model warmed up"), 120,
                         stack=stack)  # fmt: skip
@@ -85,7 +85,7 @@ def test_out_of_memory_with_two_slots_retries_on_gpu_with_one_and_the_worker_kee
     stack.env["MORAG_HEARTBEAT_INTERVAL"] = "0.2"
     stack.start_server()
     stack.start_worker("gpu", threads=3, modules=("tests.integration.oom_once",), MORAG_WHISPER_DEVICE="cpu",
-                       MORAG_WHISPER_CONCURRENCY="2")  # fmt: skip
+                       MORAG_WHISPER_CONCURRENCY="2", MORAG_WHISPER_WARMUP="true")  # fmt: skip
     stack.wait_consumers("gpu")
     wait_for("the warm-up", lambda: logged(stack, "gpu-worker", "whisper model warmed up"), 120, stack=stack)
     with client(stack) as c:

@@ -19,13 +19,7 @@ from pipeline.processors import media, whisper
 from pipeline.processors.transcripts import Transcript
 from tests.conftest import SPOKEN_WORDS
 
-
-@pytest.fixture(autouse=True)
-def no_models_loaded() -> Iterator[None]:
-    whisper.drop_models()
-    yield
-    whisper.drop_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("no_models_loaded")  # tests/processors/conftest.py
 
 
 @pytest.fixture

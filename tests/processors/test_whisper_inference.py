@@ -8,8 +8,6 @@ on with the real tiny.en model, so the batched path is the one the GPU runs, on 
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +18,7 @@ from pipeline.processors import media, whisper
 from pipeline.processors.speech_options import SpeechOptions
 from tests.conftest import SPOKEN_WORDS
 
-
-@pytest.fixture(autouse=True)
-def no_models_loaded() -> Iterator[None]:
-    whisper.drop_models()
-    yield
-    whisper.drop_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("no_models_loaded")  # tests/processors/conftest.py
 
 
 @pytest.fixture(scope="module")

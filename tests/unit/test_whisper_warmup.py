@@ -19,6 +19,7 @@ from tests.conftest import TEST_SECRET
 
 
 def settings(tmp_path: Path, **values: object) -> Settings:
+    values = {"whisper_warmup": True, **values}
     return Settings(data_dir=tmp_path, secret_key=TEST_SECRET, file_access="shared", heartbeat_interval=0,
                     **values)  # fmt: skip
 
