@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dramatiq import Broker, Middleware, Worker
 
-from pipeline import hardware
 from pipeline.config import Settings, get_settings
 from pipeline.identity import record_queues, worker_id
 from pipeline.logs import get_logger
@@ -73,8 +72,7 @@ class WorkerSizing(Middleware):
         except Exception:  # no CTranslate2 here: a worker that cannot transcribe runs one at a time
             device = "cpu"
         if device == "cuda" and settings.whisper_concurrency == 0:
-            gpus = self._gpus if self._gpus is not None else hardware.gpu_info()
-            free = next((g.get("vram_free_mb") for g in gpus if g.get("vram_free_mb") is not None), None)
+            free = whisper.free_vram_mb(gpus=self._gpus)
         return slots.decide(
             configured=settings.whisper_concurrency,
             device=device,

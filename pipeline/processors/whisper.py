@@ -268,11 +268,12 @@ def model_size_mb(name: str) -> float | None:
     return weights.stat().st_size / 2**20 if weights.is_file() else None
 
 
-def free_vram_mb(index: int = 0) -> int | None:
-    """Free memory of CUDA device ``index`` in MiB (``pipeline.hardware``); None when unknown."""
+def free_vram_mb(index: int = 0, gpus: list[dict[str, Any]] | None = None) -> int | None:
+    """Free memory of CUDA device ``index`` in MiB, of ``gpus`` (default: ``hardware.gpu_info()``);
+    None when unknown."""
     from pipeline import hardware
 
-    for gpu in hardware.gpu_info():
+    for gpu in hardware.gpu_info() if gpus is None else gpus:
         if gpu.get("index") == index and gpu.get("vram_free_mb") is not None:
             return int(gpu["vram_free_mb"])
     return None
