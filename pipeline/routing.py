@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import filetype
-
 from pipeline.brokers import PRIORITIES
 from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput, UnsupportedType
@@ -95,7 +93,7 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
         )
         return _claimed(found, suffix)
 
-    guessed = filetype.guess(head)
+    guessed = _guess(head)
     if suffix in MEDIA_EXTENSIONS or (guessed and guessed.mime.split("/")[0] in ("audio", "video")):
         raise BadInput(f"{filename}: corrupt or truncated media: ffprobe cannot read it")
     detected = guessed.mime if guessed else "unknown binary data"
@@ -291,8 +289,15 @@ def _claimed(found: Classification, suffix: str) -> Classification:
 
 
 def _mime(head: bytes, kind: str) -> str:
-    guessed = filetype.guess(head)
+    guessed = _guess(head)
     return guessed.mime if guessed else f"{kind}/unknown"
+
+
+def _guess(head: bytes) -> Any:
+    """``filetype``'s guess at a file's type from its first bytes; None when it knows it not."""
+    import filetype  # here, not at the top: only the server classifies, and a worker boots without it
+
+    return filetype.guess(head)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import MiddlewareError
 
 from pipeline.brokers import QUEUES
+from pipeline.brokers.acks import BatchedAcksConsumer
 from pipeline.brokers.queue_types import (
     QueueRefused,
     Role,
@@ -64,6 +65,8 @@ class PipelineRabbitmqBroker(RabbitmqBroker):
     names; messages are published to the exchange with the queue's name as
     routing key, persistent, with publisher confirms when enabled.
 
+    Its consumers settle finished messages together (``acks.BatchedAcksConsumer``).
+
     A queue that exists with other arguments raises ``QueueMismatch`` (one
     line: the queue, its type, the fix). A worker's consumer cannot recover
     from that, and Dramatiq would restart it forever, so the worker process
@@ -84,6 +87,10 @@ class PipelineRabbitmqBroker(RabbitmqBroker):
         self.bind = bind
         self.queue_type = queue_type
         self._version: Version | None = None
+
+    @property
+    def consumer_class(self) -> type[BatchedAcksConsumer]:
+        return BatchedAcksConsumer
 
     @property
     def server_version(self) -> Version:

@@ -4,14 +4,7 @@ stack every morag-pipeline broker runs (``pipeline_middleware``), in order."""
 from __future__ import annotations
 
 from dramatiq import Middleware
-from dramatiq.middleware import (
-    AgeLimit,
-    Callbacks,
-    CurrentMessage,
-    Pipelines,
-    Retries,
-    ShutdownNotifications,
-)
+from dramatiq.middleware import CurrentMessage, Retries
 from periodiq import PeriodiqMiddleware
 
 from pipeline.config import Settings
@@ -31,18 +24,18 @@ from pipeline.middleware.worker_sizing import WorkerSizing
 
 
 def pipeline_middleware(settings: Settings) -> list[Middleware]:
+    """The stack, in order. Of Dramatiq's defaults it keeps ``TimeLimit`` and ``Retries``; its
+    ``AgeLimit``, ``ShutdownNotifications``, ``Callbacks`` and ``Pipelines`` serve actor options
+    (``max_age``, ``notify_shutdown``, ``on_success``, ``pipe_target``) no actor here uses, and
+    each would cost every message its hooks (``bench/broker_throughput.py``)."""
     return [
         StructuredLogs(settings.log_level, settings.log_json),
         TempCleanup(max_age_s=2 * settings.max_time_limit_s),
         # First: control messages are verified before anything acts on them.
         # It signs actor and arguments only, so later changes to options are fine.
         MessageSigning(settings),
-        AgeLimit(),
         # Stopped while a task waits for a transcription slot (the one a GPU worker prepares).
         SlotAwareTimeLimit(time_limit=settings.max_time_limit_s * 1000),
-        ShutdownNotifications(),
-        Callbacks(),
-        Pipelines(),
         # A gpu worker: its transcription slots, one message more than them, the model warmed up.
         WorkerSizing(settings),
         WhisperWarmup(settings),

@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ffmpeg
-
 from pipeline.errors import BadInput, PipelineError
 
 #: Seconds ffprobe may take: it reads a file's headers, well under a second for a healthy file.
@@ -152,14 +150,11 @@ def extract_audio(
             duration = info.duration if info is not None else 0.0
         timeout_s = extract_timeout_s(duration)
     # Seeking on the input while decoding is exact to the sample, and skips what comes before.
-    cut = {} if span is None else {"ss": f"{span[0]:.3f}", "t": f"{span[1] - span[0]:.3f}"}
-    args = (
-        ffmpeg.input(str(src), **cut)
-        .output(str(dest), ac=1, ar=sample_rate, acodec="pcm_s16le", vn=None, map="0:a:0")
-        .global_args("-nostdin", "-v", "error", "-xerror")
-        .overwrite_output()
-        .compile()
-    )
+    cut = [] if span is None else ["-ss", f"{span[0]:.3f}", "-t", f"{span[1] - span[0]:.3f}"]
+    args = [
+        "ffmpeg", "-nostdin", "-v", "error", "-xerror", "-y", *cut, "-i", str(src),
+        "-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(sample_rate), "-acodec", "pcm_s16le", str(dest),
+    ]  # fmt: skip
     try:
         done = run_bounded(args, timeout_s)
     except Timeout:

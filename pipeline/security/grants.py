@@ -31,8 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-
 from pipeline.logs import get_logger
 from pipeline.security.roles import CAPABILITIES, ISSUER, AuthError
 
@@ -82,6 +80,8 @@ def issue_grant(
         "iat": now,
         "exp": now + int(ttl_s),
     }
+    import jwt  # here, not at the top: PyJWT loads cryptography, which a worker's boot can do without
+
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -141,6 +141,8 @@ def _plain(path: str) -> bool:
 
 def verify_grant(secret: bytes, token: str, *, check_expiry: bool = True) -> TaskGrant:
     """The grant a token carries; GrantRefused when forged, malformed or (with ``check_expiry``) expired."""
+    import jwt  # see issue_grant
+
     try:
         claims: dict[str, Any] = jwt.decode(
             token, secret, algorithms=["HS256"], issuer=ISSUER,

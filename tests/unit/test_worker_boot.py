@@ -1,9 +1,12 @@
-"""A worker process boots without the server's database layer.
+"""A worker process boots without the server's database layer, and without what only the
+server or a few tasks use.
 
 ``dramatiq pipeline.actors.cpu`` (or ``.gpu``) imports the actors and the whole
 middleware stack; the store (SQLAlchemy), the registry and the server's services
-belong to the server, and an HTTP client to the tasks that fetch. Each of them
-costs a worker a tenth of a second or more at every start (measured in
+belong to the server, an HTTP client to the tasks that fetch, PyJWT (and the
+cryptography it loads) to whoever issues or checks a transfer grant, and file-type
+sniffing to the server's classification. Each of them costs a worker some
+hundredths of a second or more at every start (measured in
 ``bench/broker_throughput.py``'s whole-worker mode, bench/README.md).
 """
 
@@ -24,11 +27,14 @@ SERVER_ONLY = (
     "pipeline.fleet.registry",
     "pipeline.db",
     "httpx",
+    "jwt",
+    "cryptography",
+    "filetype",
 )
 
 
 @pytest.mark.parametrize("module", ["pipeline.actors.cpu", "pipeline.actors.gpu"])
-def test_a_worker_boots_without_the_database_layer(module: str) -> None:
+def test_a_worker_boots_without_the_database_layer_or_the_servers_libraries(module: str) -> None:
     loaded = subprocess.run(
         [sys.executable, "-c", f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
