@@ -195,7 +195,8 @@ def transcribe(
         )
     clock["decode_ended"] = time.time()
     with watch.stage("slot"):
-        slots.slots.take()
+        if not slots.slots.take(should_stop, on_wait=lambda: progress("waiting for the model", 0.0)):
+            raise TaskCanceled("canceled while waiting for the model")  # the task before it runs on
     try:
         clock["model_started"] = time.time()
         transcript = whisper.transcribe(

@@ -69,6 +69,9 @@ class BatchedAcksConsumer(_RabbitmqConsumer):
         try:
             self.connection.add_callback_threadsafe(self._send)
         except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError) as e:
+            # The connection is gone, and with it these deliveries: RabbitMQ redelivers them.
+            with self._lock:
+                self._handed.clear()
             raise ConnectionClosed(e) from None
 
     def _send(self) -> None:

@@ -145,14 +145,27 @@ class Slots:
             self._size = size
             self._changed.notify_all()
 
-    def take(self) -> None:
-        """Wait for a free slot (inside ``waiting``) and take it."""
+    def take(
+        self,
+        should_stop: Callable[[], bool] | None = None,
+        *,
+        on_wait: Callable[[], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> bool:
+        """Wait for a free slot (inside ``waiting``) and take it: True. ``on_wait`` is called once
+        when every slot is taken, before the wait; ``should_stop`` is asked every ``poll_s``
+        seconds of the wait, and when it says so no slot is taken: False."""
         with self._changed:
             if self._used >= self._size:
+                if on_wait is not None:
+                    on_wait()
                 with self.waiting():
-                    self._changed.wait_for(lambda: self._used < self._size)
+                    while not self._changed.wait_for(lambda: self._used < self._size, poll_s):
+                        if should_stop is not None and should_stop():
+                            return False
             self._used += 1
             self._local.size = self._size
+            return True
 
     def give(self) -> None:
         """Give a slot back (from any thread: a warm-up takes one at boot and gives it back from its own)."""

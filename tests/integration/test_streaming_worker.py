@@ -115,3 +115,37 @@ def test_out_of_memory_with_two_slots_retries_on_gpu_with_one_and_the_worker_kee
     assert shown.returncode == 0, shown.stderr
     assert "slots:     1 transcription(s) at once, 0 running" in shown.stdout, shown.stdout
     assert time.time() - worker["last_seen"] < 30
+
+
+def test_a_task_prepared_behind_a_transcription_is_canceled_without_waiting_for_it(
+    stack: Stack, samples: Path, tmp_path: Path
+) -> None:
+    """A GPU worker's second thread holds the next task, decoded, until the model is free; a
+    cancel of that task ends it then and there, not when the transcription before it ends."""
+    from tests.conftest import looped_speech
+
+    stack.start_server()
+    stack.start_worker("gpu", threads=2, MORAG_WHISPER_DEVICE="cpu")
+    stack.wait_consumers("gpu")
+    long = looped_speech(tmp_path / "long.mp3", 11)  # two minutes of speech
+    with client(stack) as c:
+        first = c.submit_record(long)
+        wait_for("the long task transcribing",
+                 lambda: (c.task(first["id"]).get("progress") or {}).get("stage") == "transcribing", 120,
+                 stack=stack)  # fmt: skip
+        second = c.submit_record(samples / "speech.mp3")
+        wait_for("the next task decoded, waiting for the model",
+                 lambda: (c.task(second["id"]).get("progress") or {}).get("stage") == "waiting for the model",
+                 60, stack=stack)  # fmt: skip
+        c.cancel(second["id"], "not needed")
+
+        def stopped() -> dict[str, Any] | None:
+            events = c.task(second["id"])["events"]
+            return next((e for e in events if e["event"] == "stopped"), None)
+
+        # The worker stops it (the server marks it canceled at once, whatever the worker does).
+        event = wait_for("the worker stopping the waiting task", stopped, 30, stack=stack)
+        still = c.task(first["id"])
+        c.cancel(first["id"])
+    assert event["detail"]["reason"] == "canceled while waiting for the model", event
+    assert still["state"] == "running", still  # the transcription before it had not ended

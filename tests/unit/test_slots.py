@@ -118,6 +118,26 @@ def test_slots_hold_at_most_their_size_at_once() -> None:
     assert most[0] == 2 and held.in_use == 0
 
 
+def test_a_wait_for_a_slot_ends_without_one_when_its_task_is_canceled() -> None:
+    held = Slots(1)
+    held.take()  # the transcription ahead of it
+    canceled, waited = threading.Event(), []
+    outcome: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: outcome.append(
+            held.take(canceled.is_set, on_wait=lambda: waited.append(True), poll_s=0.02)
+        )
+    )
+    waiter.start()
+    time.sleep(0.1)
+    assert outcome == [] and waited == [True]  # it waits, and said so once
+    canceled.set()
+    waiter.join(5)
+    assert outcome == [False] and held.in_use == 1  # it gave up and took nothing
+    held.give()
+    assert held.take(canceled.is_set) is True  # a free slot is taken whatever should_stop says
+
+
 def test_out_of_memory_lowers_the_slots_once_per_size_never_below_one() -> None:
     held = Slots(3)
     inside, release = threading.Barrier(3), threading.Event()
