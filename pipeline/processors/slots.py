@@ -152,13 +152,18 @@ class Slots:
         on_wait: Callable[[], None] | None = None,
         poll_s: float = 0.5,
     ) -> bool:
-        """Wait for a free slot (inside ``waiting``) and take it: True. ``on_wait`` is called once
-        when every slot is taken, before the wait; ``should_stop`` is asked every ``poll_s``
-        seconds of the wait, and when it says so no slot is taken: False."""
+        """Wait for a free slot (inside ``waiting``) and take it: True.
+
+        ``on_wait`` is called once when every slot is taken, before the wait and outside the
+        slots' lock (it may report over the network). ``should_stop`` is asked every ``poll_s``
+        seconds of the wait; when it says so, no slot is taken: False."""
+        if on_wait is not None:
+            with self._changed:
+                busy = self._used >= self._size
+            if busy:
+                on_wait()
         with self._changed:
             if self._used >= self._size:
-                if on_wait is not None:
-                    on_wait()
                 with self.waiting():
                     while not self._changed.wait_for(lambda: self._used < self._size, poll_s):
                         if should_stop is not None and should_stop():
