@@ -171,10 +171,6 @@ TINY: dict[str, Tiny] = {
             (rf"^  (cuda float16 batched +{GPU_VS_CPU_TIMES} speed-up {RATIO}x|cuda: not measured: .+)", 1),
         ),
     ),
-    "model_thread": Tiny(
-        ("--seconds", "9", "--runs", "1", "--rounds", "1"),
-        ((rf"^  ratio passing / own: {RATIO}$", 1),),
-    ),
     "stream": Tiny(
         ("--clips", "2", "--rounds", "1"),
         (

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from pipeline.errors import GpuError, ModelNotFound
 from pipeline.identity import worker_id
@@ -43,8 +43,6 @@ from pipeline.processors.transcripts import Segment, Transcript, Word
 logger = get_logger(__name__)
 
 BUNDLED_MODEL = "tiny.en"
-
-T = TypeVar("T")
 
 #: A loaded model's key: (model name, device, compute type).
 ModelKey = tuple[str, str, str]
@@ -371,41 +369,13 @@ def _open(name: str, device: str, compute_type: str, cpu_threads: int = 0, worke
         if not libraries.ok:
             raise GpuError(f"cannot load {name} on the GPU: {libraries.problem}")
     try:
-        return in_passing_thread(
-            lambda: WhisperModel(
-                source, device=device, compute_type=compute_type, cpu_threads=cpu_threads, num_workers=workers
-            )
+        return WhisperModel(
+            source, device=device, compute_type=compute_type, cpu_threads=cpu_threads, num_workers=workers
         )
     except Exception as exc:
         if device == "cuda" and is_gpu_fault(exc):
             raise GpuError(f"cannot load {name} on the GPU: {exc}") from exc
         raise ModelNotFound(f"cannot load Whisper model {name!r}: {exc}") from exc
-
-
-def in_passing_thread(make: Callable[[], T]) -> T:
-    """``make()``, run in a thread of its own that ends with it; its exception is raised here.
-
-    Models are made this way. On the CPU, a CTranslate2 model whose making thread is still
-    alive transcribed 1.6 to 1.8 times slower, in every thread, than one made by a thread
-    that has ended (tiny.en, 55 s of speech, 2 threads: about 5.3 s against 3.2 s;
-    ``bench/model_thread.py``). A worker's threads live as long as it does, and the first
-    task's thread made the model.
-    """
-    made: list[T] = []
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            made.append(make())
-        except BaseException as exc:  # handed to the caller
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="morag-model-load")
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return made[0]
 
 
 def loaded_models() -> list[str]:
