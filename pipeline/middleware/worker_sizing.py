@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from dramatiq import Broker, Middleware, Worker
 
 from pipeline.config import Settings, get_settings
@@ -82,6 +84,6 @@ class WorkerSizing(Middleware):
         )
 
 
-def dedicated_to_gpu(queues: object) -> bool:
+def dedicated_to_gpu(queues: Container[str]) -> bool:
     """Whether a worker of ``queues`` is a GPU worker: it consumes ``gpu`` and not ``cpu``."""
-    return "gpu" in queues and "cpu" not in queues  # type: ignore[operator]
+    return "gpu" in queues and "cpu" not in queues
