@@ -20,8 +20,6 @@ from pipeline.config import Settings, get_settings
 from pipeline.errors import BadInput, UnsupportedType
 from pipeline.kinds import CONVERT, IMAGE, KINDS, MEDIA_URL, TRANSCRIBE, WEB, Kind, kind_of
 from pipeline.netsafety import check_url
-from pipeline.processors import images, media, media_urls
-from pipeline.processors.documents import count_pdf_pages_capped
 
 MEDIA_EXTENSIONS = {
     ".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv",
@@ -65,6 +63,10 @@ def classify(path: Path, filename: str, settings: Settings | None = None) -> Cla
         raise BadInput(f"{filename}: the file is empty")
     with path.open("rb") as f:
         head = f.read(8192)
+
+    # The processors are imported where a file is classified, not by every CLI command.
+    from pipeline.processors import images, media
+    from pipeline.processors.documents import count_pdf_pages_capped
 
     if head.startswith(b"%PDF-"):
         limits = settings or get_settings()
@@ -114,6 +116,8 @@ def classify_url(url: str, settings: Settings) -> Classification:
     """
     if len(url) > MAX_URL_CHARS or not url.isprintable():
         raise BadInput(f"a URL must be printable and at most {MAX_URL_CHARS} characters")
+    from pipeline.processors import media_urls
+
     check_url(url, allow_private=settings.fetch_allow_private, allow_hosts=tuple(settings.fetch_allow_hosts))
     kind = MEDIA_URL if media_urls.is_media_url(url) else WEB
     return Classification(kind.name, "url", "text/uri-list", len(url.encode()))
@@ -132,6 +136,8 @@ def shown_name(filename: str) -> str:
 
 def kind_of_head(head: bytes) -> Kind:
     """A quick look at a file's first bytes: the kind it will most likely be (its upload limit)."""
+    from pipeline.processors import images
+
     if images.sniff(head):
         return IMAGE
     if head.startswith((b"%PDF-", b"PK\x03\x04")) or _as_text(head) is not None:

@@ -15,7 +15,7 @@ import socket
 import time
 
 import dramatiq
-from periodiq import cron
+from periodiq import PeriodiqMiddleware, cron
 
 from pipeline.brokers import current_broker
 from pipeline.config import get_settings
@@ -25,9 +25,14 @@ from pipeline.fleet.sweep import Sweeper
 from pipeline.health import SWEEP_PART, PartLog
 from pipeline.history import take_sample
 from pipeline.logs import get_logger
+from pipeline.middleware.cancellations import Cancellations
 from pipeline.services import get_services
 
 broker = current_broker()
+# The sweep is the one actor on a schedule: the middleware that accepts its ``periodic`` option
+# (and skips a tick older than 30 s) joins the broker here, not every worker's stack.
+if not any(isinstance(m, PeriodiqMiddleware) for m in broker.middleware):
+    broker.add_middleware(PeriodiqMiddleware(skip_delay=30), before=Cancellations)
 logger = get_logger(__name__)
 
 #: The queue of the sweep, consumed by the server alone.

@@ -8,10 +8,12 @@ this before importing the actors) or else from the configuration.
 
 from __future__ import annotations
 
-import dramatiq
-from dramatiq import Broker
+from typing import TYPE_CHECKING
 
 from pipeline.config import get_settings
+
+if TYPE_CHECKING:
+    from dramatiq import Broker
 
 QUEUES = ("gpu", "cpu", "control")
 
@@ -22,6 +24,8 @@ _installed: Broker | None = None
 
 def install(broker: Broker) -> Broker:
     """Make ``broker`` the one this process's actors use."""
+    import dramatiq  # here, not above: the CLI reads QUEUES and PRIORITIES without it
+
     global _installed
     _installed = broker
     dramatiq.set_broker(broker)

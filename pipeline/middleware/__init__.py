@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dramatiq import Middleware
 from dramatiq.middleware import CurrentMessage, Retries
-from periodiq import PeriodiqMiddleware
 
 from pipeline.config import Settings
 from pipeline.middleware.cancellations import Cancellations
@@ -27,7 +26,9 @@ def pipeline_middleware(settings: Settings) -> list[Middleware]:
     """The stack, in order. Of Dramatiq's defaults it keeps ``TimeLimit`` and ``Retries``; its
     ``AgeLimit``, ``ShutdownNotifications``, ``Callbacks`` and ``Pipelines`` serve actor options
     (``max_age``, ``notify_shutdown``, ``on_success``, ``pipe_target``) no actor here uses, and
-    each would cost every message its hooks (``bench/broker_throughput.py``)."""
+    each would cost every message its hooks (``bench/broker_throughput.py``). periodiq's middleware,
+    which the sweep's ``periodic`` option needs, is added where that actor is declared
+    (``pipeline.actors.fleet``), so that a worker boots without periodiq."""
     return [
         StructuredLogs(settings.log_level, settings.log_json),
         TempCleanup(max_age_s=2 * settings.max_time_limit_s),
@@ -43,8 +44,6 @@ def pipeline_middleware(settings: Settings) -> list[Middleware]:
         Heartbeat(settings.heartbeat_interval),
         # Guards actors declared with gpu_fallback=True: a GpuError moves the task to cpu.
         GpuFallback(),
-        # Accepts the `periodic` actor option; skips a scheduled tick older than 30 s.
-        PeriodiqMiddleware(skip_delay=30),
         # Before a task runs: skip it if canceled, count its redeliveries.
         Cancellations(),
         DeliveryCount(settings.max_deliveries),

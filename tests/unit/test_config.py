@@ -36,6 +36,24 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "MORAG_WHISPER_DEVICE" in text and "'tpu'" in text
 
 
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [("* * *", "must be a five-field cron spec"), ("a b c d e", "not a cron spec")],
+)
+def test_a_bad_sweep_schedule_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, spec: str, error: str
+) -> None:
+    monkeypatch.setenv("MORAG_SWEEP_CRON", spec)
+    with pytest.raises(ConfigError, match=f"MORAG_SWEEP_CRON: Value error, {error}"):
+        load_settings()
+
+
+@pytest.mark.parametrize("spec", ["* * * * *", "*/5 * * * *", "@hourly"])
+def test_a_sweep_schedule_periodiq_reads_is_accepted(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    monkeypatch.setenv("MORAG_SWEEP_CRON", spec)
+    assert load_settings().sweep_cron == spec
+
+
 def test_missing_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MORAG_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(ConfigError, match="no such file"):

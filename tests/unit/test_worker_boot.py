@@ -4,8 +4,9 @@ server or a few tasks use.
 ``dramatiq pipeline.actors.cpu`` (or ``.gpu``) imports the actors and the whole
 middleware stack; the store (SQLAlchemy), the registry and the server's services
 belong to the server, an HTTP client to the tasks that fetch, PyJWT (and the
-cryptography it loads) to whoever issues or checks a transfer grant, and file-type
-sniffing to the server's classification. Each of them costs a worker some
+cryptography it loads) to whoever issues or checks a transfer grant, file-type
+sniffing to the server's classification, and periodiq (with pendulum) to the server's
+scheduled sweep. Each of them costs a worker some
 hundredths of a second or more at every start (measured in
 ``bench/broker_throughput.py``'s whole-worker mode, bench/README.md).
 """
@@ -30,6 +31,8 @@ SERVER_ONLY = (
     "jwt",
     "cryptography",
     "filetype",
+    "periodiq",
+    "pendulum",
 )
 
 
