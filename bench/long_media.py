@@ -52,6 +52,9 @@ SAMPLE_S = 9.17
 #: Words a minute espeak-ng reads at (as samples/make_samples.sh has it speak).
 WORDS_PER_MINUTE = 145
 ROOT = SAMPLES.parent
+#: Seconds of silence put before the recording for the run that shows how much the transcript
+#: depends on where the model's 30-second windows fall, with no cut at all.
+SHIFT_S = 0.5
 
 
 def spoken_words() -> list[str]:
@@ -122,8 +125,9 @@ def word_error_rate(reference: list[str], hypothesis: list[str]) -> float:
     return previous[-1] / max(len(reference), 1)
 
 
-def timed_run(recording: Path, workers: int, settings: dict[str, str]) -> tuple[float, dict]:
-    """(seconds of submit until the transcript is back, the task) on a fresh stack."""
+def timed_runs(recordings: list[Path], workers: int, settings: dict[str, str]) -> list[tuple[float, dict]]:
+    """(seconds of submit until the transcript is back, the task) of each recording in turn, on
+    one fresh stack."""
     with (
         fresh_vhost() as url,
         tempfile.TemporaryDirectory() as tmp,
@@ -138,12 +142,26 @@ def timed_run(recording: Path, workers: int, settings: dict[str, str]) -> tuple[
         warm = stack.cli("submit", *[str(SAMPLES / "speech.mp3")] * (2 * workers))
         if warm.returncode != 0:
             raise RuntimeError(warm.stderr)
-        started = time.perf_counter()
-        proc = stack.cli("submit", "--json", str(recording), timeout=7200)
-        elapsed = time.perf_counter() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"{proc.stderr}\n{stack.all_logs()}")
-        return elapsed, json.loads(proc.stdout)
+        runs = []
+        for recording in recordings:
+            started = time.perf_counter()
+            proc = stack.cli("submit", "--json", str(recording), timeout=7200)
+            elapsed = time.perf_counter() - started
+            if proc.returncode != 0:
+                raise RuntimeError(f"{proc.stderr}\n{stack.all_logs()}")
+            runs.append((elapsed, json.loads(proc.stdout)))
+        return runs
+
+
+def delayed(recording: Path, seconds: float) -> Path:
+    """The same recording with ``seconds`` of silence before it."""
+    path = recording.with_name(f"{recording.stem}-later{recording.suffix}")
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(recording), "-af", f"adelay={int(seconds * 1000)}:all=1",
+         "-ac", "1", "-ar", "16000", "-c:a", "libmp3lame", "-b:a", "32k", "-y", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
 
 
 MATERIALS = {"prose": "the docs' prose, read by espeak-ng", "sample": "the sample looped"}
@@ -166,15 +184,17 @@ def main() -> None:
         else:
             loops = max(1, math.ceil(args.minutes * 60 / SAMPLE_S) - 1)
             recording, spoken = looped_speech(Path(tmp) / "long.mp3", loops), spoken_words() * (loops + 1)
-        whole_s, split_s, rates, pieces = [], [], [], []
+        later = delayed(recording, SHIFT_S)
+        whole_s, split_s, rates, pieces, shifts = [], [], [], [], []
         wholes: list[list[str]] = []  # each round's unsplit transcript, for the noise between runs
         truth: list[tuple[float, float]] = []
         split = {"MORAG_SPLIT_OVER_S": f"{args.chunk_s:g}", "MORAG_SPLIT_CHUNK_S": f"{args.chunk_s:g}"}
         for _ in range(args.rounds):
-            seconds, whole = timed_run(recording, 1, {"MORAG_SPLIT_OVER_S": "0"})
+            (seconds, whole), (_, shifted) = timed_runs([recording, later], 1, {"MORAG_SPLIT_OVER_S": "0"})
             whole_s.append(seconds)
             wholes.append(words(whole["text"]))
-            seconds, parts = timed_run(recording, args.workers, split)
+            shifts.append(word_error_rate(words(whole["text"]), words(shifted["text"])))
+            [(seconds, parts)] = timed_runs([recording], args.workers, split)
             split_s.append(seconds)
             if "chunks" not in parts["input"]:
                 raise RuntimeError("the split run was not split")
@@ -198,6 +218,10 @@ def main() -> None:
         print(
             f"  word error rate, split against whole: {100 * statistics.median(rates):.2f}% "
             f"({len(words(whole['text']))} words; goal at most 1%)"
+        )
+        print(
+            f"  word error rate, whole against the whole of the same recording {SHIFT_S:g} s later: "
+            f"{100 * statistics.median(shifts):.2f}% (no cut: where the model's windows fall)"
         )
         if len(wholes) > 1:
             # The same file, unsplit, run again: faster-whisper's temperature fallback samples at

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -469,11 +470,43 @@ def stack(tmp_path: Path, vhost: str, request: pytest.FixtureRequest) -> Iterato
         yield s
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of every process it started and reaped (servers, workers and
+    their children, browsers, tools), user and system."""
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):  # type: ignore[no-untyped-def]
+    item.cpu_started = cpu_seconds()  # type: ignore[attr-defined]
+    yield
+
+
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+    if report.when == "teardown" and hasattr(item, "cpu_started"):
+        report.user_properties.append(("cpu_s", cpu_seconds() - item.cpu_started))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """The test files that took the most CPU, theirs and their processes' (the suite is bound by
+    the CPU, not by waits: the files to make cheaper first)."""
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "cpu_s" and getattr(report, "when", "") == "teardown":
+                    path = report.nodeid.split("::")[0]
+                    per_file[path] = per_file.get(path, 0.0) + value
+    if not per_file:
+        return
+    terminalreporter.write_sep("=", f"CPU by test file ({sum(per_file.values()):.0f} s in all), the 20 most")
+    for path, seconds in sorted(per_file.items(), key=lambda item: -item[1])[:20]:
+        terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
 
 
 #: The server secret of in-process tests (a real one: no development mode).

@@ -153,6 +153,7 @@ TINY: dict[str, Tiny] = {
             (rf"^  2 workers, split in \d+ chunks +{NUMBER} s   \(workers: .+\)$", 1),
             (rf"^  ratio split/whole: {RATIO} \(speed-up {RATIO}x\)$", 1),
             (rf"^  word error rate, split against whole: {NUMBER}% \(\d+ words; goal at most 1%\)$", 1),
+            (rf"^  word error rate, whole against the whole of the same recording 0.5 s later: {NUMBER}%", 1),
             (
                 rf"^  word error rate against the spoken text \(\d+ words\): "
                 rf"whole {NUMBER}%, split {NUMBER}%",
