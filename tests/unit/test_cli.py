@@ -263,11 +263,15 @@ def test_why_a_task_waits() -> None:
 
 
 def test_the_cli_starts_without_the_database_layer() -> None:
-    """Every command pays the CLI's imports: those of the store (SQLAlchemy) and of the server's
-    services wait for the commands that use them."""
+    """Every command pays the CLI's imports: those of the store (SQLAlchemy), of the server's
+    services, of Dramatiq, periodiq and the processors wait for the commands that use them."""
     loaded = subprocess.run(
         [sys.executable, "-c", "import sys, pipeline.cli.main; print(sorted(m for m in sys.modules))"],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout  # fmt: skip
-    for heavy in ("'sqlalchemy'", "'pipeline.services'", "'pipeline.store'", "'paramiko'"):
+    heavy_modules = (
+        "sqlalchemy", "pipeline.services", "pipeline.store", "paramiko", "dramatiq", "periodiq",
+        "pipeline.processors.images", "pipeline.processors.media", "pipeline.processors.documents",
+    )  # fmt: skip
+    for heavy in (f"'{name}'" for name in heavy_modules):
         assert heavy not in loaded, f"{heavy} is imported at the CLI's start"
