@@ -499,7 +499,7 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
     for reports in terminalreporter.stats.values():
         for report in reports:
             for name, value in getattr(report, "user_properties", ()):
-                if name == "cpu_s" and getattr(report, "when", "") == "teardown":
+                if name == "cpu_s":  # on teardown reports only
                     path = report.nodeid.split("::")[0]
                     per_file[path] = per_file.get(path, 0.0) + value
     if not per_file:

@@ -31,8 +31,7 @@ from pipeline.services import get_services
 broker = current_broker()
 # The sweep is the one actor on a schedule: the middleware that accepts its ``periodic`` option
 # (and skips a tick older than 30 s) joins the broker here, not every worker's stack.
-if not any(isinstance(m, PeriodiqMiddleware) for m in broker.middleware):
-    broker.add_middleware(PeriodiqMiddleware(skip_delay=30), before=Cancellations)
+broker.add_middleware(PeriodiqMiddleware(skip_delay=30), before=Cancellations)
 logger = get_logger(__name__)
 
 #: The queue of the sweep, consumed by the server alone.

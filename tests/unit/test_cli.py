@@ -273,5 +273,5 @@ def test_the_cli_starts_without_the_database_layer() -> None:
         "sqlalchemy", "pipeline.services", "pipeline.store", "paramiko", "dramatiq", "periodiq",
         "pipeline.processors.images", "pipeline.processors.media", "pipeline.processors.documents",
     )  # fmt: skip
-    for heavy in (f"'{name}'" for name in heavy_modules):
-        assert heavy not in loaded, f"{heavy} is imported at the CLI's start"
+    for heavy in heavy_modules:
+        assert repr(heavy) not in loaded, f"{heavy} is imported at the CLI's start"
