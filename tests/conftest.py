@@ -493,20 +493,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
-    """The test files that took the most CPU, theirs and their processes' (the suite is bound by
-    the CPU, not by waits: the files to make cheaper first)."""
-    per_file: dict[str, float] = {}
+    """The test files, and the tests, that took the most CPU, theirs and their processes' (the
+    suite is bound by the CPU, not by waits: the ones to make cheaper first)."""
+    per_test: dict[str, float] = {}
     for reports in terminalreporter.stats.values():
         for report in reports:
             for name, value in getattr(report, "user_properties", ()):
                 if name == "cpu_s":  # on teardown reports only
-                    path = report.nodeid.split("::")[0]
-                    per_file[path] = per_file.get(path, 0.0) + value
-    if not per_file:
+                    per_test[report.nodeid] = value
+    if not per_test:
         return
-    terminalreporter.write_sep("=", f"CPU by test file ({sum(per_file.values()):.0f} s in all), the 20 most")
-    for path, seconds in sorted(per_file.items(), key=lambda item: -item[1])[:20]:
-        terminalreporter.write_line(f"{seconds:8.1f}s  {path}")
+    per_file: dict[str, float] = {}
+    for nodeid, seconds in per_test.items():
+        path = nodeid.split("::")[0]
+        per_file[path] = per_file.get(path, 0.0) + seconds
+    for what, table in (("test file", per_file), ("test", per_test)):
+        terminalreporter.write_sep("=", f"CPU by {what} ({sum(table.values()):.0f} s in all), the 20 most")
+        for name, seconds in sorted(table.items(), key=lambda item: -item[1])[:20]:
+            terminalreporter.write_line(f"{seconds:8.1f}s  {name}")
 
 
 #: The server secret of in-process tests (a real one: no development mode).

@@ -33,6 +33,12 @@ from tests.transfer.openssh import free_port
 THREADS = 8
 #: Workers of the simulated fleet, each a process with its own pool and token.
 FLEET = 100
+#: Threads of each worker of the fleet: more than its pool's 2 connections, so that its threads
+#: share them. Not Dramatiq's 8: the fleet's workers are threads of this one process, and 800
+#: of them with their 800 SFTP channels (a server thread each) on one interpreter took 100 s of
+#: CPU here instead of 25 s with 300, and under a loaded suite several minutes, starving the
+#: tests beside it. Eight threads sharing a pool: ``test_threads_of_a_worker_share_the_pool``.
+FLEET_THREADS = 3
 
 
 @pytest.fixture
@@ -167,7 +173,7 @@ def test_a_fleet_of_workers_each_within_its_pool(
     tmp_path: Path,
     logins: Callable[[], Counter[str]],
 ) -> None:
-    """100 worker processes of 8 threads (100 pools, each with its own token) start a task on every
+    """100 worker processes of 3 threads (100 pools, each with its own token) start a task on every
     thread at once, from one address: every transfer completes and verifies, and no worker ever holds
     more than ``sftp_pool_connections`` connections at once. The server closes handshakes beyond its
     per-address limit; the workers try again after their backoff. (A login the server completed
@@ -191,7 +197,7 @@ def test_a_fleet_of_workers_each_within_its_pool(
     ]
     jobs = []
     for w, worker in enumerate(workers):
-        for n in range(THREADS):
+        for n in range(FLEET_THREADS):
             task_id = f"f{w:03d}-{n}"
             content = f"RIFF {task_id}".encode()
             jobs.append((worker, task_id, content, *new_task(tasks, files, task_id, content)))
@@ -218,7 +224,7 @@ def test_a_fleet_of_workers_each_within_its_pool(
     for t in threads:
         t.join(timeout=240)
     assert not failures, failures[:3]
-    assert len(uploaded) == FLEET * THREADS
+    assert len(uploaded) == FLEET * FLEET_THREADS
     for _, task_id, content, _, _ in jobs:
         check_output(files, uploaded[task_id], content)
     sampling.set()
