@@ -33,6 +33,13 @@ ARGUMENTS = {
     "x-stream-max-segment-size-bytes": 1_000_000,
 }
 
+#: Notices the stream sends ahead of the listener's acknowledgements.
+PREFETCH = 1000
+#: Notices acknowledged at once (and every notice read when the stream falls quiet): one frame
+#: for many, so that a booting worker reads a long stream sooner. Below ``PREFETCH``, so that
+#: the stream never waits for an acknowledgement.
+ACK_EVERY = 250
+
 
 def declare(channel: BlockingChannel) -> None:
     channel.queue_declare(STREAM, durable=True, arguments=ARGUMENTS)
@@ -96,14 +103,18 @@ class CancelListener(threading.Thread):
         try:
             channel = connection.channel()
             declare(channel)
-            channel.basic_qos(prefetch_count=1000)  # a stream consumer needs a prefetch
+            channel.basic_qos(prefetch_count=PREFETCH)  # a stream consumer needs a prefetch
             stream = channel.consume(
                 STREAM, auto_ack=False, arguments={"x-stream-offset": "first"}, inactivity_timeout=0.5
             )
+            last_tag, unacked = 0, 0
             for method, _properties, body in stream:
                 if self._stopping.is_set():
                     break
                 if method is None:  # nothing new: everything kept so far has been read
+                    if unacked:
+                        channel.basic_ack(last_tag, multiple=True)
+                        unacked = 0
                     self.caught_up.set()
                     continue
                 try:
@@ -112,7 +123,10 @@ class CancelListener(threading.Thread):
                     logger.warning("malformed cancellation notice ignored")
                 else:
                     self.on_cancel(str(task_id))
-                channel.basic_ack(method.delivery_tag)
+                last_tag, unacked = method.delivery_tag, unacked + 1
+                if unacked >= ACK_EVERY:  # one acknowledgement for many: the stream's credit back
+                    channel.basic_ack(last_tag, multiple=True)
+                    unacked = 0
         finally:
             if connection.is_open:
                 connection.close()
